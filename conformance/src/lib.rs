@@ -1,0 +1,1 @@
+//! qmig conformance library.

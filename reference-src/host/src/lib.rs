@@ -1,0 +1,1 @@
+//! Shared host-side code for qmig-src and qmig-dst.
