@@ -28,8 +28,6 @@ extern crate alloc;
 pub mod codes;
 pub mod error;
 pub mod limits;
-#[cfg(feature = "alloc")]
-pub mod machine;
 pub mod profile;
 pub mod ram;
 pub mod reader;
