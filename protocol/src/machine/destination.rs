@@ -1,0 +1,816 @@
+//! The destination state machine.
+//!
+//! This module owns [`Destination`]: what an incoming migration does with each item of the main
+//! channel and of every recovery channel, what it writes on the return path, its received bitmap
+//! per block, the set of pages guest faults wait for, and how it fails, pauses, recovers and
+//! cancels. Bytes are decoded only by [`StreamDecoder`] and return-path messages encoded only by
+//! [`RpMessage::encode`]; pages go from the caller's input slice to [`GuestMemory`] unchanged.
+//!
+//! Rules applied here: CFG-MACHINE, RAM-BLOCK-UNKNOWN, RAM-OFFSET (against the local block),
+//! RAM-PAGESIZE, CMD-ADVISE-LEN, CMD-ADVISE-PAGESIZE, CMD-BLOCK-UNKNOWN, CMD-DISCARD-RANGE,
+//! CMD-ORDER, CMD-PING-NO-RP, SM-PONG, SM-SHUT-LAST, SM-FATAL-BEFORE-RUN, SM-PAUSE-AFTER-RUN,
+//! SM-PAUSE-IN-RECOVER, SM-PARTIAL-HOSTPAGE, SM-RECOVER-NO-HEADER, SM-RESUME-STATE,
+//! SM-REREQUEST, SM-FIRST-REQ-NAMED, SM-CANCEL, SM-TIMEOUT.
+//!
+//! Blocks whose page size is larger than the target page size (hugetlbfs) are refused at
+//! construction: host-page assembly ([`crate::hostpage`]) is not wired in yet.
+
+use alloc::collections::{BTreeSet, VecDeque};
+use alloc::string::String;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use super::control::{Control, ControlError};
+use super::events::{ChannelKind, Event, Instant};
+use super::memory::{GuestMemory, RamBlockSpec};
+use super::status::{next_status, IllegalTransition, MigrationStatus, Trigger, DESTINATION_TRANSITIONS};
+use crate::bitmap::PageBitmap;
+use crate::command::Command;
+use crate::error::{Violation, WireError};
+use crate::limits::Limits;
+use crate::profile::Profile;
+use crate::ram::{RamBody, RamRecord};
+use crate::rp::RpMessage;
+use crate::rule::Rule;
+use crate::section::SectionHeader;
+use crate::stream::{Channel, Item, StreamDecoder};
+
+/// How a destination is set up.
+#[derive(Clone, Debug)]
+pub struct DestinationConfig {
+    /// The version profile of both sides.
+    pub profile: Profile,
+    /// Caps on peer-controlled lengths.
+    pub limits: Limits,
+    /// The local machine type name; the stream's name must be a prefix of it (CFG-MACHINE).
+    pub machine: String,
+    /// The local RAM blocks; the stream must announce exactly these (RAM-BLOCK-UNKNOWN).
+    pub blocks: Vec<RamBlockSpec>,
+    /// Whether the `postcopy-ram` capability is on (decides the accepted ADVISE length).
+    pub postcopy_ram: bool,
+    /// A channel silent for longer than this many nanoseconds counts as failed (SM-TIMEOUT),
+    /// checked by [`Destination::handle_timeout`]; `None`: never.
+    pub silence_timeout: Option<u64>,
+    /// A VM description used to delimit device payloads (instead of the footer scan).
+    #[cfg(feature = "vmdesc")]
+    pub vmdesc: Option<crate::vmdesc::VmDesc>,
+}
+
+impl DestinationConfig {
+    /// A configuration with default limits, no timeout and no VM description.
+    pub fn new(profile: Profile, machine: &str, blocks: Vec<RamBlockSpec>, postcopy_ram: bool) -> Self {
+        DestinationConfig {
+            profile,
+            limits: Limits::DEFAULT,
+            machine: String::from(machine),
+            blocks,
+            postcopy_ram,
+            silence_timeout: None,
+            #[cfg(feature = "vmdesc")]
+            vmdesc: None,
+        }
+    }
+}
+
+/// Why a configuration was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ConfigError {
+    /// A block's length is not a multiple of the target page size, or zero.
+    BlockLength(String),
+    /// A block's page size differs from the target page size (host pages are not supported).
+    HostPageSize(String),
+    /// Two blocks have the same name, or a name is not 1..=255 bytes.
+    BlockName(String),
+}
+
+/// Where the incoming postcopy is (QEMU's `PostcopyState`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Pc {
+    None,
+    Advise,
+    Discard,
+    Listening,
+    Running,
+}
+
+/// The answer to [`Destination::handle_fault`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultOutcome {
+    /// The page is already present: no wait.
+    Present,
+    /// A request went onto the return path; wait for [`Event::FaultResolved`].
+    Requested,
+    /// The page was already requested; wait for [`Event::FaultResolved`].
+    AlreadyWaiting,
+    /// The migration cannot request it now (paused, recovering, before LISTEN): the wait is
+    /// recorded and the request is sent after recovery (SM-REREQUEST).
+    Queued,
+    /// The migration is cancelled or failed: the page will never come.
+    Released,
+    /// No such block or offset.
+    OutOfRange,
+}
+
+/// A device section kept for dumping: an owned copy of its payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceSection {
+    /// Section id from the stream.
+    pub section_id: u32,
+    /// Device idstr.
+    pub idstr: Vec<u8>,
+    /// Instance id.
+    pub instance_id: u32,
+    /// Version id.
+    pub version_id: u32,
+    /// The payload bytes (between header and footer).
+    pub data: Vec<u8>,
+}
+
+/// The destination side of a migration. See the module documentation.
+#[derive(Debug)]
+pub struct Destination {
+    cfg: DestinationConfig,
+    tps: u64,
+    status: MigrationStatus,
+    pc: Pc,
+    decoder: Option<StreamDecoder>,
+    channel_open: bool,
+    channels_opened: u32,
+    recover_armed: bool,
+    rp_open: bool,
+    eof_seen: bool,
+    received: Vec<PageBitmap>,
+    pending: BTreeSet<(usize, u64)>,
+    last_req_block: Option<usize>,
+    rp_out: Vec<u8>,
+    events: VecDeque<Event>,
+    devices: Vec<DeviceSection>,
+    cur_device: Option<usize>,
+    fill: Vec<u8>,
+    last_activity: Instant,
+    pages_placed: u64,
+    duplicates: u64,
+    last_block: Option<usize>,
+}
+
+/// A failure while acting on one item: a violation of the peer, or a machine bug.
+enum Stop {
+    Peer(Violation),
+    Local(Violation),
+}
+
+impl From<Violation> for Stop {
+    fn from(v: Violation) -> Self {
+        Stop::Peer(v)
+    }
+}
+
+impl Destination {
+    /// A destination waiting for its main channel ([`Destination::handle_channel_opened`]).
+    pub fn new(cfg: DestinationConfig) -> Result<Self, ConfigError> {
+        let tps = cfg.profile.target_page_size as u64;
+        for (i, b) in cfg.blocks.iter().enumerate() {
+            if b.name.is_empty() || b.name.len() > 255 || cfg.blocks[..i].iter().any(|o| o.name == b.name) {
+                return Err(ConfigError::BlockName(b.name.clone()));
+            }
+            if b.len == 0 || b.len % tps != 0 || b.len > cfg.limits.max_block_bytes {
+                return Err(ConfigError::BlockLength(b.name.clone()));
+            }
+            if b.page_size != tps {
+                return Err(ConfigError::HostPageSize(b.name.clone()));
+            }
+        }
+        let received = cfg.blocks.iter().map(|b| PageBitmap::new(b.pages(tps))).collect();
+        Ok(Destination {
+            tps,
+            status: MigrationStatus::None,
+            pc: Pc::None,
+            decoder: None,
+            channel_open: false,
+            channels_opened: 0,
+            recover_armed: false,
+            rp_open: false,
+            eof_seen: false,
+            received,
+            pending: BTreeSet::new(),
+            last_req_block: None,
+            rp_out: Vec::new(),
+            events: VecDeque::new(),
+            devices: Vec::new(),
+            cur_device: None,
+            fill: vec![0u8; tps as usize],
+            last_activity: Instant(0),
+            pages_placed: 0,
+            duplicates: 0,
+            last_block: None,
+            cfg,
+        })
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.status
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &DestinationConfig {
+        &self.cfg
+    }
+
+    /// The received bitmap of block `block` (one bit per target page).
+    pub fn received(&self, block: usize) -> Option<&PageBitmap> {
+        self.received.get(block)
+    }
+
+    /// Pages (block, target page index) that guest faults wait for.
+    pub fn pending_faults(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.pending.iter().copied()
+    }
+
+    /// The device sections received so far, in stream order.
+    pub fn devices(&self) -> &[DeviceSection] {
+        &self.devices
+    }
+
+    /// Host pages placed so far.
+    pub fn pages_placed(&self) -> u64 {
+        self.pages_placed
+    }
+
+    /// Postcopy page records for pages already present, dropped (not applied twice).
+    pub fn duplicate_pages(&self) -> u64 {
+        self.duplicates
+    }
+
+    /// Whether a channel is open and being read.
+    pub fn channel_open(&self) -> bool {
+        self.channel_open
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Appends the pending return-path bytes to `out`; returns how many.
+    pub fn poll_transmit(&mut self, out: &mut Vec<u8>) -> usize {
+        let n = self.rp_out.len();
+        out.append(&mut self.rp_out);
+        n
+    }
+
+    /// Whether return-path bytes are waiting.
+    pub fn wants_transmit(&self) -> bool {
+        !self.rp_out.is_empty()
+    }
+
+    /// A new incoming connection: the main channel at first, then a recovery channel (only in
+    /// `postcopy-paused` after [`Control::Recover`]).
+    pub fn handle_channel_opened(&mut self, now: Instant) -> Result<(), ControlError> {
+        self.last_activity = now;
+        match self.status {
+            MigrationStatus::None if self.channels_opened == 0 => {
+                self.decoder = Some(self.new_main_decoder());
+                self.channel_open = true;
+                self.channels_opened = 1;
+                if self.cfg.profile.has_recover_setup() {
+                    // 10.x destinations have a real `setup` status.
+                    self.step(Trigger::Start).ok();
+                }
+                Ok(())
+            }
+            MigrationStatus::PostcopyPaused if self.recover_armed => {
+                let Some(old) = self.decoder.as_ref() else {
+                    return Err(ControlError::WrongStatus { control: Control::Recover, status: self.status });
+                };
+                // SM-RECOVER-NO-HEADER: the recovery channel continues the stream.
+                self.decoder = Some(old.resume_from());
+                self.channel_open = true;
+                self.channels_opened += 1;
+                self.recover_armed = false;
+                self.last_req_block = None;
+                self.rp_open = true;
+                self.rp_out.clear();
+                self.step(Trigger::ChannelOpened).ok();
+                Ok(())
+            }
+            status => Err(ControlError::WrongStatus { control: Control::Recover, status }),
+        }
+    }
+
+    fn new_main_decoder(&self) -> StreamDecoder {
+        #[allow(unused_mut)]
+        let mut d = StreamDecoder::new(Channel::Main, self.cfg.profile, self.cfg.limits);
+        #[cfg(feature = "vmdesc")]
+        if let Some(v) = &self.cfg.vmdesc {
+            d.set_vmdesc(v.clone());
+        }
+        d
+    }
+
+    /// The current channel closed (EOF or error on the socket).
+    pub fn handle_channel_closed(&mut self, now: Instant) {
+        self.last_activity = now;
+        if !self.channel_open {
+            return;
+        }
+        self.channel_open = false;
+        if self.status.is_final() {
+            return;
+        }
+        let rule = self.loss_rule();
+        self.events.push_back(Event::ChannelLost { rule });
+        self.interrupt(rule);
+    }
+
+    /// Checks the silence bound: a channel silent for longer than the configured timeout is
+    /// handled as lost (SM-TIMEOUT).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.silence_timeout else { return };
+        if self.channel_open && !self.status.is_final() && now.since(self.last_activity) > limit {
+            self.channel_open = false;
+            self.events.push_back(Event::ChannelLost { rule: Rule::SmTimeout });
+            let rule = self.loss_rule();
+            self.interrupt(rule);
+        }
+    }
+
+    /// Which rule a failure falls under now.
+    fn loss_rule(&self) -> Rule {
+        match self.status {
+            MigrationStatus::PostcopyRecover => Rule::SmPauseInRecover,
+            MigrationStatus::PostcopyActive if self.pc == Pc::Running => Rule::SmPauseAfterRun,
+            _ => Rule::SmFatalBeforeRun,
+        }
+    }
+
+    /// Fails or pauses after a channel loss or an error, by `rule`.
+    fn interrupt(&mut self, rule: Rule) {
+        self.channel_open = false;
+        self.rp_out.clear();
+        self.cur_device = None;
+        match rule {
+            Rule::SmPauseAfterRun | Rule::SmPauseInRecover => {
+                // SM-PARTIAL-HOSTPAGE: a record cut short was never placed; nothing to undo.
+                self.step(Trigger::Interrupt).ok();
+            }
+            _ => {
+                if self.step(Trigger::Fatal).is_ok() {
+                    self.release_waits();
+                }
+            }
+        }
+    }
+
+    fn release_waits(&mut self) {
+        let count = self.pending.len() as u64;
+        self.pending.clear();
+        if count > 0 {
+            self.events.push_back(Event::WaitsReleased { count });
+        }
+    }
+
+    fn step(&mut self, trigger: Trigger) -> Result<MigrationStatus, IllegalTransition> {
+        let to = next_status(DESTINATION_TRANSITIONS, self.cfg.profile.version, self.status, trigger)?;
+        let from = self.status;
+        self.status = to;
+        self.events.push_back(Event::Status { from, to });
+        Ok(to)
+    }
+
+    /// An operator command: [`Control::Recover`], [`Control::Pause`] or [`Control::Cancel`].
+    pub fn handle_control(&mut self, now: Instant, control: Control) -> Result<(), ControlError> {
+        self.last_activity = now;
+        let refuse = ControlError::WrongStatus { control, status: self.status };
+        match control {
+            Control::Recover => {
+                if self.status != MigrationStatus::PostcopyPaused {
+                    return Err(refuse);
+                }
+                self.recover_armed = true;
+                Ok(())
+            }
+            Control::Pause => {
+                let rule = self.loss_rule();
+                if rule == Rule::SmFatalBeforeRun {
+                    return Err(refuse);
+                }
+                self.events.push_back(Event::ChannelLost { rule });
+                self.interrupt(rule);
+                Ok(())
+            }
+            Control::Cancel => {
+                if self.step(Trigger::Cancel).is_err() {
+                    return Err(refuse);
+                }
+                self.channel_open = false;
+                self.recover_armed = false;
+                self.rp_out.clear();
+                self.release_waits();
+                Ok(())
+            }
+            other => Err(ControlError::NotForThisSide(other)),
+        }
+    }
+
+    /// A guest access to a missing page at `offset` of `block`: request it on the return path
+    /// unless it is present or already requested.
+    pub fn handle_fault(&mut self, block: usize, offset: u64) -> FaultOutcome {
+        let Some(spec) = self.cfg.blocks.get(block) else { return FaultOutcome::OutOfRange };
+        if offset >= spec.len {
+            return FaultOutcome::OutOfRange;
+        }
+        let page = offset / self.tps;
+        if self.received[block].test(page) {
+            return FaultOutcome::Present;
+        }
+        match self.status {
+            MigrationStatus::Cancelled | MigrationStatus::Failed => return FaultOutcome::Released,
+            MigrationStatus::Completed => return FaultOutcome::Present,
+            _ => {}
+        }
+        if !self.pending.insert((block, page)) {
+            return FaultOutcome::AlreadyWaiting;
+        }
+        if self.can_request() {
+            self.send_request(block, page);
+            FaultOutcome::Requested
+        } else {
+            FaultOutcome::Queued
+        }
+    }
+
+    fn can_request(&self) -> bool {
+        self.status == MigrationStatus::PostcopyActive && self.channel_open && self.rp_open && self.pc >= Pc::Listening
+    }
+
+    fn send_request(&mut self, block: usize, page: u64) {
+        let start = page * self.tps;
+        let len = self.tps as u32;
+        // SM-FIRST-REQ-NAMED: the first request on a connection, and any change of block, names it.
+        let msg = if self.last_req_block == Some(block) {
+            RpMessage::ReqPages { start, len }
+        } else {
+            self.last_req_block = Some(block);
+            RpMessage::ReqPagesId { start, len, name: self.cfg.blocks[block].name.as_bytes() }
+        };
+        msg.encode(&mut self.rp_out);
+        self.events.push_back(Event::PageRequested { block, offset: start });
+    }
+
+    /// Consumes bytes of the current channel, starting at its first unconsumed byte. Returns how
+    /// many were consumed (whole items; keep the rest and call again with more), or the
+    /// violation that stopped the channel (the status has then changed to failed or paused, and
+    /// the channel must be closed).
+    pub fn handle_stream(&mut self, now: Instant, input: &[u8], mem: &mut impl GuestMemory) -> Result<usize, Violation> {
+        if !self.channel_open || matches!(self.status, MigrationStatus::Failed | MigrationStatus::Cancelled) {
+            return Ok(0);
+        }
+        if !input.is_empty() {
+            self.last_activity = now;
+        }
+        let placed_before = self.pages_placed;
+        let mut pos = 0usize;
+        let result = loop {
+            let Some(dec) = self.decoder.as_mut() else { break Ok(pos) };
+            if matches!(self.status, MigrationStatus::Cancelled | MigrationStatus::Failed) {
+                break Ok(pos);
+            }
+            let at = dec.offset();
+            match dec.decode(&input[pos..]) {
+                Ok((item, n)) => {
+                    pos += n;
+                    if let Err(stop) = self.on_item(item, at, mem) {
+                        break Err(stop);
+                    }
+                }
+                Err(WireError::Incomplete { .. }) => break Ok(pos),
+                Err(WireError::Invalid(v)) => break Err(Stop::Peer(v)),
+            }
+        };
+        let placed = self.pages_placed - placed_before;
+        if placed > 0 {
+            self.events.push_back(Event::PagesPlaced { count: placed });
+        }
+        match result {
+            Ok(n) => Ok(n),
+            Err(stop) => {
+                let (channel, v) = match stop {
+                    Stop::Peer(v) => (ChannelKind::Main, v),
+                    Stop::Local(v) => (ChannelKind::Local, v),
+                };
+                self.events.push_back(Event::Error { channel, violation: v });
+                let rule = self.loss_rule();
+                self.interrupt(rule);
+                Err(v)
+            }
+        }
+    }
+
+    fn block_index(&mut self, name: &[u8]) -> Option<usize> {
+        if let Some(i) = self.last_block {
+            if self.cfg.blocks[i].name.as_bytes() == name {
+                return Some(i);
+            }
+        }
+        let i = self.cfg.blocks.iter().position(|b| b.name.as_bytes() == name)?;
+        self.last_block = Some(i);
+        Some(i)
+    }
+
+    fn on_item(&mut self, item: Item<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+        match item {
+            Item::Header { .. } => Ok(()),
+            Item::Configuration(c) => {
+                // CFG-MACHINE: QEMU compares with strncmp(received, local, received_len).
+                if !self.cfg.machine.as_bytes().starts_with(c.name) {
+                    return Err(Violation::new(at + 5, Rule::CfgMachine, c.name.len() as u64).into());
+                }
+                self.setup_done()
+            }
+            Item::Section(h) => {
+                if self.status == MigrationStatus::None || self.status == MigrationStatus::Setup {
+                    // A stream without configuration section (profile without it).
+                    self.setup_done()?;
+                }
+                self.on_section(h);
+                Ok(())
+            }
+            Item::Ram(rec) => self.on_ram(rec, at, mem),
+            Item::DeviceData(d) => {
+                if let Some(i) = self.cur_device {
+                    if let Some(dev) = self.devices.get_mut(i) {
+                        dev.data.extend_from_slice(d);
+                    }
+                }
+                Ok(())
+            }
+            Item::Footer { .. } => {
+                self.cur_device = None;
+                Ok(())
+            }
+            Item::Command(c) => {
+                if self.status == MigrationStatus::None || self.status == MigrationStatus::Setup {
+                    self.setup_done()?;
+                }
+                self.on_command(c, at, mem)
+            }
+            Item::PackageEnd => Ok(()),
+            Item::Eof => {
+                self.eof_seen = true;
+                if self.status == MigrationStatus::PostcopyRecover || self.pc == Pc::Listening {
+                    return Err(Violation::new(at, Rule::CmdOrder, 0).into());
+                }
+                self.step(Trigger::Complete).map_err(|e| local_bug(at, e))?;
+                if self.rp_open {
+                    // SM-SHUT-LAST: nothing is sent after SHUT.
+                    RpMessage::Shut(0).encode(&mut self.rp_out);
+                    self.events.push_back(Event::ShutSent { value: 0 });
+                }
+                self.pending.clear();
+                Ok(())
+            }
+            Item::VmDescription(_) => Ok(()),
+        }
+    }
+
+    fn setup_done(&mut self) -> Result<(), Stop> {
+        if matches!(self.status, MigrationStatus::None | MigrationStatus::Setup) {
+            self.step(Trigger::SetupDone).map_err(|e| local_bug(0, e))?;
+        }
+        Ok(())
+    }
+
+    fn on_section(&mut self, h: SectionHeader<'_>) {
+        self.cur_device = None;
+        let is_ram = self.decoder.as_ref().and_then(|d| d.current_section()).is_some_and(|s| s.is_ram);
+        if is_ram {
+            return;
+        }
+        let (section_id, idstr, instance_id, version_id) = match h {
+            SectionHeader::Start(i) | SectionHeader::Full(i) => (i.section_id, i.idstr.to_vec(), i.instance_id, i.version_id),
+            SectionHeader::Part { section_id } | SectionHeader::End { section_id } => {
+                match self.decoder.as_ref().and_then(|d| d.section(section_id)) {
+                    Some(s) => (section_id, s.idstr().to_vec(), s.instance_id, s.version_id),
+                    None => (section_id, Vec::new(), 0, 0),
+                }
+            }
+        };
+        self.devices.push(DeviceSection { section_id, idstr, instance_id, version_id, data: Vec::new() });
+        self.cur_device = Some(self.devices.len() - 1);
+    }
+
+    fn on_ram(&mut self, rec: RamRecord<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+        if let RamBody::MemSize(list) = rec.body {
+            let mut count = 0usize;
+            for b in list.iter() {
+                count += 1;
+                let Some(i) = self.block_index(b.name) else {
+                    return Err(Violation::new(at, Rule::RamBlockUnknown, b.used_length).into());
+                };
+                if self.cfg.blocks[i].len != b.used_length {
+                    return Err(Violation::new(at, Rule::RamBlockUnknown, b.used_length).into());
+                }
+                if let Some(ps) = b.page_size {
+                    if ps != self.cfg.blocks[i].page_size {
+                        return Err(Violation::new(at, Rule::RamPageSize, ps).into());
+                    }
+                }
+            }
+            if count != self.cfg.blocks.len() {
+                return Err(Violation::new(at, Rule::RamBlockUnknown, count as u64).into());
+            }
+            return Ok(());
+        }
+        if !rec.is_page() {
+            return Ok(());
+        }
+        let name = match rec.name {
+            Some(n) => n,
+            None => match self.decoder.as_ref().and_then(|d| d.ram().last_block()) {
+                Some(n) => {
+                    // Look the block up through the cache without holding the decoder borrow.
+                    let mut buf = [0u8; 255];
+                    let len = n.len();
+                    buf[..len].copy_from_slice(n);
+                    return self.place(&buf[..len], rec, at, mem);
+                }
+                None => return Err(Violation::new(at, Rule::RamContinue, 0).into()),
+            },
+        };
+        self.place(name, rec, at, mem)
+    }
+
+    fn place(&mut self, name: &[u8], rec: RamRecord<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+        let Some(b) = self.block_index(name) else {
+            return Err(Violation::new(at, Rule::RamBlockUnknown, 0).into());
+        };
+        let offset = rec.addr;
+        if offset % self.tps != 0 || offset >= self.cfg.blocks[b].len {
+            return Err(Violation::new(at, Rule::RamOffset, offset).into());
+        }
+        let page = offset / self.tps;
+        if self.pc >= Pc::Listening && self.received[b].test(page) {
+            // A page requested and also sent in the background: placing it twice would fail
+            // (EEXIST) and must never change memory.
+            self.duplicates += 1;
+            return Ok(());
+        }
+        let placed = match rec.body {
+            RamBody::Page(data) => mem.place_page(b, offset, data),
+            RamBody::Zero { fill: 0 } => mem.place_zero(b, offset, self.tps),
+            RamBody::Zero { fill } => {
+                self.fill.fill(fill);
+                mem.place_page(b, offset, &self.fill)
+            }
+            RamBody::Xbzrle(_) => return Err(Violation::new(at, Rule::RamXbzrleBase, offset).into()),
+            #[cfg(feature = "compress")]
+            RamBody::Compressed(z) => {
+                crate::ram::compress_page_decode(z, &mut self.fill, at).map_err(Stop::Peer)?;
+                mem.place_page(b, offset, &self.fill)
+            }
+            _ => return Err(Violation::new(at, Rule::RamFlags, rec.flags.0).into()),
+        };
+        if let Err(e) = placed {
+            return Err(Stop::Local(Violation::new(at, self.loss_rule(), e.code as u64)));
+        }
+        self.received[b].set(page);
+        self.pages_placed += 1;
+        if self.pending.remove(&(b, page)) {
+            self.events.push_back(Event::FaultResolved { block: b, offset });
+        }
+        Ok(())
+    }
+
+    fn on_command(&mut self, c: Command<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+        let payload = at + 5;
+        match c {
+            Command::OpenReturnPath => {
+                self.rp_open = true;
+                Ok(())
+            }
+            Command::Ping(v) => {
+                if !self.rp_open {
+                    return Err(Violation::new(at, Rule::CmdPingNoRp, v as u64).into());
+                }
+                // SM-PONG.
+                RpMessage::Pong(v).encode(&mut self.rp_out);
+                Ok(())
+            }
+            Command::PostcopyAdvise(adv) => {
+                if self.pc != Pc::None || self.status != MigrationStatus::Active {
+                    return Err(Violation::new(at, Rule::CmdOrder, 3).into());
+                }
+                let Some(adv) = adv else {
+                    if self.cfg.postcopy_ram {
+                        return Err(Violation::new(at + 3, Rule::CmdAdviseLen, 0).into());
+                    }
+                    return Ok(());
+                };
+                if !self.cfg.postcopy_ram {
+                    return Err(Violation::new(at + 3, Rule::CmdAdviseLen, 16).into());
+                }
+                let summary = self.cfg.blocks.iter().fold(0u64, |a, b| a | b.page_size);
+                if adv.ram_pagesize_summary != summary {
+                    return Err(Violation::new(payload, Rule::CmdAdvisePageSize, adv.ram_pagesize_summary).into());
+                }
+                if adv.target_page_size != self.tps {
+                    return Err(Violation::new(payload + 8, Rule::CmdAdvisePageSize, adv.target_page_size).into());
+                }
+                // QEMU discards every block at ADVISE: its received bitmap starts empty.
+                for (i, b) in self.cfg.blocks.iter().enumerate() {
+                    if let Err(e) = mem.discard(i, 0, b.len) {
+                        return Err(Stop::Local(Violation::new(at, Rule::SmFatalBeforeRun, e.code as u64)));
+                    }
+                    let n = self.received[i].pages();
+                    self.received[i].clear_range(0, n);
+                }
+                self.pc = Pc::Advise;
+                Ok(())
+            }
+            Command::RamDiscard(d) => {
+                if !matches!(self.pc, Pc::Advise | Pc::Discard) {
+                    return Err(Violation::new(at, Rule::CmdOrder, 6).into());
+                }
+                let Some(b) = self.block_index(d.name) else {
+                    return Err(Violation::new(payload + 1, Rule::CmdBlockUnknown, 0).into());
+                };
+                let len = self.cfg.blocks[b].len;
+                let ranges_at = payload + 3 + d.name.len() as u64;
+                for (i, (start, n)) in d.ranges().enumerate() {
+                    let end = start.checked_add(n);
+                    if start % self.tps != 0 || n % self.tps != 0 || end.map_or(true, |e| e > len) {
+                        return Err(Violation::new(ranges_at + 16 * i as u64, Rule::CmdDiscardRange, start).into());
+                    }
+                    if let Err(e) = mem.discard(b, start, n) {
+                        return Err(Stop::Local(Violation::new(at, Rule::SmFatalBeforeRun, e.code as u64)));
+                    }
+                    self.received[b].clear_range(start / self.tps, n / self.tps);
+                }
+                self.pc = Pc::Discard;
+                Ok(())
+            }
+            Command::PostcopyListen => {
+                if !matches!(self.pc, Pc::Advise | Pc::Discard) || self.status != MigrationStatus::Active {
+                    return Err(Violation::new(at, Rule::CmdOrder, 4).into());
+                }
+                self.pc = Pc::Listening;
+                self.step(Trigger::Postcopy).map_err(|e| local_bug(at, e))?;
+                // Faults taken before LISTEN could not be requested; request them now.
+                let waiting: Vec<_> = self.pending.iter().copied().collect();
+                for (b, p) in waiting {
+                    self.send_request(b, p);
+                }
+                Ok(())
+            }
+            Command::PostcopyRun => {
+                if self.pc != Pc::Listening {
+                    return Err(Violation::new(at, Rule::CmdOrder, 5).into());
+                }
+                self.pc = Pc::Running;
+                Ok(())
+            }
+            Command::Packaged { .. } => {
+                if self.pc < Pc::Advise {
+                    return Err(Violation::new(at, Rule::CmdOrder, 7).into());
+                }
+                Ok(())
+            }
+            Command::RecvBitmap { name } => {
+                let Some(b) = self.block_index(name) else {
+                    return Err(Violation::new(payload + 1, Rule::CmdBlockUnknown, 0).into());
+                };
+                if self.status != MigrationStatus::PostcopyRecover {
+                    // QEMU only logs this and answers nothing.
+                    return Ok(());
+                }
+                let bytes = self.received[b].to_le_vec();
+                RpMessage::RecvBitmap { name: self.cfg.blocks[b].name.as_bytes(), bitmap: &bytes }.encode(&mut self.rp_out);
+                Ok(())
+            }
+            Command::PostcopyResume => {
+                // SM-RESUME-STATE: ignored outside postcopy-recover.
+                if self.status != MigrationStatus::PostcopyRecover {
+                    return Ok(());
+                }
+                self.last_req_block = None;
+                self.step(Trigger::Resumed).map_err(|e| local_bug(at, e))?;
+                RpMessage::ResumeAck(crate::codes::RESUME_ACK_VALUE).encode(&mut self.rp_out);
+                // SM-REREQUEST.
+                let waiting: Vec<_> = self.pending.iter().copied().collect();
+                for (b, p) in waiting {
+                    self.send_request(b, p);
+                }
+                Ok(())
+            }
+            Command::SwitchoverStart => Ok(()),
+            Command::EnableColo | Command::Unknown { .. } => Err(Violation::new(at + 1, Rule::CmdOrder, c.code().0 as u64).into()),
+        }
+    }
+}
+
+fn local_bug(at: u64, e: IllegalTransition) -> Stop {
+    // A transition the table does not allow: reported as a local violation of CMD-ORDER.
+    let _ = e;
+    Stop::Local(Violation::new(at, Rule::CmdOrder, 0))
+}
