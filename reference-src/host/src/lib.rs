@@ -1,1 +1,8 @@
 //! Shared host-side code for qmig-src and qmig-dst.
+
+// host-ctl
+pub mod qmp_server;
+pub mod qmp_types;
+pub mod stats;
+pub mod transport;
+pub mod uri;

@@ -1,0 +1,377 @@
+//! Migration channels over TCP and unix sockets.
+//!
+//! This module owns listening, accepting and connecting for a [`MigrationUri`], the socket
+//! options every migration channel gets (`TCP_NODELAY`; silent-drop detection through TCP
+//! keepalive and `TCP_USER_TIMEOUT`), splitting a connection into a reader and a writer that
+//! different threads own, and [`Cutter`]: a cloneable handle that shuts a live connection down
+//! from any thread (what `migrate-pause` does, and how tests inject a network failure).
+//!
+//! A [`Connection`] is an `Arc` around the socket: [`Connection::split`] gives halves that share
+//! it, and the socket closes when the last half is dropped. A [`Cutter`] holds only a weak
+//! reference, so it never keeps a dropped connection open.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use crate::uri::MigrationUri;
+
+/// Default bound within which a silently dropped TCP peer is detected.
+pub const DEFAULT_DROP_DETECT: Duration = Duration::from_secs(2);
+
+/// Socket options applied to every TCP channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TransportConfig {
+    /// Set `TCP_NODELAY` (default on).
+    pub nodelay: bool,
+    /// Detect a peer that vanished without a FIN or RST within this bound: unacknowledged data
+    /// fails after `TCP_USER_TIMEOUT` = bound, an idle connection after keepalive probes that
+    /// also fit in the bound. `None` leaves the kernel defaults (minutes to hours).
+    /// Keepalive works in whole seconds, so bounds under 2 s are rounded up to 2 s for idle
+    /// connections.
+    pub drop_detect: Option<Duration>,
+}
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        Self {
+            nodelay: true,
+            drop_detect: Some(DEFAULT_DROP_DETECT),
+        }
+    }
+}
+
+/// Keepalive settings derived from a detection bound: `(idle, interval, count)` with
+/// `idle + interval * count <= max(bound, 2 s)`.
+pub fn keepalive_for(bound: Duration) -> (Duration, Duration, u32) {
+    let secs = bound.as_secs().max(2);
+    let idle = secs / 2;
+    let count = (secs - idle).max(1);
+    (
+        Duration::from_secs(idle),
+        Duration::from_secs(1),
+        count as u32,
+    )
+}
+
+/// Applies `cfg` to a TCP socket.
+pub fn configure_tcp(stream: &TcpStream, cfg: &TransportConfig) -> io::Result<()> {
+    use rustix::net::sockopt;
+    if cfg.nodelay {
+        sockopt::set_tcp_nodelay(stream, true)?;
+    }
+    if let Some(bound) = cfg.drop_detect {
+        let (idle, intvl, cnt) = keepalive_for(bound);
+        sockopt::set_socket_keepalive(stream, true)?;
+        sockopt::set_tcp_keepidle(stream, idle)?;
+        sockopt::set_tcp_keepintvl(stream, intvl)?;
+        sockopt::set_tcp_keepcnt(stream, cnt)?;
+        let ms = u32::try_from(bound.as_millis()).unwrap_or(u32::MAX).max(1);
+        sockopt::set_tcp_user_timeout(stream, ms)?;
+    }
+    Ok(())
+}
+
+/// The socket under a [`Connection`].
+#[derive(Debug)]
+pub enum Socket {
+    /// A TCP socket.
+    Tcp(TcpStream),
+    /// A unix stream socket.
+    Unix(UnixStream),
+}
+
+impl Socket {
+    /// `shutdown(2)` in the given direction.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
+        }
+    }
+
+    /// Sets `SO_RCVTIMEO` (`None`: block).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+
+    /// Sets `SO_SNDTIMEO` (`None`: block).
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
+    /// A printable peer address.
+    pub fn peer(&self) -> String {
+        match self {
+            Self::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp:?".into()),
+            Self::Unix(_) => "unix".into(),
+        }
+    }
+}
+
+impl Read for &Socket {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match *self {
+            Socket::Tcp(s) => (&*s).read(buf),
+            Socket::Unix(s) => (&*s).read(buf),
+        }
+    }
+}
+
+impl Write for &Socket {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match *self {
+            Socket::Tcp(s) => (&*s).write(buf),
+            Socket::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A migration channel. Reads and writes go straight to the socket (no buffering).
+#[derive(Clone, Debug)]
+pub struct Connection {
+    sock: Arc<Socket>,
+}
+
+impl Connection {
+    /// Wraps a connected TCP stream, applying `cfg`.
+    pub fn from_tcp(s: TcpStream, cfg: &TransportConfig) -> io::Result<Self> {
+        configure_tcp(&s, cfg)?;
+        Ok(Self {
+            sock: Arc::new(Socket::Tcp(s)),
+        })
+    }
+
+    /// Wraps a connected unix stream.
+    pub fn from_unix(s: UnixStream) -> Self {
+        Self {
+            sock: Arc::new(Socket::Unix(s)),
+        }
+    }
+
+    /// The socket.
+    pub fn socket(&self) -> &Socket {
+        &self.sock
+    }
+
+    /// Splits into a reader half and a writer half for two threads; both share the socket.
+    pub fn split(self) -> (ConnReader, ConnWriter) {
+        (
+            ConnReader {
+                sock: self.sock.clone(),
+            },
+            ConnWriter { sock: self.sock },
+        )
+    }
+
+    /// A handle that can shut this connection down from another thread.
+    pub fn cutter(&self) -> Cutter {
+        Cutter {
+            sock: Arc::downgrade(&self.sock),
+        }
+    }
+
+    /// `shutdown(Both)`: both directions fail from now on, here and at the peer.
+    pub fn shutdown_both(&self) -> io::Result<()> {
+        self.sock.shutdown(Shutdown::Both)
+    }
+}
+
+impl Read for Connection {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.sock).read(buf)
+    }
+}
+
+impl Write for Connection {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.sock).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The reading half of a [`Connection`].
+#[derive(Debug)]
+pub struct ConnReader {
+    sock: Arc<Socket>,
+}
+
+impl ConnReader {
+    /// A cutter for the whole connection.
+    pub fn cutter(&self) -> Cutter {
+        Cutter {
+            sock: Arc::downgrade(&self.sock),
+        }
+    }
+}
+
+impl Read for ConnReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self.sock).read(buf)
+    }
+}
+
+/// The writing half of a [`Connection`].
+#[derive(Debug)]
+pub struct ConnWriter {
+    sock: Arc<Socket>,
+}
+
+impl ConnWriter {
+    /// A cutter for the whole connection.
+    pub fn cutter(&self) -> Cutter {
+        Cutter {
+            sock: Arc::downgrade(&self.sock),
+        }
+    }
+}
+
+impl Write for ConnWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        (&*self.sock).write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Cuts a live connection from any thread: `shutdown(Both)`, so blocked reads here return
+/// end-of-file, writes fail, and the peer sees end-of-file. Does nothing once the connection
+/// is gone.
+#[derive(Clone, Debug)]
+pub struct Cutter {
+    sock: Weak<Socket>,
+}
+
+impl Cutter {
+    /// Cuts the connection. Returns whether it was still open (held by someone).
+    pub fn cut(&self) -> bool {
+        match self.sock.upgrade() {
+            Some(s) => {
+                // ENOTCONN when the peer already went away: the connection is cut either way.
+                let _ = s.shutdown(Shutdown::Both);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// A listening socket for a migration URI.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener, TransportConfig),
+    /// Unix; the path is removed when the listener is dropped.
+    Unix(UnixListener, PathBuf),
+}
+
+/// Errors of [`listen`] and [`connect`] for URIs that cannot be used.
+fn bad_uri(uri: &MigrationUri) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("cannot open a channel for '{uri}'"),
+    )
+}
+
+/// Listens on `uri` (`tcp:HOST:0` picks a free port: see [`Listener::local_uri`]). A stale unix
+/// socket file at the path is replaced.
+pub fn listen(uri: &MigrationUri, cfg: &TransportConfig) -> io::Result<Listener> {
+    match uri {
+        MigrationUri::Tcp { .. } => {
+            let addr = uri.socket_addr_string().ok_or_else(|| bad_uri(uri))?;
+            Ok(Listener::Tcp(TcpListener::bind(addr)?, *cfg))
+        }
+        MigrationUri::Unix { path } => {
+            remove_stale_socket(path);
+            Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+        }
+        MigrationUri::Defer => Err(bad_uri(uri)),
+    }
+}
+
+/// Removes `path` if it is a socket (left by an earlier process).
+pub fn remove_stale_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if let Ok(md) = std::fs::symlink_metadata(path) {
+        if md.file_type().is_socket() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Listener {
+    /// The URI a peer connects to; for TCP with the bound port filled in.
+    pub fn local_uri(&self) -> io::Result<MigrationUri> {
+        match self {
+            Self::Tcp(l, _) => {
+                let a = l.local_addr()?;
+                Ok(MigrationUri::Tcp {
+                    host: a.ip().to_string(),
+                    port: a.port(),
+                })
+            }
+            Self::Unix(_, p) => Ok(MigrationUri::Unix { path: p.clone() }),
+        }
+    }
+
+    /// The bound TCP port (`None` for unix).
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Self::Tcp(l, _) => l.local_addr().ok().map(|a| a.port()),
+            Self::Unix(..) => None,
+        }
+    }
+
+    /// Accepts one connection, with the channel options applied.
+    pub fn accept(&self) -> io::Result<Connection> {
+        match self {
+            Self::Tcp(l, cfg) => Connection::from_tcp(l.accept()?.0, cfg),
+            Self::Unix(l, _) => Ok(Connection::from_unix(l.accept()?.0)),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Connects to `uri`, trying each resolved address in turn.
+pub fn connect(uri: &MigrationUri, cfg: &TransportConfig) -> io::Result<Connection> {
+    match uri {
+        MigrationUri::Tcp { .. } => {
+            let addr = uri.socket_addr_string().ok_or_else(|| bad_uri(uri))?;
+            let mut last = None;
+            for a in addr.to_socket_addrs()? {
+                match TcpStream::connect(a) {
+                    Ok(s) => return Connection::from_tcp(s, cfg),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| bad_uri(uri)))
+        }
+        MigrationUri::Unix { path } => Ok(Connection::from_unix(UnixStream::connect(path)?)),
+        MigrationUri::Defer => Err(bad_uri(uri)),
+    }
+}
