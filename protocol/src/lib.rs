@@ -25,12 +25,14 @@
 #[cfg(feature = "alloc")]
 extern crate alloc;
 
+pub mod bitmap;
 pub mod codes;
 pub mod error;
 pub mod limits;
 pub mod profile;
 pub mod ram;
 pub mod reader;
+pub mod rp;
 pub mod rule;
 pub mod sink;
 
