@@ -432,12 +432,14 @@ fn serve_client(stream: UnixStream, id: u64, shared: Arc<Shared>) {
     if let Some(sub) = client.subscription.take() {
         shared.events.remove(sub);
     }
-    let _ = stream.shutdown(Shutdown::Both);
-    lock(&shared.clients).remove(&id);
+    // Let the writer flush what is queued (a final error reply), bounded by its write timeout,
+    // then close.
     drop(client);
     if let Ok(w) = writer {
         let _ = w.join();
     }
+    let _ = stream.shutdown(Shutdown::Both);
+    lock(&shared.clients).remove(&id);
 }
 
 fn write_loop(stream: &UnixStream, rx: Receiver<Arc<str>>, timeout: Duration) {
