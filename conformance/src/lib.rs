@@ -1,1 +1,2 @@
 //! qmig conformance library.
+pub mod qemu;

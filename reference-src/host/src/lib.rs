@@ -6,3 +6,6 @@ pub mod qmp_types;
 pub mod stats;
 pub mod transport;
 pub mod uri;
+
+// qemu
+pub mod qmp_client;

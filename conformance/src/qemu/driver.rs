@@ -1,0 +1,445 @@
+//! Migration scenarios between two QEMUs through the recording proxy.
+//!
+//! [`run`] starts a source and a destination of the same QEMU and machine,
+//! writes the guest pattern through qtest, migrates through a [`Proxy`]
+//! (precopy, postcopy, or postcopy with a cut and recovery), dumps both
+//! RAMs with `pmemsave`, and returns everything observed as an [`Outcome`].
+//! The live tests assert on the outcome; [`super::capture`] writes it out
+//! as a vector. Every wait is on a QMP event or a proxy condition; timeouts
+//! only guard against hangs.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::find::QemuBinary;
+use super::launch::{Machine, Qemu};
+use super::pattern::{random_page, stream, PAGE};
+use super::proxy::{Proxy, Recording};
+use super::QemuError;
+
+/// Failure guard for one migration phase.
+const PHASE: Duration = Duration::from_secs(90);
+
+/// What to migrate and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Precopy over TCP with the return path.
+    Precopy,
+    /// Postcopy (switched to while the first pass is unfinished), no failure.
+    Postcopy,
+    /// Postcopy, the proxy cuts the connection mid-postcopy, both sides
+    /// pause, `migrate-recover` + `migrate resume=true` over a new proxy.
+    PostcopyRecover,
+}
+
+/// A scenario: machine, RAM, content, migration kind.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    /// Vector-style name (`precopy-none-nocpu`, ...).
+    pub name: String,
+    /// Migration kind.
+    pub kind: Kind,
+    /// Guest machine (both sides).
+    pub machine: Machine,
+    /// Guest RAM in MiB.
+    pub ram_mb: u64,
+    /// Pattern seed; `None` leaves RAM untouched (required without qtest).
+    pub seed: Option<u64>,
+    /// Number of random pages written besides the fixed ones.
+    pub random_pages: u64,
+    /// Source `max-bandwidth` (bytes/s) during precopy.
+    pub max_bandwidth: Option<u64>,
+    /// Source `max-postcopy-bandwidth` (bytes/s) before a recovery.
+    pub max_postcopy_bandwidth: Option<u64>,
+    /// For [`Kind::PostcopyRecover`]: cut this many source-to-destination
+    /// bytes after the destination announced `postcopy-active`.
+    pub cut_after: u64,
+}
+
+/// One guest page written through qtest before the migration.
+#[derive(Debug, Clone)]
+pub struct Write {
+    /// Page index from guest-physical 0.
+    pub page: u64,
+    /// `random` or `fill`.
+    pub kind: &'static str,
+    /// Generation (always 0 here).
+    pub gen: u32,
+    /// The page content.
+    pub data: Vec<u8>,
+}
+
+/// Everything a scenario run observed.
+pub struct Outcome {
+    /// The scenario that ran.
+    pub scenario: Scenario,
+    /// The QEMU both sides ran.
+    pub binary: QemuBinary,
+    /// `query-version` of the source.
+    pub query_version: Value,
+    /// Source and destination command lines with placeholders.
+    pub command_lines: (String, String),
+    /// Capabilities set over QMP (source, destination), `events` included.
+    pub capabilities: (Value, Value),
+    /// Parameters set over QMP (source, destination).
+    pub parameters: (Value, Value),
+    /// Ordered steps with times (seconds from the start).
+    pub steps: Vec<Value>,
+    /// QMP events of both sides with times.
+    pub events: Vec<Value>,
+    /// Proxy recordings: `("initial", connection)` and, after a recovery,
+    /// `("recovery", connection)`.
+    pub recordings: Vec<(&'static str, Recording)>,
+    /// Guest writes done before the migration.
+    pub writes: Vec<Write>,
+    /// Source RAM (pmemsave from 0) after completion.
+    pub src_ram: Vec<u8>,
+    /// Destination RAM (pmemsave from 0) after completion.
+    pub dst_ram: Vec<u8>,
+    /// Final `query-migrate` of both sides.
+    pub migration_info: Value,
+    /// For a recovery: the byte offset of the cut in the first connection.
+    pub cut_at: Option<u64>,
+}
+
+impl Outcome {
+    /// The RAM the pattern writes predict (zero elsewhere).
+    pub fn expected_ram(&self) -> Vec<u8> {
+        let mut ram = vec![0u8; self.src_ram.len()];
+        for w in &self.writes {
+            let o = (w.page as usize) * PAGE;
+            ram[o..o + PAGE].copy_from_slice(&w.data);
+        }
+        ram
+    }
+}
+
+/// Two QEMUs and the step log.
+struct Pair {
+    src: Qemu,
+    dst: Qemu,
+    t0: Instant,
+    steps: Vec<Value>,
+}
+
+impl Pair {
+    fn t(&self) -> f64 {
+        (self.t0.elapsed().as_secs_f64() * 1000.0).round() / 1000.0
+    }
+
+    fn step(&mut self, mut v: Value) {
+        v.as_object_mut()
+            .expect("step is an object")
+            .insert("t".into(), json!(self.t()));
+        self.steps.push(v);
+    }
+
+    fn side(&mut self, side: &str) -> &mut Qemu {
+        if side == "src" {
+            &mut self.src
+        } else {
+            &mut self.dst
+        }
+    }
+
+    /// A logged QMP command on `side`.
+    fn qmp(&mut self, side: &str, cmd: &str, args: Value) -> Result<Value, QemuError> {
+        let mut s = json!({"side": side, "action": "qmp", "qmp": cmd});
+        if !args.is_null() {
+            s["arguments"] = args.clone();
+        }
+        self.step(s);
+        self.side(side).qmp(cmd, args)
+    }
+
+    fn wait_status(&mut self, side: &str, status: &str) -> Result<(), QemuError> {
+        let q = self.side(side);
+        q.qmp.wait_status(status, PHASE).map_err(|e| {
+            QemuError::Failed(format!(
+                "{side} never reached {status}: {e}; log: {}",
+                q.log()
+            ))
+        })?;
+        self.step(json!({"side": side, "action": "observed", "status": status}));
+        Ok(())
+    }
+
+    /// `migrate-incoming`/`migrate-recover` with port 0 on the destination;
+    /// the port QEMU picked comes from `query-migrate` `socket-address`.
+    fn listen(&mut self, cmd: &str) -> Result<SocketAddr, QemuError> {
+        self.qmp("dst", cmd, json!({"uri": "tcp:127.0.0.1:0"}))?;
+        let info = self.dst.qmp("query-migrate", Value::Null)?;
+        let port = info
+            .get("socket-address")
+            .and_then(Value::as_array)
+            .and_then(|a| a.last())
+            .and_then(|a| a.get("port"))
+            .and_then(|p| {
+                p.as_str()
+                    .map(str::to_owned)
+                    .or_else(|| p.as_u64().map(|n| n.to_string()))
+            })
+            .and_then(|p| p.parse::<u16>().ok())
+            .ok_or_else(|| {
+                QemuError::Failed(format!("no listening port in query-migrate: {info}"))
+            })?;
+        let label = if cmd == "migrate-recover" {
+            "RECOVER_PORT"
+        } else {
+            "DEST_PORT"
+        };
+        self.step(json!({"side": "dst", "action": "listening", "address": format!("127.0.0.1:{{{label}}}"),
+            "note": "port 0 requested; actual port read from query-migrate socket-address (last entry)"}));
+        Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    fn proxy(&mut self, target: SocketAddr, n: usize) -> Result<Proxy, QemuError> {
+        let p = Proxy::start(target)?;
+        let port = if n == 1 { "PROXY_PORT" } else { "PROXY2_PORT" };
+        self.step(json!({"side": "harness", "action": "proxy", "listen": format!("127.0.0.1:{{{port}}}"),
+            "records": {"source->destination": format!("s2d-{n}.bin"), "destination->source": format!("d2s-{n}.bin")}}));
+        Ok(p)
+    }
+
+    fn migrate(&mut self, proxy: &Proxy, resume: bool) -> Result<(), QemuError> {
+        let uri = format!("tcp:127.0.0.1:{}", proxy.port());
+        let mut args = json!({"uri": uri});
+        if resume {
+            args["resume"] = json!(true);
+        }
+        let mut logged = args.clone();
+        logged["uri"] = json!(if resume {
+            "tcp:127.0.0.1:{PROXY2_PORT}"
+        } else {
+            "tcp:127.0.0.1:{PROXY_PORT}"
+        });
+        self.step(json!({"side": "src", "action": "qmp", "qmp": "migrate", "arguments": logged}));
+        self.src.qmp("migrate", args)?;
+        Ok(())
+    }
+}
+
+/// The pages a scenario writes: pages 0-7 random, 8-11 repeated bytes
+/// (0x01, 0x80, 0xff, 0x5a), 511 random and 512 repeated (a 2 MiB
+/// boundary), the last page random, then `random_pages` random pages chosen
+/// by `stream(seed, "select")`; never the machine's reserved pages.
+pub fn pattern(seed: u64, machine: Machine, ram_mb: u64, random_pages: u64) -> Vec<Write> {
+    let pages = (ram_mb << 20) / PAGE as u64;
+    let reserved = machine.reserved_pages();
+    let mut used = std::collections::BTreeSet::new();
+    let mut out = Vec::new();
+    let mut add = |page: u64, kind: &'static str, data: Vec<u8>, out: &mut Vec<Write>| {
+        if page < pages && !reserved.contains(&page) && used.insert(page) {
+            out.push(Write {
+                page,
+                kind,
+                gen: 0,
+                data,
+            });
+        }
+    };
+    for p in 0..8 {
+        add(p, "random", random_page(seed, p, 0), &mut out);
+    }
+    for (p, b) in [(8u64, 0x01u8), (9, 0x80), (10, 0xff), (11, 0x5a)] {
+        add(p, "fill", vec![b; PAGE], &mut out);
+    }
+    add(511, "random", random_page(seed, 511, 0), &mut out);
+    add(512, "fill", vec![0x33; PAGE], &mut out);
+    add(
+        pages - 1,
+        "random",
+        random_page(seed, pages - 1, 0),
+        &mut out,
+    );
+    let sel = stream(seed, b"select", (random_pages as usize) * 16 + 64);
+    let mut n = 0;
+    for c in sel.chunks_exact(4) {
+        if n == random_pages {
+            break;
+        }
+        let p = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64 % pages;
+        let before = out.len();
+        add(p, "random", random_page(seed, p, 0), &mut out);
+        n += (out.len() > before) as u64;
+    }
+    out
+}
+
+/// Runs `scenario` on `bin`: see the module documentation.
+pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> {
+    let t0 = Instant::now();
+    let m = scenario.machine;
+    let src = Qemu::launch(bin, m, scenario.ram_mb, false, &[])?;
+    let dst = Qemu::launch(bin, m, scenario.ram_mb, true, &[])?;
+    let mut p = Pair {
+        src,
+        dst,
+        t0,
+        steps: Vec::new(),
+    };
+    let (src_cl, dst_cl) = (
+        p.src.command_line_template("SRC"),
+        p.dst.command_line_template("DST"),
+    );
+    p.step(json!({"side": "src", "action": "start", "command_line": src_cl}));
+    p.step(json!({"side": "dst", "action": "start", "command_line": dst_cl}));
+    let query_version = p.src.qmp("query-version", Value::Null)?;
+
+    // Guest content.
+    let writes = match scenario.seed {
+        Some(seed) => {
+            let w = pattern(seed, m, scenario.ram_mb, scenario.random_pages);
+            let q = p.src.qtest()?;
+            for wr in &w {
+                q.write(wr.page * PAGE as u64, &wr.data)?;
+            }
+            p.step(
+                json!({"side": "src", "action": "qtest-writes", "count": w.len(),
+                "note": "pattern written before migration (see pattern.writes)"}),
+            );
+            w
+        }
+        None => Vec::new(),
+    };
+
+    // Capabilities and parameters.
+    let postcopy = scenario.kind != Kind::Precopy;
+    let mut caps = vec![json!({"capability": "return-path", "state": true})];
+    if postcopy {
+        caps.insert(0, json!({"capability": "postcopy-ram", "state": true}));
+    }
+    p.qmp(
+        "src",
+        "migrate-set-capabilities",
+        json!({"capabilities": caps.clone()}),
+    )?;
+    p.qmp(
+        "dst",
+        "migrate-set-capabilities",
+        json!({"capabilities": caps.clone()}),
+    )?;
+    let mut src_params = serde_json::Map::new();
+    if let Some(b) = scenario.max_bandwidth {
+        src_params.insert("max-bandwidth".into(), json!(b));
+    }
+    if let Some(b) = scenario.max_postcopy_bandwidth {
+        src_params.insert("max-postcopy-bandwidth".into(), json!(b));
+    }
+    if !src_params.is_empty() {
+        p.qmp(
+            "src",
+            "migrate-set-parameters",
+            Value::Object(src_params.clone()),
+        )?;
+    }
+    let mut cap_obj = json!({"events": true});
+    for c in &caps {
+        cap_obj[c["capability"].as_str().expect("name")] = json!(true);
+    }
+
+    // First connection.
+    let dest = p.listen("migrate-incoming")?;
+    let proxy1 = p.proxy(dest, 1)?;
+    p.migrate(&proxy1, false)?;
+    let mut cut_at = None;
+    let mut proxy2 = None;
+    if postcopy {
+        p.wait_status("src", "active")?;
+        p.qmp("src", "migrate-start-postcopy", Value::Null)?;
+        p.wait_status("dst", "postcopy-active")?;
+        p.wait_status("src", "postcopy-active")?;
+    }
+    if scenario.kind == Kind::PostcopyRecover {
+        let (now, _) = proxy1.bytes_forwarded(0);
+        let at = now + scenario.cut_after;
+        proxy1.arm_cut(0, at);
+        p.step(json!({"side": "harness", "action": "proxy-cut-armed", "direction": "source->destination",
+            "byte_offset": at, "note": "the proxy forwards exactly this many bytes, then shuts both sockets down"}));
+        proxy1
+            .wait_closed(0, PHASE)
+            .map_err(|e| QemuError::Failed(format!("the cut never happened: {e}")))?;
+        let rec = &proxy1.recordings()[0];
+        if !rec.cut {
+            return Err(QemuError::Failed(format!(
+                "postcopy finished before the cut at {at} ({} bytes forwarded)",
+                rec.s2d.bytes.len()
+            )));
+        }
+        p.step(json!({"side": "harness", "action": "proxy-cut", "reason": rec.cut_reason}));
+        cut_at = Some(at);
+        p.wait_status("src", "postcopy-paused")?;
+        p.wait_status("dst", "postcopy-paused")?;
+        // Finish quickly once recovered.
+        p.qmp(
+            "src",
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 1u64 << 30}),
+        )?;
+        let recover = p.listen("migrate-recover")?;
+        let px2 = p.proxy(recover, 2)?;
+        p.migrate(&px2, true)?;
+        proxy2 = Some(px2);
+    }
+    p.wait_status("src", "completed")?;
+    p.wait_status("dst", "completed")?;
+    proxy1.wait_closed(0, PHASE)?;
+    if let Some(px) = &proxy2 {
+        px.wait_closed(0, PHASE)?;
+    }
+
+    let info = json!({
+        "src": p.src.qmp("query-migrate", Value::Null)?,
+        "dst": p.dst.qmp("query-migrate", Value::Null)?,
+    });
+    let ram = p.src.ram_bytes();
+    p.step(json!({"side": "src", "action": "qmp", "qmp": "pmemsave",
+        "arguments": {"val": 0, "size": ram, "filename": "{WORKDIR}/src.ram"}}));
+    let src_ram = p.src.dump_ram()?;
+    p.step(json!({"side": "dst", "action": "qmp", "qmp": "pmemsave",
+        "arguments": {"val": 0, "size": ram, "filename": "{WORKDIR}/dst.ram"}}));
+    let dst_ram = p.dst.dump_ram()?;
+
+    let mut recordings = vec![("initial", proxy1.recordings().remove(0))];
+    if let Some(px) = &proxy2 {
+        recordings.push(("recovery", px.recordings().remove(0)));
+    }
+    p.src.qmp.drain_available()?;
+    p.dst.qmp.drain_available()?;
+    let mut events: Vec<Value> = Vec::new();
+    for (side, q) in [("src", &p.src), ("dst", &p.dst)] {
+        for e in q.qmp.event_log() {
+            let t = e.received.saturating_duration_since(t0).as_secs_f64();
+            events.push(json!({"t": (t * 1000.0).round() / 1000.0, "side": side, "event": e.name, "data": e.data}));
+        }
+    }
+    events.sort_by(|a, b| {
+        a["t"]
+            .as_f64()
+            .partial_cmp(&b["t"].as_f64())
+            .expect("finite")
+    });
+    Ok(Outcome {
+        scenario: scenario.clone(),
+        binary: bin.clone(),
+        query_version,
+        command_lines: (src_cl, dst_cl),
+        capabilities: (cap_obj.clone(), cap_obj),
+        parameters: (Value::Object(src_params), json!({})),
+        steps: std::mem::take(&mut p.steps),
+        events,
+        recordings,
+        writes,
+        src_ram,
+        dst_ram,
+        migration_info: info,
+        cut_at,
+    })
+}
+
+/// Index of the first differing page of two equal-length RAM dumps.
+pub fn first_diff_page(a: &[u8], b: &[u8]) -> Option<usize> {
+    a.chunks(PAGE).zip(b.chunks(PAGE)).position(|(x, y)| x != y)
+}

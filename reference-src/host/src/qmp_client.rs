@@ -1,0 +1,465 @@
+//! Blocking QMP client over a unix socket.
+//!
+//! Owns the client side of the QEMU Machine Protocol as the tests, the
+//! conformance runner and the demo use it to drive QEMU and qmig alike:
+//! greeting + `qmp_capabilities`, [`QmpClient::execute`], and an event queue
+//! with [`QmpClient::wait_event`] / [`QmpClient::wait_status`]. Waiting is
+//! event-driven (a blocking read with the remaining time as read timeout);
+//! the timeout is only a failure guard. Where the server sends no event,
+//! [`QmpClient::poll_until`] polls a query command.
+//!
+//! Messages are kept as [`serde_json::Value`]: the client is independent of
+//! which commands the server implements.
+
+use std::collections::VecDeque;
+use std::io::{self, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+/// Largest QMP message (one line) the client accepts from the server.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// What can go wrong talking QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    /// The socket failed.
+    #[error("QMP i/o: {0}")]
+    Io(#[from] io::Error),
+    /// The server closed the connection.
+    #[error("QMP connection closed by the server")]
+    Closed,
+    /// The server sent something that is not QMP.
+    #[error("QMP protocol: {0}")]
+    Protocol(String),
+    /// The command was answered with an error.
+    #[error("QMP command {command} failed: {class}: {desc}")]
+    Command {
+        /// The command that failed.
+        command: String,
+        /// The error class (`GenericError`, `CommandNotFound`, ...).
+        class: String,
+        /// The human-readable description.
+        desc: String,
+    },
+    /// A wait ran out of time (a failure guard, not a synchronisation means).
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+}
+
+/// Result of a QMP operation.
+pub type QmpResult<T> = Result<T, QmpError>;
+
+/// One asynchronous event received from the server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedEvent {
+    /// Event name (`MIGRATION`, `STOP`, ...).
+    pub name: String,
+    /// The `data` member (`Value::Null` when absent).
+    pub data: Value,
+    /// The server's timestamp in microseconds since the epoch (0 when absent).
+    pub timestamp_us: u64,
+    /// When the client read it.
+    pub received: Instant,
+}
+
+impl ReceivedEvent {
+    /// `data.status` of a `MIGRATION` event, if any.
+    pub fn status(&self) -> Option<&str> {
+        self.data.get("status").and_then(Value::as_str)
+    }
+}
+
+/// A connected, capabilities-negotiated QMP session.
+pub struct QmpClient {
+    stream: UnixStream,
+    buf: Vec<u8>,
+    greeting: Value,
+    pending: VecDeque<ReceivedEvent>,
+    log: Vec<ReceivedEvent>,
+    next_id: u64,
+}
+
+impl QmpClient {
+    /// Connects to `path`, reads the greeting and enters command mode.
+    pub fn connect(path: impl AsRef<Path>) -> QmpResult<Self> {
+        let stream = UnixStream::connect(path)?;
+        Self::handshake(stream)
+    }
+
+    /// Like [`QmpClient::connect`], retrying while the socket does not exist
+    /// or refuses connections (the server is still starting) until `timeout`.
+    pub fn connect_retry(path: impl AsRef<Path>, timeout: Duration) -> QmpResult<Self> {
+        let path = path.as_ref();
+        let deadline = Instant::now() + timeout;
+        let mut backoff = Duration::from_millis(2);
+        loop {
+            match UnixStream::connect(path) {
+                Ok(s) => return Self::handshake(s),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+                    ) =>
+                {
+                    if Instant::now() >= deadline {
+                        return Err(QmpError::Timeout(
+                            timeout,
+                            format!("QMP socket {}", path.display()),
+                        ));
+                    }
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_millis(50));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    /// Wraps an already connected stream: greeting + `qmp_capabilities`.
+    pub fn handshake(stream: UnixStream) -> QmpResult<Self> {
+        let mut c = QmpClient {
+            stream,
+            buf: Vec::new(),
+            greeting: Value::Null,
+            pending: VecDeque::new(),
+            log: Vec::new(),
+            next_id: 1,
+        };
+        let greeting = c.read_message(Some(Duration::from_secs(30)))?;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::Protocol(format!(
+                "expected a greeting, got {greeting}"
+            )));
+        }
+        c.greeting = greeting;
+        c.execute("qmp_capabilities", Value::Null)?;
+        Ok(c)
+    }
+
+    /// The server's greeting (`{"QMP": {"version": ..., "capabilities": ...}}`).
+    pub fn greeting(&self) -> &Value {
+        &self.greeting
+    }
+
+    /// Runs `command` with `arguments` (`Value::Null` for none) and returns
+    /// its `return` value. Events read meanwhile are queued.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> QmpResult<Value> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut msg = Map::new();
+        msg.insert("execute".into(), Value::String(command.into()));
+        if !arguments.is_null() {
+            msg.insert("arguments".into(), arguments);
+        }
+        msg.insert("id".into(), json!(id));
+        let mut line = serde_json::to_vec(&Value::Object(msg))
+            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        line.push(b'\n');
+        self.stream.write_all(&line)?;
+        loop {
+            let m = self.read_message(None)?;
+            if m.get("event").is_some() {
+                self.push_event(m)?;
+                continue;
+            }
+            if m.get("id") != Some(&json!(id)) {
+                // A reply to nothing we asked (e.g. an id-less error): protocol error.
+                return Err(QmpError::Protocol(format!("unexpected reply {m}")));
+            }
+            if let Some(r) = m.get("return") {
+                return Ok(r.clone());
+            }
+            if let Some(e) = m.get("error") {
+                let s = |k: &str| e.get(k).and_then(Value::as_str).unwrap_or("").to_string();
+                return Err(QmpError::Command {
+                    command: command.into(),
+                    class: s("class"),
+                    desc: s("desc"),
+                });
+            }
+            return Err(QmpError::Protocol(format!(
+                "reply without return or error: {m}"
+            )));
+        }
+    }
+
+    /// Takes the first queued or arriving event named `name` whose data
+    /// satisfies `pred`, waiting at most `timeout`. Other events stay queued.
+    pub fn wait_event(
+        &mut self,
+        name: &str,
+        mut pred: impl FnMut(&Value) -> bool,
+        timeout: Duration,
+    ) -> QmpResult<ReceivedEvent> {
+        let deadline = Instant::now() + timeout;
+        let mut scanned = 0;
+        loop {
+            if let Some(i) = self
+                .pending
+                .iter()
+                .skip(scanned)
+                .position(|e| e.name == name && pred(&e.data))
+            {
+                return Ok(self.pending.remove(scanned + i).expect("index in range"));
+            }
+            scanned = self.pending.len();
+            self.read_event_until(deadline, timeout, name)?;
+        }
+    }
+
+    /// Waits for the `MIGRATION` event with `status` (the `events` migration
+    /// capability must be on). Migration statuses form a sequence, so every
+    /// queued `MIGRATION` event up to and including the match is consumed.
+    pub fn wait_status(&mut self, status: &str, timeout: Duration) -> QmpResult<ReceivedEvent> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while let Some(pos) = self.pending.iter().position(|e| e.name == "MIGRATION") {
+                let e = self.pending.remove(pos).expect("index in range");
+                if e.status() == Some(status) {
+                    return Ok(e);
+                }
+            }
+            self.read_event_until(deadline, timeout, &format!("MIGRATION status {status}"))?;
+        }
+    }
+
+    /// Runs `command` every `interval` until `pred` accepts its return value;
+    /// for states the server announces with no event.
+    pub fn poll_until(
+        &mut self,
+        command: &str,
+        arguments: Value,
+        mut pred: impl FnMut(&Value) -> bool,
+        interval: Duration,
+        timeout: Duration,
+    ) -> QmpResult<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.execute(command, arguments.clone())?;
+            if pred(&v) {
+                return Ok(v);
+            }
+            if Instant::now() >= deadline {
+                return Err(QmpError::Timeout(
+                    timeout,
+                    format!("{command} to satisfy a predicate"),
+                ));
+            }
+            std::thread::sleep(interval);
+        }
+    }
+
+    /// `query-migrate`'s `status`.
+    pub fn migration_status(&mut self) -> QmpResult<String> {
+        let v = self.execute("query-migrate", Value::Null)?;
+        Ok(v.get("status")
+            .and_then(Value::as_str)
+            .unwrap_or("none")
+            .to_string())
+    }
+
+    /// Events received and not yet taken by a wait, oldest first.
+    pub fn pending_events(&self) -> impl Iterator<Item = &ReceivedEvent> {
+        self.pending.iter()
+    }
+
+    /// Reads whatever events are already available without blocking.
+    pub fn drain_available(&mut self) -> QmpResult<()> {
+        loop {
+            match self.read_message(Some(Duration::from_millis(1))) {
+                Ok(m) if m.get("event").is_some() => self.push_event(m)?,
+                Ok(m) => return Err(QmpError::Protocol(format!("unsolicited reply {m}"))),
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(())
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Every event received on this session, in order (taken or not).
+    pub fn event_log(&self) -> &[ReceivedEvent] {
+        &self.log
+    }
+
+    fn read_event_until(
+        &mut self,
+        deadline: Instant,
+        timeout: Duration,
+        what: &str,
+    ) -> QmpResult<()> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(QmpError::Timeout(timeout, what.to_string()));
+        }
+        match self.read_message(Some(deadline - now)) {
+            Ok(m) if m.get("event").is_some() => self.push_event(m),
+            Ok(m) => Err(QmpError::Protocol(format!("unsolicited reply {m}"))),
+            Err(QmpError::Io(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                Err(QmpError::Timeout(timeout, what.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn push_event(&mut self, m: Value) -> QmpResult<()> {
+        let name = m
+            .get("event")
+            .and_then(Value::as_str)
+            .ok_or_else(|| QmpError::Protocol(format!("event without a name: {m}")))?
+            .to_string();
+        let ts = m.get("timestamp");
+        let secs = ts
+            .and_then(|t| t.get("seconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let us = ts
+            .and_then(|t| t.get("microseconds"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let ev = ReceivedEvent {
+            name,
+            data: m.get("data").cloned().unwrap_or(Value::Null),
+            timestamp_us: secs.saturating_mul(1_000_000).saturating_add(us),
+            received: Instant::now(),
+        };
+        self.log.push(ev.clone());
+        self.pending.push_back(ev);
+        Ok(())
+    }
+
+    /// Reads one newline-terminated JSON message. `timeout` bounds the wait
+    /// for the first byte of a message not yet buffered; `None` blocks.
+    fn read_message(&mut self, timeout: Option<Duration>) -> QmpResult<Value> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                let text = line.trim_ascii();
+                if text.is_empty() {
+                    continue;
+                }
+                return serde_json::from_slice(text)
+                    .map_err(|e| QmpError::Protocol(format!("bad JSON from server: {e}")));
+            }
+            if self.buf.len() > MAX_MESSAGE_BYTES {
+                return Err(QmpError::Protocol(format!(
+                    "message longer than {MAX_MESSAGE_BYTES} bytes"
+                )));
+            }
+            self.stream.set_read_timeout(timeout)?;
+            let mut chunk = [0u8; 8192];
+            let n = self.stream.read(&mut chunk);
+            self.stream.set_read_timeout(None)?;
+            match n? {
+                0 => return Err(QmpError::Closed),
+                n => self.buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::BufRead;
+
+    /// A scripted server: greeting, then answers each line with the next
+    /// canned message(s), substituting the request id.
+    fn server(script: Vec<Vec<Value>>) -> (UnixStream, std::thread::JoinHandle<()>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut w = b.try_clone().unwrap();
+            let mut r = io::BufReader::new(b);
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            for replies in script {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap() == 0 {
+                    return;
+                }
+                let req: Value = serde_json::from_str(&line).unwrap();
+                for mut rep in replies {
+                    if rep.get("event").is_none() {
+                        rep["id"] = req["id"].clone();
+                    }
+                    writeln!(w, "{rep}").unwrap();
+                }
+            }
+        });
+        (a, h)
+    }
+
+    #[test]
+    fn execute_returns_value_and_queues_events() {
+        let (s, h) = server(vec![
+            vec![json!({"return": {}})],
+            vec![
+                json!({"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": {"seconds": 1, "microseconds": 2}}),
+                json!({"event": "MIGRATION", "data": {"status": "active"}}),
+                json!({"return": {"status": "active"}}),
+            ],
+            vec![json!({"error": {"class": "GenericError", "desc": "nope"}})],
+        ]);
+        let mut c = QmpClient::handshake(s).unwrap();
+        let r = c.execute("query-migrate", Value::Null).unwrap();
+        assert_eq!(r, json!({"status": "active"}));
+        let e = c.wait_status("active", Duration::from_secs(5)).unwrap();
+        assert_eq!(e.status(), Some("active"));
+        assert_eq!(c.event_log()[0].timestamp_us, 1_000_002);
+        assert_eq!(
+            c.pending_events().count(),
+            0,
+            "setup consumed before active"
+        );
+        match c.execute("migrate", json!({"uri": "x"})) {
+            Err(QmpError::Command { class, desc, .. }) => {
+                assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "nope"))
+            }
+            other => panic!("{other:?}"),
+        }
+        drop(c);
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn wait_event_keeps_other_events_and_times_out() {
+        let (s, h) = server(vec![
+            vec![json!({"return": {}})],
+            vec![
+                json!({"event": "STOP"}),
+                json!({"event": "RESUME"}),
+                json!({"return": {}}),
+            ],
+        ]);
+        let mut c = QmpClient::handshake(s).unwrap();
+        c.execute("stop", Value::Null).unwrap();
+        let e = c
+            .wait_event("RESUME", |_| true, Duration::from_secs(5))
+            .unwrap();
+        assert_eq!(e.name, "RESUME");
+        assert_eq!(
+            c.pending_events()
+                .map(|e| e.name.as_str())
+                .collect::<Vec<_>>(),
+            ["STOP"]
+        );
+        h.join().unwrap();
+        // The server is gone: waiting reports the close, not a hang.
+        assert!(matches!(
+            c.wait_event("NEVER", |_| true, Duration::from_secs(5)),
+            Err(QmpError::Closed)
+        ));
+    }
+}
