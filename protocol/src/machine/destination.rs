@@ -127,7 +127,7 @@ pub struct DeviceSection {
 }
 
 /// The destination side of a migration. See the module documentation.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Destination {
     cfg: DestinationConfig,
     tps: u64,

@@ -18,10 +18,12 @@ pub mod control;
 pub mod destination;
 pub mod events;
 pub mod memory;
+pub mod source;
 pub mod status;
 
 pub use control::{Control, ControlError};
 pub use destination::{DeviceSection, Destination, DestinationConfig, FaultOutcome};
 pub use events::{ChannelKind, Event, Instant};
+pub use source::{DeviceState, Source, SourceConfig};
 pub use memory::{GuestMemory, MemoryError, RamBlockSpec, SourceMemory};
 pub use status::{MigrationStatus, Transition, Trigger, DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS};

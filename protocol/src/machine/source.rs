@@ -1,0 +1,762 @@
+//! The source state machine.
+//!
+//! This module owns [`Source`]: what an outgoing migration sends and when (setup, precopy
+//! iterations driven by the caller's dirty bitmaps, precopy completion, the postcopy switch with
+//! its discards and package, postcopy pages with requested pages first), how it reads the return
+//! path (PONG, page requests, SHUT, received bitmaps, RESUME_ACK), and how it pauses, recovers
+//! and cancels. Bytes are encoded only by the codec ([`Item::encode`], [`Command::encode`],
+//! [`RamRecord::encode`]) and return-path messages decoded only by [`RpDecoder`].
+//!
+//! Rules applied here: SM-URGENT-FIRST, SM-DISCARD-DIRTY, SM-RECOVER-BITMAP-ALL, SM-REBUILD,
+//! SM-SWITCHOVER-START, SM-PAUSE-AFTER-RUN, SM-PAUSE-IN-RECOVER, SM-FATAL-BEFORE-RUN, SM-CANCEL,
+//! RP-PONG-UNKNOWN, RP-SHUT-ERROR, RP-ORDER, RP-REQ-RANGE, RP-BITMAP-SIZE (through the decoder).
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::control::{Control, ControlError};
+use super::events::{ChannelKind, Event, Instant};
+use super::memory::{RamBlockSpec, SourceMemory};
+use super::status::{next_status, MigrationStatus, Trigger, SOURCE_TRANSITIONS};
+use crate::bitmap::PageBitmap;
+use crate::codes::{RamFlags, QEVM_VERSION};
+use crate::command::{encode_ranges, Advise, Command, Discard};
+use crate::error::{Violation, WireError};
+use crate::header::encode_configuration;
+use crate::limits::Limits;
+use crate::profile::{Profile, Version};
+use crate::ram::{encode_mem_size, BlockInfo, RamBody, RamRecord};
+use crate::rp::{RpDecoder, RpMessage};
+use crate::rule::Rule;
+use crate::section::{SectionHeader, SectionIdent};
+use crate::sink::Sink;
+use crate::stream::Item;
+
+/// The state of one non-iterative device, sent as a SECTION_FULL (opaque payload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceState {
+    /// Section id (the source's registration index).
+    pub section_id: u32,
+    /// Device idstr, e.g. `timer`.
+    pub idstr: String,
+    /// Instance id.
+    pub instance_id: u32,
+    /// Version id.
+    pub version_id: u32,
+    /// The payload bytes.
+    pub data: Vec<u8>,
+}
+
+/// How a source is set up.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// The version profile of the destination.
+    pub profile: Profile,
+    /// Caps on peer-controlled lengths (return path).
+    pub limits: Limits,
+    /// Machine type name for the configuration section.
+    pub machine: String,
+    /// The RAM blocks, in MEM_SIZE order.
+    pub blocks: Vec<RamBlockSpec>,
+    /// `return-path` (or `postcopy-ram`, which implies it).
+    pub return_path: bool,
+    /// `postcopy-ram`.
+    pub postcopy_ram: bool,
+    /// Section id of the `ram` section.
+    pub ram_section_id: u32,
+    /// Non-iterative devices, in the order their FULL sections are sent.
+    pub devices: Vec<DeviceState>,
+    /// Most page records per RAM SECTION_PART.
+    pub pages_per_section: usize,
+}
+
+impl SourceConfig {
+    /// A configuration with default limits, `ram` section id 2 and 32 pages per section.
+    pub fn new(profile: Profile, machine: &str, blocks: Vec<RamBlockSpec>, postcopy_ram: bool) -> Self {
+        SourceConfig {
+            profile,
+            limits: Limits::DEFAULT,
+            machine: String::from(machine),
+            blocks,
+            return_path: postcopy_ram,
+            postcopy_ram,
+            ram_section_id: 2,
+            devices: Vec::new(),
+            pages_per_section: 32,
+        }
+    }
+}
+
+/// What the source writes next on the main channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Nothing (before the channel, or paused, or done).
+    Idle,
+    /// Header, configuration, setup section.
+    Setup,
+    /// Precopy iterations.
+    Precopy,
+    /// Precopy END section being written.
+    PrecopyEnd,
+    /// Postcopy switch (discards, package).
+    PostcopyStart,
+    /// Postcopy pages.
+    Postcopy,
+    /// Recovery: RECV_BITMAP commands to send.
+    SendBitmaps,
+    /// Recovery: waiting for the bitmaps.
+    WaitBitmaps,
+    /// Recovery: POSTCOPY_RESUME to send.
+    SendResume,
+    /// Recovery: waiting for RESUME_ACK.
+    WaitAck,
+    /// EOF written: waiting for SHUT.
+    WaitShut,
+}
+
+/// The source side of a migration. See the module documentation.
+#[derive(Clone, Debug)]
+pub struct Source {
+    cfg: SourceConfig,
+    tps: u64,
+    status: MigrationStatus,
+    phase: Phase,
+    dirty: Vec<PageBitmap>,
+    discarded: Vec<PageBitmap>,
+    bitmaps_in: Vec<bool>,
+    urgent: VecDeque<(usize, u64)>,
+    cursor: (usize, u64),
+    last_sent_block: Option<usize>,
+    rp: RpDecoder,
+    pings: Vec<u32>,
+    channel_open: bool,
+    resume_armed: bool,
+    want_postcopy: bool,
+    want_complete: bool,
+    sync_asked: bool,
+    events: VecDeque<Event>,
+    pages_sent: u64,
+    sent_log: Option<Vec<(usize, u64)>>,
+}
+
+/// A sink that counts what passes through it.
+struct Counted<'s, S: Sink> {
+    inner: &'s mut S,
+    n: usize,
+}
+
+impl<S: Sink> Sink for Counted<'_, S> {
+    fn put(&mut self, bytes: &[u8]) {
+        self.n += bytes.len();
+        self.inner.put(bytes);
+    }
+}
+
+impl Source {
+    /// A source waiting for its channel ([`Source::handle_channel_opened`]).
+    pub fn new(cfg: SourceConfig) -> Self {
+        let tps = cfg.profile.target_page_size as u64;
+        let dirty: Vec<PageBitmap> = cfg.blocks.iter().map(|b| PageBitmap::full(b.pages(tps))).collect();
+        let discarded = cfg.blocks.iter().map(|b| PageBitmap::new(b.pages(tps))).collect();
+        Source {
+            tps,
+            status: MigrationStatus::None,
+            phase: Phase::Idle,
+            bitmaps_in: alloc::vec![false; dirty.len()],
+            dirty,
+            discarded,
+            urgent: VecDeque::new(),
+            cursor: (0, 0),
+            last_sent_block: None,
+            rp: RpDecoder::new(cfg.profile, cfg.limits),
+            pings: Vec::new(),
+            channel_open: false,
+            resume_armed: false,
+            want_postcopy: false,
+            want_complete: false,
+            sync_asked: false,
+            events: VecDeque::new(),
+            pages_sent: 0,
+            sent_log: None,
+            cfg,
+        }
+    }
+
+    /// The current status.
+    pub fn status(&self) -> MigrationStatus {
+        self.status
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SourceConfig {
+        &self.cfg
+    }
+
+    /// The dirty bitmap of `block`: pages still to send.
+    pub fn dirty(&self, block: usize) -> Option<&PageBitmap> {
+        self.dirty.get(block)
+    }
+
+    /// Page records sent so far.
+    pub fn pages_sent(&self) -> u64 {
+        self.pages_sent
+    }
+
+    /// Starts (or stops) recording every page record sent, as (block, target page index).
+    pub fn record_sent_pages(&mut self, on: bool) {
+        self.sent_log = if on { Some(Vec::new()) } else { None };
+    }
+
+    /// Takes the recorded page records (see [`Source::record_sent_pages`]).
+    pub fn take_sent_pages(&mut self) -> Vec<(usize, u64)> {
+        self.sent_log.as_mut().map(core::mem::take).unwrap_or_default()
+    }
+
+    /// Marks pages of `block` that must never be sent (a RamDiscardManager's unplugged ranges):
+    /// removed from the dirty bitmap now and at every rebuild (SM-REBUILD).
+    pub fn set_discarded(&mut self, block: usize, pages: &PageBitmap) {
+        if let (Some(d), Some(x)) = (self.discarded.get_mut(block), self.dirty.get_mut(block)) {
+            if d.pages() == pages.pages() {
+                *d = pages.clone();
+                x.and_not(pages);
+            }
+        }
+    }
+
+    /// The next event, if any.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn step(&mut self, trigger: Trigger) -> bool {
+        match next_status(SOURCE_TRANSITIONS, self.cfg.profile.version, self.status, trigger) {
+            Ok(to) => {
+                let from = self.status;
+                self.status = to;
+                self.events.push_back(Event::Status { from, to });
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// A dirty-bitmap sync from the caller: pages set in `dirty` must be (re)sent.
+    pub fn handle_dirty_sync(&mut self, block: usize, dirty: &PageBitmap) {
+        if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::None) {
+            return;
+        }
+        if let (Some(d), Some(x)) = (self.dirty.get_mut(block), self.discarded.get(block)) {
+            if d.pages() == dirty.pages() {
+                d.or(dirty);
+                d.and_not(x);
+                self.sync_asked = false;
+            }
+        }
+    }
+
+    /// The main channel is up: the first one starts the migration; later ones are recovery
+    /// channels (10.x: after [`Control::Resume`] in `postcopy-recover-setup`; 7.2: in
+    /// `postcopy-paused` after `Resume`).
+    pub fn handle_channel_opened(&mut self, _now: Instant) -> Result<(), ControlError> {
+        let refuse = ControlError::WrongStatus { control: Control::Resume, status: self.status };
+        match self.status {
+            MigrationStatus::None => {
+                self.step(Trigger::Start);
+                self.phase = Phase::Setup;
+            }
+            MigrationStatus::PostcopyRecoverSetup => {
+                self.step(Trigger::ChannelOpened);
+                self.phase = Phase::SendBitmaps;
+            }
+            MigrationStatus::PostcopyPaused if self.resume_armed && self.cfg.profile.version == Version::V7_2 => {
+                self.step(Trigger::ChannelOpened);
+                self.phase = Phase::SendBitmaps;
+            }
+            _ => return Err(refuse),
+        }
+        self.resume_armed = false;
+        self.channel_open = true;
+        self.rp.reset();
+        self.bitmaps_in.iter_mut().for_each(|b| *b = false);
+        Ok(())
+    }
+
+    /// The main channel (and with it the return path) is gone.
+    pub fn handle_channel_closed(&mut self, _now: Instant) {
+        if !self.channel_open || self.status.is_final() {
+            self.channel_open = false;
+            return;
+        }
+        let rule = self.loss_rule();
+        self.events.push_back(Event::ChannelLost { rule });
+        self.interrupt();
+    }
+
+    fn loss_rule(&self) -> Rule {
+        match self.status {
+            MigrationStatus::PostcopyActive => Rule::SmPauseAfterRun,
+            MigrationStatus::PostcopyRecover | MigrationStatus::PostcopyRecoverSetup => Rule::SmPauseInRecover,
+            _ => Rule::SmFatalBeforeRun,
+        }
+    }
+
+    fn interrupt(&mut self) {
+        self.channel_open = false;
+        self.urgent.clear();
+        self.phase = Phase::Idle;
+        if self.status.is_postcopy_recoverable() {
+            self.step(Trigger::Interrupt);
+        } else {
+            self.step(Trigger::Fatal);
+        }
+    }
+
+    /// An operator command: `StartPostcopy`, `Complete`, `Pause`, `Resume` or `Cancel`.
+    pub fn handle_control(&mut self, _now: Instant, control: Control) -> Result<(), ControlError> {
+        let refuse = ControlError::WrongStatus { control, status: self.status };
+        match control {
+            Control::StartPostcopy => {
+                if !self.cfg.postcopy_ram {
+                    return Err(ControlError::NotConfigured(control));
+                }
+                if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active) || self.want_complete {
+                    return Err(refuse);
+                }
+                self.want_postcopy = true;
+                Ok(())
+            }
+            Control::Complete => {
+                if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active) || self.want_postcopy {
+                    return Err(refuse);
+                }
+                self.want_complete = true;
+                Ok(())
+            }
+            Control::Pause => {
+                if !self.status.is_postcopy_recoverable() {
+                    return Err(refuse);
+                }
+                let rule = self.loss_rule();
+                self.events.push_back(Event::ChannelLost { rule });
+                self.interrupt();
+                Ok(())
+            }
+            Control::Resume => {
+                if self.status != MigrationStatus::PostcopyPaused {
+                    return Err(refuse);
+                }
+                if self.cfg.profile.has_recover_setup() {
+                    self.step(Trigger::ResumeRequested);
+                } else {
+                    self.resume_armed = true;
+                }
+                Ok(())
+            }
+            Control::Cancel => {
+                if !self.step(Trigger::Cancel) {
+                    return Err(refuse);
+                }
+                self.channel_open = false;
+                self.phase = Phase::Idle;
+                self.urgent.clear();
+                self.step(Trigger::CancelDone);
+                Ok(())
+            }
+            Control::Recover => Err(ControlError::NotForThisSide(control)),
+        }
+    }
+
+    /// Consumes return-path bytes, from the first unconsumed one. Returns how many were consumed
+    /// (whole messages), or the violation that stopped the channel (the status has then moved to
+    /// postcopy-paused or failed).
+    pub fn handle_return_path(&mut self, _now: Instant, input: &[u8]) -> Result<usize, Violation> {
+        if !self.channel_open {
+            return Ok(0);
+        }
+        let mut pos = 0;
+        loop {
+            let at = self.rp.offset();
+            let blocks = &self.cfg.blocks;
+            let tps = self.tps;
+            let expect = |name: &[u8]| {
+                blocks
+                    .iter()
+                    .find(|b| b.name.as_bytes() == name)
+                    .map(|b| PageBitmap::wire_size(b.pages(tps)))
+            };
+            match self.rp.decode(&input[pos..], &expect) {
+                Ok((msg, n)) => {
+                    pos += n;
+                    if let Err(v) = self.on_rp(msg, at) {
+                        return Err(self.rp_error(v));
+                    }
+                    if !self.channel_open {
+                        return Ok(pos);
+                    }
+                }
+                Err(WireError::Incomplete { .. }) => return Ok(pos),
+                Err(WireError::Invalid(v)) => return Err(self.rp_error(v)),
+            }
+        }
+    }
+
+    fn rp_error(&mut self, v: Violation) -> Violation {
+        self.events.push_back(Event::Error { channel: ChannelKind::ReturnPath, violation: v });
+        self.interrupt();
+        v
+    }
+
+    fn block_index(&self, name: &[u8]) -> Option<usize> {
+        self.cfg.blocks.iter().position(|b| b.name.as_bytes() == name)
+    }
+
+    fn on_rp(&mut self, msg: RpMessage<'_>, at: u64) -> Result<(), Violation> {
+        match msg {
+            RpMessage::Pong(v) => {
+                if !self.pings.contains(&v) {
+                    return Err(Violation::new(at + 4, Rule::RpPongUnknown, v as u64));
+                }
+                self.events.push_back(Event::Pong { value: v });
+                Ok(())
+            }
+            RpMessage::Shut(v) => {
+                self.events.push_back(Event::ShutReceived { value: v });
+                if v != 0 {
+                    return Err(Violation::new(at + 4, Rule::RpShutError, v as u64));
+                }
+                if self.phase != Phase::WaitShut {
+                    return Err(Violation::new(at, Rule::RpOrder, 1));
+                }
+                self.phase = Phase::Idle;
+                self.channel_open = false;
+                self.step(Trigger::Complete);
+                Ok(())
+            }
+            RpMessage::ReqPagesId { start, len, name } => {
+                let Some(b) = self.block_index(name) else {
+                    return Err(Violation::new(at + 17, Rule::CmdBlockUnknown, 0));
+                };
+                self.request(b, start, len, at)
+            }
+            RpMessage::ReqPages { start, len } => {
+                let name = self.rp.last_req_block().unwrap_or_default();
+                let Some(b) = self.block_index(name) else {
+                    return Err(Violation::new(at, Rule::RpReqNoBlock, 0));
+                };
+                self.request(b, start, len, at)
+            }
+            RpMessage::RecvBitmap { name, bitmap } => {
+                let Some(b) = self.block_index(name) else {
+                    return Err(Violation::new(at + 5, Rule::CmdBlockUnknown, 0));
+                };
+                if self.status != MigrationStatus::PostcopyRecover || self.phase != Phase::WaitBitmaps {
+                    return Err(Violation::new(at, Rule::RpOrder, 5));
+                }
+                let pages = self.dirty[b].pages();
+                let mut received = PageBitmap::from_le_bytes(bitmap, pages, self.rp.last_bitmap_offset())?;
+                // SM-REBUILD: dirty = NOT(received) minus discarded.
+                received.complement();
+                received.and_not(&self.discarded[b]);
+                self.dirty[b] = received;
+                self.bitmaps_in[b] = true;
+                if self.bitmaps_in.iter().all(|x| *x) {
+                    self.phase = Phase::SendResume;
+                }
+                Ok(())
+            }
+            RpMessage::ResumeAck(_) => {
+                if self.status != MigrationStatus::PostcopyRecover || self.phase != Phase::WaitAck {
+                    return Err(Violation::new(at, Rule::RpOrder, 6));
+                }
+                self.step(Trigger::Resumed);
+                self.last_sent_block = None;
+                self.cursor = (0, 0);
+                self.phase = Phase::Postcopy;
+                Ok(())
+            }
+            RpMessage::SwitchoverAck => Ok(()),
+            RpMessage::Unknown { ty, .. } => Err(Violation::new(at, Rule::RpType, ty.0 as u64)),
+        }
+    }
+
+    fn request(&mut self, b: usize, start: u64, len: u32, at: u64) -> Result<(), Violation> {
+        let spec = &self.cfg.blocks[b];
+        let ps = spec.page_size;
+        let len = len as u64;
+        if start % ps != 0 || len == 0 || len % ps != 0 || start.checked_add(len).map_or(true, |e| e > spec.len) {
+            return Err(Violation::new(at + 4, Rule::RpReqRange, start));
+        }
+        if self.status != MigrationStatus::PostcopyActive {
+            return Err(Violation::new(at, Rule::RpOrder, 3));
+        }
+        let first = start / self.tps;
+        for p in first..first + len / self.tps {
+            if self.dirty[b].test(p) && !self.urgent.contains(&(b, p)) {
+                self.urgent.push_back((b, p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether [`Source::poll_transmit`] would write something now.
+    pub fn wants_transmit(&self) -> bool {
+        self.channel_open
+            && match self.phase {
+                Phase::Setup | Phase::PrecopyEnd | Phase::PostcopyStart | Phase::Postcopy => true,
+                Phase::SendBitmaps | Phase::SendResume => true,
+                Phase::Precopy => self.any_dirty() || self.want_complete || self.want_postcopy,
+                _ => false,
+            }
+    }
+
+    fn any_dirty(&self) -> bool {
+        self.dirty.iter().any(|d| d.count_ones() > 0)
+    }
+
+    /// Writes main-channel bytes into `out`, whole records, until at least `budget` bytes are
+    /// written or nothing is left to send now. Returns the byte count.
+    pub fn poll_transmit(&mut self, mem: &impl SourceMemory, out: &mut impl Sink, budget: usize) -> usize {
+        let mut o = Counted { inner: out, n: 0 };
+        while self.channel_open && o.n < budget {
+            let before = o.n;
+            match self.phase {
+                Phase::Setup => self.write_setup(&mut o),
+                Phase::Precopy => {
+                    if self.want_postcopy {
+                        self.phase = Phase::PostcopyStart;
+                    } else if self.any_dirty() {
+                        self.write_part(mem, &mut o);
+                    } else if self.want_complete {
+                        self.begin_precopy_end(&mut o);
+                    } else {
+                        if !self.sync_asked {
+                            self.sync_asked = true;
+                            self.events.push_back(Event::NeedDirtySync);
+                        }
+                        break;
+                    }
+                }
+                Phase::PrecopyEnd => self.write_precopy_end(mem, &mut o, budget),
+                Phase::PostcopyStart => self.write_postcopy_start(&mut o),
+                Phase::Postcopy => {
+                    if self.any_dirty() {
+                        self.write_part(mem, &mut o);
+                    } else {
+                        self.write_final_end(&mut o);
+                    }
+                }
+                Phase::SendBitmaps => {
+                    // SM-RECOVER-BITMAP-ALL.
+                    for b in &self.cfg.blocks {
+                        Command::RecvBitmap { name: b.name.as_bytes() }.encode(&mut o);
+                    }
+                    self.phase = Phase::WaitBitmaps;
+                }
+                Phase::SendResume => {
+                    Command::PostcopyResume.encode(&mut o);
+                    self.phase = Phase::WaitAck;
+                }
+                Phase::Idle | Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut => break,
+            }
+            if o.n == before && matches!(self.phase, Phase::Idle | Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut) {
+                break;
+            }
+        }
+        o.n
+    }
+
+    fn ping(&mut self, v: u32, out: &mut impl Sink) {
+        self.pings.push(v);
+        Command::Ping(v).encode(out);
+    }
+
+    fn write_setup(&mut self, o: &mut impl Sink) {
+        Item::Header { version: QEVM_VERSION }.encode(o);
+        if self.cfg.profile.configuration {
+            encode_configuration(self.cfg.machine.as_bytes(), &[], o);
+        }
+        if self.cfg.return_path || self.cfg.postcopy_ram {
+            Command::OpenReturnPath.encode(o);
+            self.ping(1, o);
+        }
+        if self.cfg.postcopy_ram {
+            let summary = self.cfg.blocks.iter().fold(0u64, |a, b| a | b.page_size);
+            Command::PostcopyAdvise(Some(Advise { ram_pagesize_summary: summary, target_page_size: self.tps })).encode(o);
+        }
+        SectionHeader::Start(SectionIdent { section_id: self.cfg.ram_section_id, idstr: b"ram", instance_id: 0, version_id: 4 }).encode(o);
+        let total: u64 = self.cfg.blocks.iter().map(|b| b.len).sum();
+        o.put_be64(total | RamFlags::MEM_SIZE.0);
+        let tps = self.tps;
+        let postcopy = self.cfg.postcopy_ram;
+        encode_mem_size(
+            self.cfg.blocks.iter().map(|b| BlockInfo {
+                name: b.name.as_bytes(),
+                used_length: b.len,
+                page_size: (postcopy && b.page_size != tps).then_some(b.page_size),
+                mr_addr: None,
+            }),
+            o,
+        );
+        self.eos_footer(o);
+        self.step(Trigger::SetupDone);
+        self.phase = Phase::Precopy;
+    }
+
+    fn eos_footer(&self, o: &mut impl Sink) {
+        RamRecord { flags: RamFlags::EOS, addr: 0, name: None, body: RamBody::Eos }.encode(o);
+        Item::Footer { section_id: self.cfg.ram_section_id }.encode(o);
+    }
+
+    /// The next page to send: requested pages first (SM-URGENT-FIRST), then the background scan.
+    fn next_page(&mut self) -> Option<(usize, u64)> {
+        while let Some((b, p)) = self.urgent.pop_front() {
+            if self.dirty[b].test(p) {
+                // Continue the background scan after the requested page, as QEMU does.
+                self.cursor = (b, p + 1);
+                return Some((b, p));
+            }
+        }
+        let n = self.dirty.len();
+        for i in 0..=n {
+            let b = (self.cursor.0 + i) % n.max(1);
+            let from = if i == 0 { self.cursor.1 } else { 0 };
+            if let Some(p) = self.dirty[b].iter_ones().find(|&p| p >= from) {
+                self.cursor = (b, p + 1);
+                return Some((b, p));
+            }
+        }
+        None
+    }
+
+    fn send_page(&mut self, mem: &impl SourceMemory, b: usize, p: u64, o: &mut impl Sink) {
+        let offset = p * self.tps;
+        let data = mem.page(b, offset);
+        let continue_flag = self.last_sent_block == Some(b);
+        let name = if continue_flag { None } else { Some(self.cfg.blocks[b].name.as_bytes()) };
+        let (flags, body) = if data.iter().all(|&x| x == 0) {
+            (RamFlags::ZERO, RamBody::Zero { fill: 0 })
+        } else {
+            (RamFlags::PAGE, RamBody::Page(data))
+        };
+        let flags = if continue_flag { flags.with(RamFlags::CONTINUE) } else { flags };
+        RamRecord { flags, addr: offset, name, body }.encode(o);
+        self.last_sent_block = Some(b);
+        self.dirty[b].clear(p);
+        self.pages_sent += 1;
+        if let Some(log) = self.sent_log.as_mut() {
+            log.push((b, p));
+        }
+    }
+
+    fn write_part(&mut self, mem: &impl SourceMemory, o: &mut impl Sink) {
+        SectionHeader::Part { section_id: self.cfg.ram_section_id }.encode(o);
+        for _ in 0..self.cfg.pages_per_section.max(1) {
+            let Some((b, p)) = self.next_page() else { break };
+            self.send_page(mem, b, p, o);
+        }
+        self.eos_footer(o);
+    }
+
+    fn switchover(&mut self, o: &mut impl Sink) {
+        if self.cfg.profile.version == Version::V10 {
+            self.step(Trigger::Switchover);
+            // SM-SWITCHOVER-START: only a 10.x destination knows the command.
+            if self.cfg.profile.switchover_start {
+                Command::SwitchoverStart.encode(o);
+            }
+        }
+    }
+
+    fn begin_precopy_end(&mut self, o: &mut impl Sink) {
+        self.switchover(o);
+        SectionHeader::End { section_id: self.cfg.ram_section_id }.encode(o);
+        self.phase = Phase::PrecopyEnd;
+    }
+
+    fn write_devices(&self, o: &mut impl Sink) {
+        for d in &self.cfg.devices {
+            SectionHeader::Full(SectionIdent {
+                section_id: d.section_id,
+                idstr: d.idstr.as_bytes(),
+                instance_id: d.instance_id,
+                version_id: d.version_id,
+            })
+            .encode(o);
+            o.put(&d.data);
+            Item::Footer { section_id: d.section_id }.encode(o);
+        }
+    }
+
+    fn write_precopy_end(&mut self, mem: &impl SourceMemory, o: &mut Counted<'_, impl Sink>, budget: usize) {
+        while o.n < budget {
+            let Some((b, p)) = self.next_page() else {
+                self.eos_footer(o);
+                self.write_devices(o);
+                Item::Eof.encode(o);
+                self.finish_stream();
+                return;
+            };
+            self.send_page(mem, b, p, o);
+        }
+    }
+
+    fn finish_stream(&mut self) {
+        if self.cfg.return_path || self.cfg.postcopy_ram {
+            self.phase = Phase::WaitShut;
+        } else {
+            self.phase = Phase::Idle;
+            self.channel_open = false;
+            self.step(Trigger::Complete);
+        }
+    }
+
+    fn write_postcopy_start(&mut self, o: &mut impl Sink) {
+        self.switchover(o);
+        // SM-DISCARD-DIRTY: every page dirty now (never sent or dirtied since its last send).
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut raw: Vec<u8> = Vec::new();
+        for (b, spec) in self.cfg.blocks.iter().enumerate() {
+            ranges.clear();
+            let mut run: Option<(u64, u64)> = None;
+            for p in self.dirty[b].iter_ones() {
+                run = match run {
+                    Some((s, n)) if s + n == p => Some((s, n + 1)),
+                    Some(r) => {
+                        ranges.push(r);
+                        Some((p, 1))
+                    }
+                    None => Some((p, 1)),
+                };
+            }
+            ranges.extend(run);
+            for chunk in ranges.chunks(12) {
+                raw.clear();
+                let bytes: Vec<(u64, u64)> = chunk.iter().map(|&(s, n)| (s * self.tps, n * self.tps)).collect();
+                encode_ranges(&bytes, &mut raw);
+                if let Some(d) = Discard::new(spec.name.as_bytes(), &raw) {
+                    Command::RamDiscard(d).encode(o);
+                }
+            }
+        }
+        self.last_sent_block = None;
+        self.ping(2, o);
+        let mut blob: Vec<u8> = Vec::new();
+        Command::PostcopyListen.encode(&mut blob);
+        self.write_devices(&mut blob);
+        self.ping(3, &mut blob);
+        Command::PostcopyRun.encode(&mut blob);
+        Command::Packaged { len: blob.len() as u32 }.encode(o);
+        o.put(&blob);
+        self.ping(4, o);
+        self.step(Trigger::Postcopy);
+        self.phase = Phase::Postcopy;
+    }
+
+    fn write_final_end(&mut self, o: &mut impl Sink) {
+        SectionHeader::End { section_id: self.cfg.ram_section_id }.encode(o);
+        self.eos_footer(o);
+        Item::Eof.encode(o);
+        self.finish_stream();
+    }
+}
