@@ -29,6 +29,7 @@ pub mod bitmap;
 pub mod codes;
 pub mod error;
 pub mod limits;
+pub mod multifd;
 pub mod profile;
 pub mod ram;
 pub mod reader;
