@@ -27,15 +27,22 @@ extern crate alloc;
 
 pub mod bitmap;
 pub mod codes;
+pub mod command;
+#[cfg(feature = "vmdesc")]
+pub mod device;
 pub mod error;
+pub mod header;
 pub mod limits;
-pub mod multifd;
 pub mod profile;
 pub mod ram;
 pub mod reader;
 pub mod rp;
 pub mod rule;
+pub mod section;
 pub mod sink;
+pub mod stream;
+#[cfg(feature = "vmdesc")]
+pub mod vmdesc;
 
 pub use error::{Violation, WireError, WireResult};
 pub use profile::{Profile, Version};
