@@ -33,6 +33,7 @@ pub mod device;
 pub mod error;
 pub mod header;
 pub mod limits;
+pub mod multifd;
 pub mod profile;
 pub mod ram;
 pub mod reader;
