@@ -1,5 +1,12 @@
 //! Shared host-side code for qmig-src and qmig-dst.
 
+// host-mem
+pub mod dirty;
+pub mod fill;
+pub mod memory;
+pub mod uffd;
+pub mod workload;
+
 // host-ctl
 pub mod qmp_server;
 pub mod qmp_types;

@@ -1,0 +1,540 @@
+//! Destination-side page placement with userfaultfd (MISSING mode).
+//!
+//! This module owns the destination's view of postcopy memory: [`UffdRam`] registers every block
+//! of a [`GuestRam`] with one userfaultfd in `UFFDIO_REGISTER_MODE_MISSING`, places pages
+//! atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, keeps each block's *received* bitmap (what
+//! `MIG_RP_MSG_RECV_BITMAP` reports on recovery), and runs a fault-reader thread
+//! ([`faults`]) that turns the kernel's page-fault messages into [`Fault`]s on a channel so the
+//! driver can send page requests. [`batch::Batcher`] groups contiguous incoming pages into
+//! large copies and zero runs into ranged zero-fills.
+//!
+//! # Rules
+//!
+//! * **Atomic placement.** A page becomes visible to guest threads only through `UFFDIO_COPY` or
+//!   `UFFDIO_ZEROPAGE`, which fill a missing page in one step and never overwrite a present one.
+//!   A guest thread touching a missing page sleeps in the kernel until then.
+//! * **Batching.** [`UffdRam::place`] takes any page-multiple run and issues one `UFFDIO_COPY`
+//!   per [`PlaceConfig::max_batch`] bytes (64 KiB – 2 MiB calls are markedly cheaper per page
+//!   than 4 KiB calls); [`UffdRam::place_zero`] issues one ranged `UFFDIO_ZEROPAGE`.
+//! * **Partial fills.** The kernel fills a range page by page and stops at the first problem,
+//!   reporting how many bytes it filled (`EAGAIN` with a positive count). Placement continues
+//!   right after the filled prefix; nothing is copied twice.
+//! * **`EEXIST` (page already present).** The page at the head of the range is already mapped.
+//!   In postcopy this happens when the same page arrives twice (background stream and an urgent
+//!   answer to a page request, or a re-send after recovery). After switchover the source VM is
+//!   stopped, so both copies are the same source page; the present page may moreover already
+//!   hold newer guest writes made on the destination, so it must *not* be overwritten. The page
+//!   is counted ([`PlaceStats::already_present`]), skipped, explicitly woken (`UFFDIO_WAKE`, in
+//!   case a waiter queued while it was being filled) and placement continues with the next page.
+//!   It is not an error.
+//! * **`EAGAIN` with no progress** means the address space is changing (the kernel's
+//!   `mmap_changing`, e.g. a concurrent `madvise`/`mremap`). The same call is retried after a
+//!   `yield_now`, up to [`PlaceConfig::max_again`] times in a row, then reported as
+//!   [`UffdError::Busy`].
+//! * **Wake-ups.** Fills are issued without `DONTWAKE`, so the kernel wakes exactly the threads
+//!   waiting on the filled range as part of the same call. Faults that race a fill are
+//!   re-checked by the reader thread against the received bitmap and woken instead of forwarded.
+//! * **Lazy zero pages.** [`UffdRam::mark_zero`] records a zero run as received without mapping
+//!   anything (no ioctl, no memory). If a guest thread later touches such a page, the reader
+//!   thread resolves it itself with `UFFDIO_ZEROPAGE` and never forwards it.
+//! * **Discard.** [`UffdRam::discard`] drops pages with `MADV_DONTNEED` and clears their received
+//!   bits, so they fault again (as `MIG_CMD_POSTCOPY_RAM_DISCARD` requires).
+//! * **Cancel.** [`UffdRam::cancel`] unregisters every block (which wakes every waiter) and
+//!   wakes each range once more; woken threads retry the access and see ordinary zero-fill
+//!   anonymous memory. Placement afterwards fails with [`UffdError::Cancelled`].
+//! * **Fault latency** is measured from the moment the reader thread read the fault message to
+//!   the placement that resolved it ([`UffdRam::take_fault_latencies`]).
+
+pub mod batch;
+pub mod faults;
+pub mod sys;
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::memory::{GuestRam, MemError, PAGE_SIZE};
+use sys::{Fill, UffdFd};
+
+pub use batch::{Batcher, ZeroPolicy};
+pub use faults::Fault;
+
+/// Errors of page placement.
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    /// Block/offset/length rejected by guest memory.
+    #[error(transparent)]
+    Mem(#[from] MemError),
+    /// A userfaultfd operation failed.
+    #[error("{what}: {source}")]
+    Os {
+        /// The operation.
+        what: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The address space kept changing (`EAGAIN` without progress) for too long.
+    #[error("userfaultfd fill kept returning EAGAIN at block {block} offset {offset:#x}")]
+    Busy {
+        /// Block index.
+        block: usize,
+        /// Offset of the page that could not be filled.
+        offset: u64,
+    },
+    /// [`UffdRam::cancel`] was called.
+    #[error("placement cancelled")]
+    Cancelled,
+}
+
+fn os(what: &'static str) -> impl FnOnce(io::Error) -> UffdError {
+    move |source| UffdError::Os { what, source }
+}
+
+/// Placement tuning.
+#[derive(Debug, Clone, Copy)]
+pub struct PlaceConfig {
+    /// Largest single `UFFDIO_COPY`, bytes (page multiple). Default 1 MiB.
+    pub max_batch: usize,
+    /// Consecutive no-progress `EAGAIN`s tolerated before [`UffdError::Busy`]. Default 10 000.
+    pub max_again: u32,
+}
+
+impl Default for PlaceConfig {
+    fn default() -> Self {
+        Self {
+            max_batch: 1 << 20,
+            max_again: 10_000,
+        }
+    }
+}
+
+/// Counters of what placement did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PlaceStats {
+    /// Pages filled by `UFFDIO_COPY`.
+    pub copied_pages: u64,
+    /// `UFFDIO_COPY` calls.
+    pub copy_calls: u64,
+    /// Pages filled by `UFFDIO_ZEROPAGE`.
+    pub zero_pages: u64,
+    /// `UFFDIO_ZEROPAGE` calls.
+    pub zero_calls: u64,
+    /// Pages skipped because already present (`EEXIST`).
+    pub already_present: u64,
+    /// No-progress `EAGAIN` retries.
+    pub again_retries: u64,
+    /// Pages recorded as lazy zero (nothing mapped).
+    pub lazy_zero_pages: u64,
+    /// Faults resolved by the reader thread itself (lazy zero or already received).
+    pub faults_resolved_locally: u64,
+    /// Faults forwarded to the driver.
+    pub faults_forwarded: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    copied_pages: AtomicU64,
+    copy_calls: AtomicU64,
+    zero_pages: AtomicU64,
+    zero_calls: AtomicU64,
+    already_present: AtomicU64,
+    again_retries: AtomicU64,
+    lazy_zero_pages: AtomicU64,
+    faults_resolved_locally: AtomicU64,
+    faults_forwarded: AtomicU64,
+}
+
+/// An atomic page bitmap (one bit per page of a block).
+struct AtomicBits(Vec<AtomicU64>);
+
+impl AtomicBits {
+    fn new(pages: u64) -> Self {
+        Self((0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect())
+    }
+    fn set_range(&self, first: u64, n: u64, on: bool) {
+        for p in first..first + n {
+            let bit = 1u64 << (p % 64);
+            let w = &self.0[(p / 64) as usize];
+            if on {
+                w.fetch_or(bit, Ordering::SeqCst);
+            } else {
+                w.fetch_and(!bit, Ordering::SeqCst);
+            }
+        }
+    }
+    fn test(&self, p: u64) -> bool {
+        self.0[(p / 64) as usize].load(Ordering::SeqCst) & (1 << (p % 64)) != 0
+    }
+    fn words(&self) -> Vec<u64> {
+        self.0.iter().map(|w| w.load(Ordering::SeqCst)).collect()
+    }
+}
+
+struct BlockState {
+    received: AtomicBits,
+    lazy_zero: AtomicBits,
+}
+
+/// State shared by the driver side and the fault-reader thread.
+pub(crate) struct Shared {
+    ram: Arc<GuestRam>,
+    fd: UffdFd,
+    blocks: Vec<BlockState>,
+    /// Faults forwarded and not yet resolved: (block, page) -> when the fault was read.
+    pending: Mutex<HashMap<(usize, u64), Instant>>,
+    pending_count: AtomicUsize,
+    latencies: Mutex<Vec<Duration>>,
+    counters: Counters,
+    cancelled: AtomicBool,
+    cfg: PlaceConfig,
+}
+
+impl Shared {
+    fn base(&self, block: usize, offset: u64) -> *mut u8 {
+        // Callers checked `offset` against the block.
+        self.ram.blocks()[block]
+            .as_ptr()
+            .wrapping_add(offset as usize)
+    }
+
+    /// Resolves pending faults on pages `[first, first+n)` of `block`: records their latency.
+    fn resolve_pending(&self, block: usize, first: u64, n: u64) {
+        if self.pending_count.load(Ordering::SeqCst) == 0 {
+            return;
+        }
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        self.resolve_locked(&mut pending, block, first, n);
+    }
+
+    fn resolve_locked(
+        &self,
+        pending: &mut HashMap<(usize, u64), Instant>,
+        block: usize,
+        first: u64,
+        n: u64,
+    ) {
+        let now = Instant::now();
+        let mut done = Vec::new();
+        if n as usize <= pending.len() {
+            for p in first..first + n {
+                if let Some(at) = pending.remove(&(block, p)) {
+                    done.push(now.duration_since(at));
+                }
+            }
+        } else {
+            pending.retain(|&(b, p), at| {
+                let hit = b == block && p >= first && p < first + n;
+                if hit {
+                    done.push(now.duration_since(*at));
+                }
+                !hit
+            });
+        }
+        if !done.is_empty() {
+            self.pending_count.store(pending.len(), Ordering::SeqCst);
+            self.latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .extend(done);
+        }
+    }
+
+    /// One ranged fill (copy when `src` is some, else zeropage) with the partial/EEXIST/EAGAIN
+    /// rules of the module doc. Marks filled and already-present pages received.
+    fn fill(
+        &self,
+        block: usize,
+        offset: u64,
+        len: usize,
+        src: Option<&[u8]>,
+    ) -> Result<(), UffdError> {
+        let (mut done, mut again) = (0usize, 0u32);
+        while done < len {
+            if self.cancelled.load(Ordering::SeqCst) {
+                return Err(UffdError::Cancelled);
+            }
+            let dst = self.base(block, offset + done as u64);
+            let n = len - done;
+            let res = match src {
+                Some(s) => {
+                    self.counters.copy_calls.fetch_add(1, Ordering::Relaxed);
+                    // SAFETY: `s[done..]` is a live slice of at least `n` bytes; `dst..dst+n` is
+                    // inside a registered block (the caller checked offset and length).
+                    unsafe { self.fd.copy(dst, s[done..].as_ptr(), n, true) }
+                        .map_err(os("UFFDIO_COPY"))?
+                }
+                None => {
+                    self.counters.zero_calls.fetch_add(1, Ordering::Relaxed);
+                    self.fd
+                        .zeropage(dst, n, true)
+                        .map_err(os("UFFDIO_ZEROPAGE"))?
+                }
+            };
+            let filled = match res {
+                Fill::Done => n,
+                Fill::Partial(k) => k as usize,
+                Fill::Exists => {
+                    self.counters
+                        .already_present
+                        .fetch_add(1, Ordering::Relaxed);
+                    // A waiter may have queued on this page while another fill mapped it.
+                    self.fd.wake(dst, PAGE_SIZE).map_err(os("UFFDIO_WAKE"))?;
+                    self.mark_received(block, offset + done as u64, PAGE_SIZE as u64);
+                    done += PAGE_SIZE;
+                    again = 0;
+                    continue;
+                }
+                Fill::Again => {
+                    self.counters.again_retries.fetch_add(1, Ordering::Relaxed);
+                    again += 1;
+                    if again > self.cfg.max_again {
+                        return Err(UffdError::Busy {
+                            block,
+                            offset: offset + done as u64,
+                        });
+                    }
+                    std::thread::yield_now();
+                    continue;
+                }
+            };
+            let pages = (filled / PAGE_SIZE) as u64;
+            let ctr = if src.is_some() {
+                &self.counters.copied_pages
+            } else {
+                &self.counters.zero_pages
+            };
+            ctr.fetch_add(pages, Ordering::Relaxed);
+            self.mark_received(block, offset + done as u64, filled as u64);
+            done += filled;
+            again = 0;
+        }
+        Ok(())
+    }
+
+    fn mark_received(&self, block: usize, offset: u64, len: u64) {
+        let first = offset / PAGE_SIZE as u64;
+        let n = len / PAGE_SIZE as u64;
+        let st = &self.blocks[block];
+        st.lazy_zero.set_range(first, n, false);
+        st.received.set_range(first, n, true);
+        self.resolve_pending(block, first, n);
+    }
+}
+
+/// A [`GuestRam`] whose blocks are registered with userfaultfd for postcopy placement.
+pub struct UffdRam {
+    shared: Arc<Shared>,
+    reader: Option<faults::ReaderHandle>,
+}
+
+impl UffdRam {
+    /// Registers every block of `ram` in MISSING mode and starts the fault-reader thread.
+    /// Returns the placement handle and the channel on which faults arrive.
+    pub fn register(
+        ram: Arc<GuestRam>,
+        cfg: PlaceConfig,
+    ) -> Result<(Self, Receiver<Fault>), UffdError> {
+        let fd = UffdFd::open(0).map_err(os("userfaultfd open/UFFDIO_API"))?;
+        for b in ram.blocks() {
+            fd.register(b.as_ptr(), b.len() as usize, sys::mode::MISSING)
+                .map_err(os("UFFDIO_REGISTER missing"))?;
+        }
+        let blocks = ram
+            .blocks()
+            .iter()
+            .map(|b| BlockState {
+                received: AtomicBits::new(b.pages()),
+                lazy_zero: AtomicBits::new(b.pages()),
+            })
+            .collect();
+        let shared = Arc::new(Shared {
+            ram,
+            fd,
+            blocks,
+            pending: Mutex::new(HashMap::new()),
+            pending_count: AtomicUsize::new(0),
+            latencies: Mutex::new(Vec::new()),
+            counters: Counters::default(),
+            cancelled: AtomicBool::new(false),
+            cfg,
+        });
+        let (reader, rx) = faults::spawn(shared.clone()).map_err(os("start fault reader"))?;
+        Ok((
+            Self {
+                shared,
+                reader: Some(reader),
+            },
+            rx,
+        ))
+    }
+
+    /// The guest memory being filled.
+    pub fn ram(&self) -> &Arc<GuestRam> {
+        &self.shared.ram
+    }
+
+    fn check(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        if self.shared.cancelled.load(Ordering::SeqCst) {
+            return Err(UffdError::Cancelled);
+        }
+        self.shared.ram.block(block)?.check_pages(offset, len)?;
+        Ok(())
+    }
+
+    /// Places `data` (a page-multiple run) at page-aligned `offset` of `block`, in copies of at
+    /// most [`PlaceConfig::max_batch`] bytes, waking any thread waiting on those pages.
+    pub fn place(&self, block: usize, offset: u64, data: &[u8]) -> Result<(), UffdError> {
+        self.check(block, offset, data.len() as u64)?;
+        let step = self.shared.cfg.max_batch.max(PAGE_SIZE) / PAGE_SIZE * PAGE_SIZE;
+        for (i, chunk) in data.chunks(step).enumerate() {
+            let at = offset + (i * step) as u64;
+            self.shared.fill(block, at, chunk.len(), Some(chunk))?;
+        }
+        Ok(())
+    }
+
+    /// Maps zero pages over `[offset, offset+len)` with one ranged `UFFDIO_ZEROPAGE`.
+    pub fn place_zero(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        self.check(block, offset, len)?;
+        self.shared.fill(block, offset, len as usize, None)
+    }
+
+    /// Records `[offset, offset+len)` as received zero pages without mapping anything; a later
+    /// touch is resolved by the fault-reader thread with `UFFDIO_ZEROPAGE`. Pages a thread is
+    /// already waiting on are zero-filled now.
+    pub fn mark_zero(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        self.check(block, offset, len)?;
+        let sh = &self.shared;
+        let (first, n) = (offset / PAGE_SIZE as u64, len / PAGE_SIZE as u64);
+        let waited: Vec<u64> = {
+            // Under the pending lock so the reader either sees the lazy bit or has already
+            // queued its fault (which is then resolved below).
+            let pending = sh.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let st = &sh.blocks[block];
+            st.lazy_zero.set_range(first, n, true);
+            st.received.set_range(first, n, true);
+            (first..first + n)
+                .filter(|p| pending.contains_key(&(block, *p)))
+                .collect()
+        };
+        sh.counters.lazy_zero_pages.fetch_add(n, Ordering::Relaxed);
+        for p in waited {
+            sh.fill(block, p * PAGE_SIZE as u64, PAGE_SIZE, None)?;
+        }
+        Ok(())
+    }
+
+    /// Drops `[offset, offset+len)` (`MADV_DONTNEED`) and clears its received bits: the pages
+    /// fault again on next touch.
+    pub fn discard(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        self.check(block, offset, len)?;
+        let st = &self.shared.blocks[block];
+        let (first, n) = (offset / PAGE_SIZE as u64, len / PAGE_SIZE as u64);
+        st.received.set_range(first, n, false);
+        st.lazy_zero.set_range(first, n, false);
+        self.shared.ram.block(block)?.discard(offset, len)?;
+        Ok(())
+    }
+
+    /// Whether the page at `offset` of `block` has been received (placed or lazily zero).
+    pub fn is_received(&self, block: usize, offset: u64) -> bool {
+        self.shared
+            .blocks
+            .get(block)
+            .map(|st| {
+                let p = offset / PAGE_SIZE as u64;
+                p < self.shared.ram.blocks()[block].pages() && st.received.test(p)
+            })
+            .unwrap_or(false)
+    }
+
+    /// The received bitmap of `block` as 64-bit words, bit `i` of word `w` = page `64*w + i`
+    /// (the layout of `MIG_RP_MSG_RECV_BITMAP` before its little-endian encoding).
+    pub fn received_words(&self, block: usize) -> Result<Vec<u64>, UffdError> {
+        self.shared.ram.block(block)?;
+        Ok(self.shared.blocks[block].received.words())
+    }
+
+    /// Number of pages of `block` not received yet.
+    pub fn missing_pages(&self, block: usize) -> Result<u64, UffdError> {
+        let b = self.shared.ram.block(block)?;
+        let got: u64 = self
+            .received_words(block)?
+            .iter()
+            .map(|w| w.count_ones() as u64)
+            .sum();
+        Ok(b.pages() - got)
+    }
+
+    /// Unblocks every waiter for good: unregisters all blocks (waking their waiters), wakes
+    /// each range once more, and makes further placement fail with [`UffdError::Cancelled`].
+    pub fn cancel(&self) -> Result<(), UffdError> {
+        self.shared.cancelled.store(true, Ordering::SeqCst);
+        self.unregister_all()
+    }
+
+    /// Ends postcopy normally (every page placed): unregisters all blocks so memory behaves as
+    /// ordinary anonymous memory again.
+    pub fn finish(&self) -> Result<(), UffdError> {
+        self.unregister_all()
+    }
+
+    fn unregister_all(&self) -> Result<(), UffdError> {
+        for b in self.shared.ram.blocks() {
+            let (p, l) = (b.as_ptr(), b.len() as usize);
+            self.shared
+                .fd
+                .unregister(p, l)
+                .map_err(os("UFFDIO_UNREGISTER"))?;
+            self.shared.fd.wake(p, l).map_err(os("UFFDIO_WAKE"))?;
+        }
+        Ok(())
+    }
+
+    /// Drains the fault latencies measured so far (fault read → resolving placement).
+    pub fn take_fault_latencies(&self) -> Vec<Duration> {
+        std::mem::take(
+            &mut *self
+                .shared
+                .latencies
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
+    }
+
+    /// Number of forwarded faults not yet resolved by a placement.
+    pub fn pending_faults(&self) -> usize {
+        self.shared.pending_count.load(Ordering::SeqCst)
+    }
+
+    /// Placement counters.
+    pub fn stats(&self) -> PlaceStats {
+        let c = &self.shared.counters;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        PlaceStats {
+            copied_pages: l(&c.copied_pages),
+            copy_calls: l(&c.copy_calls),
+            zero_pages: l(&c.zero_pages),
+            zero_calls: l(&c.zero_calls),
+            already_present: l(&c.already_present),
+            again_retries: l(&c.again_retries),
+            lazy_zero_pages: l(&c.lazy_zero_pages),
+            faults_resolved_locally: l(&c.faults_resolved_locally),
+            faults_forwarded: l(&c.faults_forwarded),
+        }
+    }
+}
+
+impl Drop for UffdRam {
+    fn drop(&mut self) {
+        if let Some(r) = self.reader.take() {
+            r.stop();
+        }
+        // Leave no thread stuck on a page that will never come.
+        let _ = self.unregister_all();
+    }
+}

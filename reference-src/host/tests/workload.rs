@@ -1,0 +1,150 @@
+//! The workload against real kernel mechanisms: its writes are seen by dirty tracking (judged by
+//! diffing memory snapshots, not by asking the workload), and its reads on a postcopy
+//! destination are the fault path.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use qmig_host::dirty::{Choice, DirtyTracker};
+use qmig_host::fill::{diff_pages, fill, page_content, Content};
+use qmig_host::memory::{GuestRam, MapOptions, PAGE_SIZE};
+use qmig_host::uffd::{PlaceConfig, UffdRam};
+use qmig_host::workload::{Access, Pattern, Rate, Workload, WorkloadConfig};
+
+const P: u64 = PAGE_SIZE as u64;
+const GUARD: Duration = Duration::from_secs(30);
+
+fn source_ram(pages: u64) -> Arc<GuestRam> {
+    let ram = Arc::new(GuestRam::new(&[("pc.ram", pages * P)], MapOptions::default()).unwrap());
+    fill(&ram.blocks()[0], Content::Random { seed: 11 }).unwrap();
+    ram
+}
+
+#[test]
+fn tracker_sees_every_page_the_workload_wrote() {
+    let ram = source_ram(2048);
+    let mut t = DirtyTracker::start(ram.clone(), Choice::Auto).expect("a dirty mechanism");
+    let before = ram.blocks()[0].snapshot();
+    let mut w = Workload::start(
+        ram.clone(),
+        WorkloadConfig {
+            threads: 2,
+            pages: 1024,
+            first_page: 512,
+            seed: 5,
+            max_ops_per_thread: Some(3000),
+            ..Default::default()
+        },
+    );
+    let stats = w.join();
+    assert_eq!(stats.writes, 6000);
+    let after = ram.blocks()[0].snapshot();
+    let changed = diff_pages(&before, &after);
+    assert!(
+        changed.len() > 500,
+        "workload changed {} pages",
+        changed.len()
+    );
+    let seen: BTreeSet<u64> = t.sync().unwrap()[0].iter_ones().collect();
+    let missed: Vec<u64> = changed
+        .iter()
+        .copied()
+        .filter(|p| !seen.contains(p))
+        .collect();
+    assert!(missed.is_empty(), "changed but not reported: {missed:?}");
+    assert!(
+        seen.iter().all(|&p| (512..1536).contains(&p)),
+        "reported outside working set"
+    );
+}
+
+#[test]
+fn syncs_racing_the_workload_lose_nothing() {
+    let ram = source_ram(4096);
+    let mut t = DirtyTracker::start(ram.clone(), Choice::Auto).expect("a dirty mechanism");
+    if !t.mechanism().atomic() {
+        eprintln!(
+            "SKIP: {} read-and-clear is not atomic; racing syncs may lose writes",
+            t.mechanism().name()
+        );
+        return;
+    }
+    let before = ram.blocks()[0].snapshot();
+    let w = Workload::start(
+        ram.clone(),
+        WorkloadConfig {
+            threads: 2,
+            seed: 9,
+            pattern: Pattern::Random,
+            ..Default::default()
+        },
+    );
+    let mut union = BTreeSet::new();
+    // Sync while the writers run until they have done a good amount of work (progress-driven,
+    // not time-driven), then stop them and take the final sync.
+    let mut rounds = 0;
+    while w.ops() < 200_000 || rounds < 20 {
+        union.extend(t.sync().unwrap()[0].iter_ones());
+        rounds += 1;
+        assert!(rounds < 1_000_000, "workload made no progress");
+    }
+    let stats = w.stop();
+    union.extend(t.sync().unwrap()[0].iter_ones());
+    let changed = diff_pages(&before, &ram.blocks()[0].snapshot());
+    assert!(stats.writes >= 200_000);
+    assert!(changed.len() > 1000);
+    let missed: Vec<u64> = changed
+        .iter()
+        .copied()
+        .filter(|p| !union.contains(p))
+        .collect();
+    assert!(
+        missed.is_empty(),
+        "{} changed pages never reported: {:?}",
+        missed.len(),
+        &missed[..missed.len().min(10)]
+    );
+}
+
+#[test]
+fn destination_reads_fault_and_are_served_by_placement() {
+    let pages = 256;
+    let ram = Arc::new(GuestRam::new(&[("pc.ram", pages * P)], MapOptions::default()).unwrap());
+    let (u, faults) = UffdRam::register(ram.clone(), PlaceConfig::default()).unwrap();
+    let content = Content::Pattern { seed: 77 };
+    let mut w = Workload::start(
+        ram.clone(),
+        WorkloadConfig {
+            threads: 2,
+            access: Access::ReadWrite,
+            pattern: Pattern::Sequential,
+            rate: Rate::Unlimited,
+            seed: 3,
+            max_ops_per_thread: Some(pages / 2),
+            ..Default::default()
+        },
+    );
+    // Act as the source: answer every fault with the page's content, until all pages are in.
+    let mut page = [0u8; PAGE_SIZE];
+    while u.missing_pages(0).unwrap() > 0 {
+        let f = faults
+            .recv_timeout(GUARD)
+            .expect("a fault while pages are missing");
+        page_content(content, f.offset / P, &mut page);
+        u.place(f.block, f.offset, &page).unwrap();
+    }
+    let stats = w.join();
+    assert_eq!((stats.reads, stats.writes), (pages, pages));
+    let s = u.stats();
+    assert_eq!(s.faults_forwarded, pages, "each page faulted once");
+    assert_eq!(s.copied_pages, pages);
+    assert_eq!(u.take_fault_latencies().len() as u64, pages);
+    // Each page was read before its single write, so its first word came from the source.
+    let mut expect_xor = 0u64;
+    for p in 0..pages {
+        page_content(content, p, &mut page);
+        expect_xor ^= u64::from_le_bytes(page[..8].try_into().unwrap());
+    }
+    assert_eq!(stats.read_xor, expect_xor);
+}
