@@ -32,6 +32,7 @@ pub mod command;
 pub mod device;
 pub mod error;
 pub mod header;
+pub mod hostpage;
 pub mod limits;
 pub mod multifd;
 pub mod profile;
