@@ -27,11 +27,9 @@ pub const DEFAULT_DROP_DETECT: Duration = Duration::from_secs(2);
 pub struct TransportConfig {
     /// Set `TCP_NODELAY` (default on).
     pub nodelay: bool,
-    /// Detect a peer that vanished without a FIN or RST within this bound: unacknowledged data
-    /// fails after `TCP_USER_TIMEOUT` = bound, an idle connection after keepalive probes that
-    /// also fit in the bound. `None` leaves the kernel defaults (minutes to hours).
-    /// Keepalive works in whole seconds, so bounds under 2 s are rounded up to 2 s for idle
-    /// connections.
+    /// Detect a peer that vanished without a FIN or RST (cable pulled, host gone, packets
+    /// silently dropped) within this bound: see [`DropDetect`]. `None` leaves the kernel defaults
+    /// (minutes to hours).
     pub drop_detect: Option<Duration>,
 }
 
@@ -44,17 +42,43 @@ impl Default for TransportConfig {
     }
 }
 
-/// Keepalive settings derived from a detection bound: `(idle, interval, count)` with
-/// `idle + interval * count <= max(bound, 2 s)`.
-pub fn keepalive_for(bound: Duration) -> (Duration, Duration, u32) {
-    let secs = bound.as_secs().max(2);
-    let idle = secs / 2;
-    let count = (secs - idle).max(1);
-    (
-        Duration::from_secs(idle),
-        Duration::from_secs(1),
-        count as u32,
-    )
+/// The socket options that detect a silently dropped peer within a bound `B`:
+///
+/// * `TCP_USER_TIMEOUT` = `B - 500 ms` (at least 500 ms): with data in flight, the connection
+///   fails once nothing has been acknowledged for that long (the kernel clamps its
+///   retransmission timer to it);
+/// * keepalive after 1 s idle, probes every 1 s: an idle connection sends a probe at most 1 s
+///   after the last packet it received, and the next keepalive tick (1 s later) finds the user
+///   timeout passed and fails the connection, so at most `max(B, 2 s)` after the peer went
+///   silent. The keepalive count is ignored by the kernel once a user timeout is set; it is set to
+///   `B` in seconds for kernels that ignore the user timeout for keepalive.
+///
+/// Blocked reads and writes then fail with `ETIMEDOUT` (`ErrorKind::TimedOut`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DropDetect {
+    /// `TCP_KEEPIDLE`.
+    pub keepidle: Duration,
+    /// `TCP_KEEPINTVL`.
+    pub keepintvl: Duration,
+    /// `TCP_KEEPCNT`.
+    pub keepcnt: u32,
+    /// `TCP_USER_TIMEOUT`, milliseconds.
+    pub user_timeout_ms: u32,
+}
+
+impl DropDetect {
+    /// The options for bound `bound`.
+    pub fn for_bound(bound: Duration) -> Self {
+        let ms = u32::try_from(bound.as_millis()).unwrap_or(u32::MAX);
+        Self {
+            keepidle: Duration::from_secs(1),
+            keepintvl: Duration::from_secs(1),
+            keepcnt: u32::try_from(bound.as_secs())
+                .unwrap_or(u32::MAX)
+                .clamp(1, 127),
+            user_timeout_ms: ms.saturating_sub(500).max(500),
+        }
+    }
 }
 
 /// Applies `cfg` to a TCP socket.
@@ -64,13 +88,12 @@ pub fn configure_tcp(stream: &TcpStream, cfg: &TransportConfig) -> io::Result<()
         sockopt::set_tcp_nodelay(stream, true)?;
     }
     if let Some(bound) = cfg.drop_detect {
-        let (idle, intvl, cnt) = keepalive_for(bound);
+        let d = DropDetect::for_bound(bound);
         sockopt::set_socket_keepalive(stream, true)?;
-        sockopt::set_tcp_keepidle(stream, idle)?;
-        sockopt::set_tcp_keepintvl(stream, intvl)?;
-        sockopt::set_tcp_keepcnt(stream, cnt)?;
-        let ms = u32::try_from(bound.as_millis()).unwrap_or(u32::MAX).max(1);
-        sockopt::set_tcp_user_timeout(stream, ms)?;
+        sockopt::set_tcp_keepidle(stream, d.keepidle)?;
+        sockopt::set_tcp_keepintvl(stream, d.keepintvl)?;
+        sockopt::set_tcp_keepcnt(stream, d.keepcnt)?;
+        sockopt::set_tcp_user_timeout(stream, d.user_timeout_ms)?;
     }
     Ok(())
 }
