@@ -322,7 +322,9 @@ fn pump(idx: usize, dir: Dir, mut from: TcpStream, mut to: TcpStream, sh: Arc<Sh
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         let n = from.read(&mut buf).unwrap_or(0);
-        // Decide how much of this chunk may be delivered.
+        // Decide, under the lock, how much of this chunk is delivered, and
+        // record it before writing: an armed cut or a byte count read
+        // meanwhile then sees every byte handed to the receiver's socket.
         let (deliver, cut_after) = {
             let mut st = sh.lock();
             let c = &mut st.conns[idx];
@@ -335,7 +337,7 @@ fn pump(idx: usize, dir: Dir, mut from: TcpStream, mut to: TcpStream, sh: Arc<Sh
                 sh.cv.notify_all();
                 return;
             }
-            match (dir, c.cut_at) {
+            let (deliver, cut_after) = match (dir, c.cut_at) {
                 (Dir::SrcToDst, Some(off)) => {
                     let room = off.saturating_sub(c.rec.s2d.bytes.len() as u64) as usize;
                     if room <= n {
@@ -345,21 +347,36 @@ fn pump(idx: usize, dir: Dir, mut from: TcpStream, mut to: TcpStream, sh: Arc<Sh
                     }
                 }
                 _ => (n, None),
-            }
+            };
+            let f = c.rec.flow(dir);
+            f.bytes.extend_from_slice(&buf[..deliver]);
+            f.dropped += (n - deliver) as u64;
+            sh.cv.notify_all();
+            (deliver, cut_after)
         };
-        let ok = to.write_all(&buf[..deliver]).is_ok();
+        let mut written = 0;
+        while written < deliver {
+            match to.write(&buf[written..deliver]) {
+                Ok(0) => break,
+                Ok(k) => written += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
+        }
         let mut st = sh.lock();
         let c = &mut st.conns[idx];
-        if ok {
-            c.rec.flow(dir).bytes.extend_from_slice(&buf[..deliver]);
-            c.rec.flow(dir).dropped += (n - deliver) as u64;
-        } else {
-            c.rec.flow(dir).dropped += n as u64;
+        let lost = deliver - written;
+        if lost > 0 {
+            // Only this thread appends to this flow: the tail is ours.
+            let f = c.rec.flow(dir);
+            let keep = f.bytes.len() - lost;
+            f.bytes.truncate(keep);
+            f.dropped += lost as u64;
         }
-        if let Some(off) = cut_after {
+        if let (Some(off), 0) = (cut_after, lost) {
             c.cut(format!("src2dst reached byte offset {off}"));
         }
-        let done = !ok || c.rec.cut;
+        let done = lost > 0 || c.rec.cut;
         if done {
             c.rec.flow(dir).eof = true;
         }
