@@ -350,6 +350,9 @@ command!(
     /// `migrate_cancel`: cancel the outgoing migration.
     MigrateCancel, "migrate_cancel", Empty, Empty);
 command!(
+    /// `migrate-continue`: leave `pre-switchover` (with the `pause-before-switchover` capability).
+    MigrateContinue, "migrate-continue", MigrateContinueArgs, Empty);
+command!(
     /// `migrate-start-postcopy`: switch to postcopy at the next iteration.
     MigrateStartPostcopy, "migrate-start-postcopy", Empty, Empty);
 command!(
@@ -428,6 +431,14 @@ pub struct MigrateIncomingArgs {
 pub struct MigrateRecoverArgs {
     /// URI to listen on for the recovery channel.
     pub uri: String,
+}
+
+/// Arguments of `migrate-continue`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateContinueArgs {
+    /// The state being left (`pre-switchover`).
+    pub state: MigrationStatus,
 }
 
 /// One `{capability, state}` pair.
