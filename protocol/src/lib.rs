@@ -34,6 +34,8 @@ pub mod error;
 pub mod header;
 pub mod hostpage;
 pub mod limits;
+#[cfg(feature = "alloc")]
+pub mod machine;
 pub mod multifd;
 pub mod profile;
 pub mod ram;

@@ -23,7 +23,9 @@ use alloc::vec::Vec;
 use super::control::{Control, ControlError};
 use super::events::{ChannelKind, Event, Instant};
 use super::memory::{GuestMemory, RamBlockSpec};
-use super::status::{next_status, IllegalTransition, MigrationStatus, Trigger, DESTINATION_TRANSITIONS};
+use super::status::{
+    next_status, IllegalTransition, MigrationStatus, Trigger, DESTINATION_TRANSITIONS,
+};
 use crate::bitmap::PageBitmap;
 use crate::command::Command;
 use crate::error::{Violation, WireError};
@@ -58,7 +60,12 @@ pub struct DestinationConfig {
 
 impl DestinationConfig {
     /// A configuration with default limits, no timeout and no VM description.
-    pub fn new(profile: Profile, machine: &str, blocks: Vec<RamBlockSpec>, postcopy_ram: bool) -> Self {
+    pub fn new(
+        profile: Profile,
+        machine: &str,
+        blocks: Vec<RamBlockSpec>,
+        postcopy_ram: bool,
+    ) -> Self {
         DestinationConfig {
             profile,
             limits: Limits::DEFAULT,
@@ -170,7 +177,10 @@ impl Destination {
     pub fn new(cfg: DestinationConfig) -> Result<Self, ConfigError> {
         let tps = cfg.profile.target_page_size as u64;
         for (i, b) in cfg.blocks.iter().enumerate() {
-            if b.name.is_empty() || b.name.len() > 255 || cfg.blocks[..i].iter().any(|o| o.name == b.name) {
+            if b.name.is_empty()
+                || b.name.len() > 255
+                || cfg.blocks[..i].iter().any(|o| o.name == b.name)
+            {
                 return Err(ConfigError::BlockName(b.name.clone()));
             }
             if b.len == 0 || b.len % tps != 0 || b.len > cfg.limits.max_block_bytes {
@@ -180,7 +190,11 @@ impl Destination {
                 return Err(ConfigError::HostPageSize(b.name.clone()));
             }
         }
-        let received = cfg.blocks.iter().map(|b| PageBitmap::new(b.pages(tps))).collect();
+        let received = cfg
+            .blocks
+            .iter()
+            .map(|b| PageBitmap::new(b.pages(tps)))
+            .collect();
         Ok(Destination {
             tps,
             status: MigrationStatus::None,
@@ -281,7 +295,10 @@ impl Destination {
             }
             MigrationStatus::PostcopyPaused if self.recover_armed => {
                 let Some(old) = self.decoder.as_ref() else {
-                    return Err(ControlError::WrongStatus { control: Control::Recover, status: self.status });
+                    return Err(ControlError::WrongStatus {
+                        control: Control::Recover,
+                        status: self.status,
+                    });
                 };
                 // SM-RECOVER-NO-HEADER: the recovery channel continues the stream.
                 self.decoder = Some(old.resume_from());
@@ -294,7 +311,10 @@ impl Destination {
                 self.step(Trigger::ChannelOpened).ok();
                 Ok(())
             }
-            status => Err(ControlError::WrongStatus { control: Control::Recover, status }),
+            status => Err(ControlError::WrongStatus {
+                control: Control::Recover,
+                status,
+            }),
         }
     }
 
@@ -326,10 +346,14 @@ impl Destination {
     /// Checks the silence bound: a channel silent for longer than the configured timeout is
     /// handled as lost (SM-TIMEOUT).
     pub fn handle_timeout(&mut self, now: Instant) {
-        let Some(limit) = self.cfg.silence_timeout else { return };
+        let Some(limit) = self.cfg.silence_timeout else {
+            return;
+        };
         if self.channel_open && !self.status.is_final() && now.since(self.last_activity) > limit {
             self.channel_open = false;
-            self.events.push_back(Event::ChannelLost { rule: Rule::SmTimeout });
+            self.events.push_back(Event::ChannelLost {
+                rule: Rule::SmTimeout,
+            });
             let rule = self.loss_rule();
             self.interrupt(rule);
         }
@@ -371,7 +395,12 @@ impl Destination {
     }
 
     fn step(&mut self, trigger: Trigger) -> Result<MigrationStatus, IllegalTransition> {
-        let to = next_status(DESTINATION_TRANSITIONS, self.cfg.profile.version, self.status, trigger)?;
+        let to = next_status(
+            DESTINATION_TRANSITIONS,
+            self.cfg.profile.version,
+            self.status,
+            trigger,
+        )?;
         let from = self.status;
         self.status = to;
         self.events.push_back(Event::Status { from, to });
@@ -381,7 +410,10 @@ impl Destination {
     /// An operator command: [`Control::Recover`], [`Control::Pause`] or [`Control::Cancel`].
     pub fn handle_control(&mut self, now: Instant, control: Control) -> Result<(), ControlError> {
         self.last_activity = now;
-        let refuse = ControlError::WrongStatus { control, status: self.status };
+        let refuse = ControlError::WrongStatus {
+            control,
+            status: self.status,
+        };
         match control {
             Control::Recover => {
                 if self.status != MigrationStatus::PostcopyPaused {
@@ -416,7 +448,9 @@ impl Destination {
     /// A guest access to a missing page at `offset` of `block`: request it on the return path
     /// unless it is present or already requested.
     pub fn handle_fault(&mut self, block: usize, offset: u64) -> FaultOutcome {
-        let Some(spec) = self.cfg.blocks.get(block) else { return FaultOutcome::OutOfRange };
+        let Some(spec) = self.cfg.blocks.get(block) else {
+            return FaultOutcome::OutOfRange;
+        };
         if offset >= spec.len {
             return FaultOutcome::OutOfRange;
         }
@@ -441,7 +475,10 @@ impl Destination {
     }
 
     fn can_request(&self) -> bool {
-        self.status == MigrationStatus::PostcopyActive && self.channel_open && self.rp_open && self.pc >= Pc::Listening
+        self.status == MigrationStatus::PostcopyActive
+            && self.channel_open
+            && self.rp_open
+            && self.pc >= Pc::Listening
     }
 
     fn send_request(&mut self, block: usize, page: u64) {
@@ -452,18 +489,35 @@ impl Destination {
             RpMessage::ReqPages { start, len }
         } else {
             self.last_req_block = Some(block);
-            RpMessage::ReqPagesId { start, len, name: self.cfg.blocks[block].name.as_bytes() }
+            RpMessage::ReqPagesId {
+                start,
+                len,
+                name: self.cfg.blocks[block].name.as_bytes(),
+            }
         };
         msg.encode(&mut self.rp_out);
-        self.events.push_back(Event::PageRequested { block, offset: start });
+        self.events.push_back(Event::PageRequested {
+            block,
+            offset: start,
+        });
     }
 
     /// Consumes bytes of the current channel, starting at its first unconsumed byte. Returns how
     /// many were consumed (whole items; keep the rest and call again with more), or the
     /// violation that stopped the channel (the status has then changed to failed or paused, and
     /// the channel must be closed).
-    pub fn handle_stream(&mut self, now: Instant, input: &[u8], mem: &mut impl GuestMemory) -> Result<usize, Violation> {
-        if !self.channel_open || matches!(self.status, MigrationStatus::Failed | MigrationStatus::Cancelled) {
+    pub fn handle_stream(
+        &mut self,
+        now: Instant,
+        input: &[u8],
+        mem: &mut impl GuestMemory,
+    ) -> Result<usize, Violation> {
+        if !self.channel_open
+            || matches!(
+                self.status,
+                MigrationStatus::Failed | MigrationStatus::Cancelled
+            )
+        {
             return Ok(0);
         }
         if !input.is_empty() {
@@ -472,8 +526,13 @@ impl Destination {
         let placed_before = self.pages_placed;
         let mut pos = 0usize;
         let result = loop {
-            let Some(dec) = self.decoder.as_mut() else { break Ok(pos) };
-            if matches!(self.status, MigrationStatus::Cancelled | MigrationStatus::Failed) {
+            let Some(dec) = self.decoder.as_mut() else {
+                break Ok(pos);
+            };
+            if matches!(
+                self.status,
+                MigrationStatus::Cancelled | MigrationStatus::Failed
+            ) {
                 break Ok(pos);
             }
             let at = dec.offset();
@@ -499,7 +558,10 @@ impl Destination {
                     Stop::Peer(v) => (ChannelKind::Main, v),
                     Stop::Local(v) => (ChannelKind::Local, v),
                 };
-                self.events.push_back(Event::Error { channel, violation: v });
+                self.events.push_back(Event::Error {
+                    channel,
+                    violation: v,
+                });
                 let rule = self.loss_rule();
                 self.interrupt(rule);
                 Err(v)
@@ -513,7 +575,11 @@ impl Destination {
                 return Some(i);
             }
         }
-        let i = self.cfg.blocks.iter().position(|b| b.name.as_bytes() == name)?;
+        let i = self
+            .cfg
+            .blocks
+            .iter()
+            .position(|b| b.name.as_bytes() == name)?;
         self.last_block = Some(i);
         Some(i)
     }
@@ -524,7 +590,9 @@ impl Destination {
             Item::Configuration(c) => {
                 // CFG-MACHINE: QEMU compares with strncmp(received, local, received_len).
                 if !self.cfg.machine.as_bytes().starts_with(c.name) {
-                    return Err(Violation::new(at + 5, Rule::CfgMachine, c.name.len() as u64).into());
+                    return Err(
+                        Violation::new(at + 5, Rule::CfgMachine, c.name.len() as u64).into(),
+                    );
                 }
                 self.setup_done()
             }
@@ -583,12 +651,18 @@ impl Destination {
 
     fn on_section(&mut self, h: SectionHeader<'_>) {
         self.cur_device = None;
-        let is_ram = self.decoder.as_ref().and_then(|d| d.current_section()).is_some_and(|s| s.is_ram);
+        let is_ram = self
+            .decoder
+            .as_ref()
+            .and_then(|d| d.current_section())
+            .is_some_and(|s| s.is_ram);
         if is_ram {
             return;
         }
         let (section_id, idstr, instance_id, version_id) = match h {
-            SectionHeader::Start(i) | SectionHeader::Full(i) => (i.section_id, i.idstr.to_vec(), i.instance_id, i.version_id),
+            SectionHeader::Start(i) | SectionHeader::Full(i) => {
+                (i.section_id, i.idstr.to_vec(), i.instance_id, i.version_id)
+            }
             SectionHeader::Part { section_id } | SectionHeader::End { section_id } => {
                 match self.decoder.as_ref().and_then(|d| d.section(section_id)) {
                     Some(s) => (section_id, s.idstr().to_vec(), s.instance_id, s.version_id),
@@ -596,11 +670,22 @@ impl Destination {
                 }
             }
         };
-        self.devices.push(DeviceSection { section_id, idstr, instance_id, version_id, data: Vec::new() });
+        self.devices.push(DeviceSection {
+            section_id,
+            idstr,
+            instance_id,
+            version_id,
+            data: Vec::new(),
+        });
         self.cur_device = Some(self.devices.len() - 1);
     }
 
-    fn on_ram(&mut self, rec: RamRecord<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+    fn on_ram(
+        &mut self,
+        rec: RamRecord<'_>,
+        at: u64,
+        mem: &mut impl GuestMemory,
+    ) -> Result<(), Stop> {
         if let RamBody::MemSize(list) = rec.body {
             let mut count = 0usize;
             for b in list.iter() {
@@ -641,7 +726,13 @@ impl Destination {
         self.place(name, rec, at, mem)
     }
 
-    fn place(&mut self, name: &[u8], rec: RamRecord<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+    fn place(
+        &mut self,
+        name: &[u8],
+        rec: RamRecord<'_>,
+        at: u64,
+        mem: &mut impl GuestMemory,
+    ) -> Result<(), Stop> {
         let Some(b) = self.block_index(name) else {
             return Err(Violation::new(at, Rule::RamBlockUnknown, 0).into());
         };
@@ -663,7 +754,9 @@ impl Destination {
                 self.fill.fill(fill);
                 mem.place_page(b, offset, &self.fill)
             }
-            RamBody::Xbzrle(_) => return Err(Violation::new(at, Rule::RamXbzrleBase, offset).into()),
+            RamBody::Xbzrle(_) => {
+                return Err(Violation::new(at, Rule::RamXbzrleBase, offset).into())
+            }
             #[cfg(feature = "compress")]
             RamBody::Compressed(z) => {
                 crate::ram::compress_page_decode(z, &mut self.fill, at).map_err(Stop::Peer)?;
@@ -672,17 +765,27 @@ impl Destination {
             _ => return Err(Violation::new(at, Rule::RamFlags, rec.flags.0).into()),
         };
         if let Err(e) = placed {
-            return Err(Stop::Local(Violation::new(at, self.loss_rule(), e.code as u64)));
+            return Err(Stop::Local(Violation::new(
+                at,
+                self.loss_rule(),
+                e.code as u64,
+            )));
         }
         self.received[b].set(page);
         self.pages_placed += 1;
         if self.pending.remove(&(b, page)) {
-            self.events.push_back(Event::FaultResolved { block: b, offset });
+            self.events
+                .push_back(Event::FaultResolved { block: b, offset });
         }
         Ok(())
     }
 
-    fn on_command(&mut self, c: Command<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+    fn on_command(
+        &mut self,
+        c: Command<'_>,
+        at: u64,
+        mem: &mut impl GuestMemory,
+    ) -> Result<(), Stop> {
         let payload = at + 5;
         match c {
             Command::OpenReturnPath => {
@@ -712,15 +815,29 @@ impl Destination {
                 }
                 let summary = self.cfg.blocks.iter().fold(0u64, |a, b| a | b.page_size);
                 if adv.ram_pagesize_summary != summary {
-                    return Err(Violation::new(payload, Rule::CmdAdvisePageSize, adv.ram_pagesize_summary).into());
+                    return Err(Violation::new(
+                        payload,
+                        Rule::CmdAdvisePageSize,
+                        adv.ram_pagesize_summary,
+                    )
+                    .into());
                 }
                 if adv.target_page_size != self.tps {
-                    return Err(Violation::new(payload + 8, Rule::CmdAdvisePageSize, adv.target_page_size).into());
+                    return Err(Violation::new(
+                        payload + 8,
+                        Rule::CmdAdvisePageSize,
+                        adv.target_page_size,
+                    )
+                    .into());
                 }
                 // QEMU discards every block at ADVISE: its received bitmap starts empty.
                 for (i, b) in self.cfg.blocks.iter().enumerate() {
                     if let Err(e) = mem.discard(i, 0, b.len) {
-                        return Err(Stop::Local(Violation::new(at, Rule::SmFatalBeforeRun, e.code as u64)));
+                        return Err(Stop::Local(Violation::new(
+                            at,
+                            Rule::SmFatalBeforeRun,
+                            e.code as u64,
+                        )));
                     }
                     let n = self.received[i].pages();
                     self.received[i].clear_range(0, n);
@@ -740,10 +857,19 @@ impl Destination {
                 for (i, (start, n)) in d.ranges().enumerate() {
                     let end = start.checked_add(n);
                     if start % self.tps != 0 || n % self.tps != 0 || end.map_or(true, |e| e > len) {
-                        return Err(Violation::new(ranges_at + 16 * i as u64, Rule::CmdDiscardRange, start).into());
+                        return Err(Violation::new(
+                            ranges_at + 16 * i as u64,
+                            Rule::CmdDiscardRange,
+                            start,
+                        )
+                        .into());
                     }
                     if let Err(e) = mem.discard(b, start, n) {
-                        return Err(Stop::Local(Violation::new(at, Rule::SmFatalBeforeRun, e.code as u64)));
+                        return Err(Stop::Local(Violation::new(
+                            at,
+                            Rule::SmFatalBeforeRun,
+                            e.code as u64,
+                        )));
                     }
                     self.received[b].clear_range(start / self.tps, n / self.tps);
                 }
@@ -751,7 +877,9 @@ impl Destination {
                 Ok(())
             }
             Command::PostcopyListen => {
-                if !matches!(self.pc, Pc::Advise | Pc::Discard) || self.status != MigrationStatus::Active {
+                if !matches!(self.pc, Pc::Advise | Pc::Discard)
+                    || self.status != MigrationStatus::Active
+                {
                     return Err(Violation::new(at, Rule::CmdOrder, 4).into());
                 }
                 self.pc = Pc::Listening;
@@ -785,7 +913,11 @@ impl Destination {
                     return Ok(());
                 }
                 let bytes = self.received[b].to_le_vec();
-                RpMessage::RecvBitmap { name: self.cfg.blocks[b].name.as_bytes(), bitmap: &bytes }.encode(&mut self.rp_out);
+                RpMessage::RecvBitmap {
+                    name: self.cfg.blocks[b].name.as_bytes(),
+                    bitmap: &bytes,
+                }
+                .encode(&mut self.rp_out);
                 Ok(())
             }
             Command::PostcopyResume => {
@@ -804,7 +936,9 @@ impl Destination {
                 Ok(())
             }
             Command::SwitchoverStart => Ok(()),
-            Command::EnableColo | Command::Unknown { .. } => Err(Violation::new(at + 1, Rule::CmdOrder, c.code().0 as u64).into()),
+            Command::EnableColo | Command::Unknown { .. } => {
+                Err(Violation::new(at + 1, Rule::CmdOrder, c.code().0 as u64).into())
+            }
         }
     }
 }

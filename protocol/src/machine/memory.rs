@@ -22,7 +22,11 @@ pub struct RamBlockSpec {
 impl RamBlockSpec {
     /// A block of `len` bytes with pages of `page_size` bytes.
     pub fn new(name: &str, len: u64, page_size: u64) -> Self {
-        RamBlockSpec { name: String::from(name), len, page_size }
+        RamBlockSpec {
+            name: String::from(name),
+            len,
+            page_size,
+        }
     }
 
     /// Number of target pages of `tps` bytes in the block.

@@ -22,8 +22,10 @@ pub mod source;
 pub mod status;
 
 pub use control::{Control, ControlError};
-pub use destination::{DeviceSection, Destination, DestinationConfig, FaultOutcome};
+pub use destination::{Destination, DestinationConfig, DeviceSection, FaultOutcome};
 pub use events::{ChannelKind, Event, Instant};
-pub use source::{DeviceState, Source, SourceConfig};
 pub use memory::{GuestMemory, MemoryError, RamBlockSpec, SourceMemory};
-pub use status::{MigrationStatus, Transition, Trigger, DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS};
+pub use source::{DeviceState, Source, SourceConfig};
+pub use status::{
+    MigrationStatus, Transition, Trigger, DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS,
+};

@@ -73,7 +73,12 @@ pub struct SourceConfig {
 
 impl SourceConfig {
     /// A configuration with default limits, `ram` section id 2 and 32 pages per section.
-    pub fn new(profile: Profile, machine: &str, blocks: Vec<RamBlockSpec>, postcopy_ram: bool) -> Self {
+    pub fn new(
+        profile: Profile,
+        machine: &str,
+        blocks: Vec<RamBlockSpec>,
+        postcopy_ram: bool,
+    ) -> Self {
         SourceConfig {
             profile,
             limits: Limits::DEFAULT,
@@ -157,8 +162,16 @@ impl Source {
     /// A source waiting for its channel ([`Source::handle_channel_opened`]).
     pub fn new(cfg: SourceConfig) -> Self {
         let tps = cfg.profile.target_page_size as u64;
-        let dirty: Vec<PageBitmap> = cfg.blocks.iter().map(|b| PageBitmap::full(b.pages(tps))).collect();
-        let discarded = cfg.blocks.iter().map(|b| PageBitmap::new(b.pages(tps))).collect();
+        let dirty: Vec<PageBitmap> = cfg
+            .blocks
+            .iter()
+            .map(|b| PageBitmap::full(b.pages(tps)))
+            .collect();
+        let discarded = cfg
+            .blocks
+            .iter()
+            .map(|b| PageBitmap::new(b.pages(tps)))
+            .collect();
         Source {
             tps,
             status: MigrationStatus::None,
@@ -210,7 +223,10 @@ impl Source {
 
     /// Takes the recorded page records (see [`Source::record_sent_pages`]).
     pub fn take_sent_pages(&mut self) -> Vec<(usize, u64)> {
-        self.sent_log.as_mut().map(core::mem::take).unwrap_or_default()
+        self.sent_log
+            .as_mut()
+            .map(core::mem::take)
+            .unwrap_or_default()
     }
 
     /// Marks pages of `block` that must never be sent (a RamDiscardManager's unplugged ranges):
@@ -230,7 +246,12 @@ impl Source {
     }
 
     fn step(&mut self, trigger: Trigger) -> bool {
-        match next_status(SOURCE_TRANSITIONS, self.cfg.profile.version, self.status, trigger) {
+        match next_status(
+            SOURCE_TRANSITIONS,
+            self.cfg.profile.version,
+            self.status,
+            trigger,
+        ) {
             Ok(to) => {
                 let from = self.status;
                 self.status = to;
@@ -243,7 +264,10 @@ impl Source {
 
     /// A dirty-bitmap sync from the caller: pages set in `dirty` must be (re)sent.
     pub fn handle_dirty_sync(&mut self, block: usize, dirty: &PageBitmap) {
-        if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::None) {
+        if !matches!(
+            self.status,
+            MigrationStatus::Setup | MigrationStatus::Active | MigrationStatus::None
+        ) {
             return;
         }
         if let (Some(d), Some(x)) = (self.dirty.get_mut(block), self.discarded.get(block)) {
@@ -259,7 +283,10 @@ impl Source {
     /// channels (10.x: after [`Control::Resume`] in `postcopy-recover-setup`; 7.2: in
     /// `postcopy-paused` after `Resume`).
     pub fn handle_channel_opened(&mut self, _now: Instant) -> Result<(), ControlError> {
-        let refuse = ControlError::WrongStatus { control: Control::Resume, status: self.status };
+        let refuse = ControlError::WrongStatus {
+            control: Control::Resume,
+            status: self.status,
+        };
         match self.status {
             MigrationStatus::None => {
                 self.step(Trigger::Start);
@@ -269,7 +296,9 @@ impl Source {
                 self.step(Trigger::ChannelOpened);
                 self.phase = Phase::SendBitmaps;
             }
-            MigrationStatus::PostcopyPaused if self.resume_armed && self.cfg.profile.version == Version::V7_2 => {
+            MigrationStatus::PostcopyPaused
+                if self.resume_armed && self.cfg.profile.version == Version::V7_2 =>
+            {
                 self.step(Trigger::ChannelOpened);
                 self.phase = Phase::SendBitmaps;
             }
@@ -296,7 +325,9 @@ impl Source {
     fn loss_rule(&self) -> Rule {
         match self.status {
             MigrationStatus::PostcopyActive => Rule::SmPauseAfterRun,
-            MigrationStatus::PostcopyRecover | MigrationStatus::PostcopyRecoverSetup => Rule::SmPauseInRecover,
+            MigrationStatus::PostcopyRecover | MigrationStatus::PostcopyRecoverSetup => {
+                Rule::SmPauseInRecover
+            }
             _ => Rule::SmFatalBeforeRun,
         }
     }
@@ -314,20 +345,31 @@ impl Source {
 
     /// An operator command: `StartPostcopy`, `Complete`, `Pause`, `Resume` or `Cancel`.
     pub fn handle_control(&mut self, _now: Instant, control: Control) -> Result<(), ControlError> {
-        let refuse = ControlError::WrongStatus { control, status: self.status };
+        let refuse = ControlError::WrongStatus {
+            control,
+            status: self.status,
+        };
         match control {
             Control::StartPostcopy => {
                 if !self.cfg.postcopy_ram {
                     return Err(ControlError::NotConfigured(control));
                 }
-                if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active) || self.want_complete {
+                if !matches!(
+                    self.status,
+                    MigrationStatus::Setup | MigrationStatus::Active
+                ) || self.want_complete
+                {
                     return Err(refuse);
                 }
                 self.want_postcopy = true;
                 Ok(())
             }
             Control::Complete => {
-                if !matches!(self.status, MigrationStatus::Setup | MigrationStatus::Active) || self.want_postcopy {
+                if !matches!(
+                    self.status,
+                    MigrationStatus::Setup | MigrationStatus::Active
+                ) || self.want_postcopy
+                {
                     return Err(refuse);
                 }
                 self.want_complete = true;
@@ -402,13 +444,19 @@ impl Source {
     }
 
     fn rp_error(&mut self, v: Violation) -> Violation {
-        self.events.push_back(Event::Error { channel: ChannelKind::ReturnPath, violation: v });
+        self.events.push_back(Event::Error {
+            channel: ChannelKind::ReturnPath,
+            violation: v,
+        });
         self.interrupt();
         v
     }
 
     fn block_index(&self, name: &[u8]) -> Option<usize> {
-        self.cfg.blocks.iter().position(|b| b.name.as_bytes() == name)
+        self.cfg
+            .blocks
+            .iter()
+            .position(|b| b.name.as_bytes() == name)
     }
 
     fn on_rp(&mut self, msg: RpMessage<'_>, at: u64) -> Result<(), Violation> {
@@ -450,11 +498,14 @@ impl Source {
                 let Some(b) = self.block_index(name) else {
                     return Err(Violation::new(at + 5, Rule::CmdBlockUnknown, 0));
                 };
-                if self.status != MigrationStatus::PostcopyRecover || self.phase != Phase::WaitBitmaps {
+                if self.status != MigrationStatus::PostcopyRecover
+                    || self.phase != Phase::WaitBitmaps
+                {
                     return Err(Violation::new(at, Rule::RpOrder, 5));
                 }
                 let pages = self.dirty[b].pages();
-                let mut received = PageBitmap::from_le_bytes(bitmap, pages, self.rp.last_bitmap_offset())?;
+                let mut received =
+                    PageBitmap::from_le_bytes(bitmap, pages, self.rp.last_bitmap_offset())?;
                 // SM-REBUILD: dirty = NOT(received) minus discarded.
                 received.complement();
                 received.and_not(&self.discarded[b]);
@@ -484,7 +535,11 @@ impl Source {
         let spec = &self.cfg.blocks[b];
         let ps = spec.page_size;
         let len = len as u64;
-        if start % ps != 0 || len == 0 || len % ps != 0 || start.checked_add(len).map_or(true, |e| e > spec.len) {
+        if start % ps != 0
+            || len == 0
+            || len % ps != 0
+            || start.checked_add(len).map_or(true, |e| e > spec.len)
+        {
             return Err(Violation::new(at + 4, Rule::RpReqRange, start));
         }
         if self.status != MigrationStatus::PostcopyActive {
@@ -516,7 +571,12 @@ impl Source {
 
     /// Writes main-channel bytes into `out`, whole records, until at least `budget` bytes are
     /// written or nothing is left to send now. Returns the byte count.
-    pub fn poll_transmit(&mut self, mem: &impl SourceMemory, out: &mut impl Sink, budget: usize) -> usize {
+    pub fn poll_transmit(
+        &mut self,
+        mem: &impl SourceMemory,
+        out: &mut impl Sink,
+        budget: usize,
+    ) -> usize {
         let mut o = Counted { inner: out, n: 0 };
         while self.channel_open && o.n < budget {
             let before = o.n;
@@ -549,7 +609,10 @@ impl Source {
                 Phase::SendBitmaps => {
                     // SM-RECOVER-BITMAP-ALL.
                     for b in &self.cfg.blocks {
-                        Command::RecvBitmap { name: b.name.as_bytes() }.encode(&mut o);
+                        Command::RecvBitmap {
+                            name: b.name.as_bytes(),
+                        }
+                        .encode(&mut o);
                     }
                     self.phase = Phase::WaitBitmaps;
                 }
@@ -559,7 +622,12 @@ impl Source {
                 }
                 Phase::Idle | Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut => break,
             }
-            if o.n == before && matches!(self.phase, Phase::Idle | Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut) {
+            if o.n == before
+                && matches!(
+                    self.phase,
+                    Phase::Idle | Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut
+                )
+            {
                 break;
             }
         }
@@ -572,7 +640,10 @@ impl Source {
     }
 
     fn write_setup(&mut self, o: &mut impl Sink) {
-        Item::Header { version: QEVM_VERSION }.encode(o);
+        Item::Header {
+            version: QEVM_VERSION,
+        }
+        .encode(o);
         if self.cfg.profile.configuration {
             encode_configuration(self.cfg.machine.as_bytes(), &[], o);
         }
@@ -582,9 +653,19 @@ impl Source {
         }
         if self.cfg.postcopy_ram {
             let summary = self.cfg.blocks.iter().fold(0u64, |a, b| a | b.page_size);
-            Command::PostcopyAdvise(Some(Advise { ram_pagesize_summary: summary, target_page_size: self.tps })).encode(o);
+            Command::PostcopyAdvise(Some(Advise {
+                ram_pagesize_summary: summary,
+                target_page_size: self.tps,
+            }))
+            .encode(o);
         }
-        SectionHeader::Start(SectionIdent { section_id: self.cfg.ram_section_id, idstr: b"ram", instance_id: 0, version_id: 4 }).encode(o);
+        SectionHeader::Start(SectionIdent {
+            section_id: self.cfg.ram_section_id,
+            idstr: b"ram",
+            instance_id: 0,
+            version_id: 4,
+        })
+        .encode(o);
         let total: u64 = self.cfg.blocks.iter().map(|b| b.len).sum();
         o.put_be64(total | RamFlags::MEM_SIZE.0);
         let tps = self.tps;
@@ -604,8 +685,17 @@ impl Source {
     }
 
     fn eos_footer(&self, o: &mut impl Sink) {
-        RamRecord { flags: RamFlags::EOS, addr: 0, name: None, body: RamBody::Eos }.encode(o);
-        Item::Footer { section_id: self.cfg.ram_section_id }.encode(o);
+        RamRecord {
+            flags: RamFlags::EOS,
+            addr: 0,
+            name: None,
+            body: RamBody::Eos,
+        }
+        .encode(o);
+        Item::Footer {
+            section_id: self.cfg.ram_section_id,
+        }
+        .encode(o);
     }
 
     /// The next page to send: requested pages first (SM-URGENT-FIRST), then the background scan.
@@ -633,14 +723,28 @@ impl Source {
         let offset = p * self.tps;
         let data = mem.page(b, offset);
         let continue_flag = self.last_sent_block == Some(b);
-        let name = if continue_flag { None } else { Some(self.cfg.blocks[b].name.as_bytes()) };
+        let name = if continue_flag {
+            None
+        } else {
+            Some(self.cfg.blocks[b].name.as_bytes())
+        };
         let (flags, body) = if data.iter().all(|&x| x == 0) {
             (RamFlags::ZERO, RamBody::Zero { fill: 0 })
         } else {
             (RamFlags::PAGE, RamBody::Page(data))
         };
-        let flags = if continue_flag { flags.with(RamFlags::CONTINUE) } else { flags };
-        RamRecord { flags, addr: offset, name, body }.encode(o);
+        let flags = if continue_flag {
+            flags.with(RamFlags::CONTINUE)
+        } else {
+            flags
+        };
+        RamRecord {
+            flags,
+            addr: offset,
+            name,
+            body,
+        }
+        .encode(o);
         self.last_sent_block = Some(b);
         self.dirty[b].clear(p);
         self.pages_sent += 1;
@@ -650,9 +754,14 @@ impl Source {
     }
 
     fn write_part(&mut self, mem: &impl SourceMemory, o: &mut impl Sink) {
-        SectionHeader::Part { section_id: self.cfg.ram_section_id }.encode(o);
+        SectionHeader::Part {
+            section_id: self.cfg.ram_section_id,
+        }
+        .encode(o);
         for _ in 0..self.cfg.pages_per_section.max(1) {
-            let Some((b, p)) = self.next_page() else { break };
+            let Some((b, p)) = self.next_page() else {
+                break;
+            };
             self.send_page(mem, b, p, o);
         }
         self.eos_footer(o);
@@ -670,7 +779,10 @@ impl Source {
 
     fn begin_precopy_end(&mut self, o: &mut impl Sink) {
         self.switchover(o);
-        SectionHeader::End { section_id: self.cfg.ram_section_id }.encode(o);
+        SectionHeader::End {
+            section_id: self.cfg.ram_section_id,
+        }
+        .encode(o);
         self.phase = Phase::PrecopyEnd;
     }
 
@@ -684,11 +796,19 @@ impl Source {
             })
             .encode(o);
             o.put(&d.data);
-            Item::Footer { section_id: d.section_id }.encode(o);
+            Item::Footer {
+                section_id: d.section_id,
+            }
+            .encode(o);
         }
     }
 
-    fn write_precopy_end(&mut self, mem: &impl SourceMemory, o: &mut Counted<'_, impl Sink>, budget: usize) {
+    fn write_precopy_end(
+        &mut self,
+        mem: &impl SourceMemory,
+        o: &mut Counted<'_, impl Sink>,
+        budget: usize,
+    ) {
         while o.n < budget {
             let Some((b, p)) = self.next_page() else {
                 self.eos_footer(o);
@@ -732,7 +852,10 @@ impl Source {
             ranges.extend(run);
             for chunk in ranges.chunks(12) {
                 raw.clear();
-                let bytes: Vec<(u64, u64)> = chunk.iter().map(|&(s, n)| (s * self.tps, n * self.tps)).collect();
+                let bytes: Vec<(u64, u64)> = chunk
+                    .iter()
+                    .map(|&(s, n)| (s * self.tps, n * self.tps))
+                    .collect();
                 encode_ranges(&bytes, &mut raw);
                 if let Some(d) = Discard::new(spec.name.as_bytes(), &raw) {
                     Command::RamDiscard(d).encode(o);
@@ -746,7 +869,10 @@ impl Source {
         self.write_devices(&mut blob);
         self.ping(3, &mut blob);
         Command::PostcopyRun.encode(&mut blob);
-        Command::Packaged { len: blob.len() as u32 }.encode(o);
+        Command::Packaged {
+            len: blob.len() as u32,
+        }
+        .encode(o);
         o.put(&blob);
         self.ping(4, o);
         self.step(Trigger::Postcopy);
@@ -754,7 +880,10 @@ impl Source {
     }
 
     fn write_final_end(&mut self, o: &mut impl Sink) {
-        SectionHeader::End { section_id: self.cfg.ram_section_id }.encode(o);
+        SectionHeader::End {
+            section_id: self.cfg.ram_section_id,
+        }
+        .encode(o);
         self.eos_footer(o);
         Item::Eof.encode(o);
         self.finish_stream();

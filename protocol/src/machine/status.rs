@@ -92,7 +92,10 @@ impl MigrationStatus {
 
     /// Looks a status up by its QAPI string.
     pub fn from_qapi(s: &str) -> Option<MigrationStatus> {
-        MigrationStatus::ALL.iter().copied().find(|m| m.as_str() == s)
+        MigrationStatus::ALL
+            .iter()
+            .copied()
+            .find(|m| m.as_str() == s)
     }
 
     /// Whether nothing follows this status (`completed`, `failed`, `cancelled`).
@@ -204,8 +207,18 @@ pub struct Transition {
     pub when: Applies,
 }
 
-const fn t(from: MigrationStatus, trigger: Trigger, to: MigrationStatus, when: Applies) -> Transition {
-    Transition { from, trigger, to, when }
+const fn t(
+    from: MigrationStatus,
+    trigger: Trigger,
+    to: MigrationStatus,
+    when: Applies,
+) -> Transition {
+    Transition {
+        from,
+        trigger,
+        to,
+        when,
+    }
 }
 
 use MigrationStatus as S;
@@ -226,13 +239,48 @@ pub const SOURCE_TRANSITIONS: &[Transition] = &[
     t(S::Active, T::Postcopy, S::PostcopyActive, Applies::V7_2),
     t(S::Device, T::Postcopy, S::PostcopyActive, Applies::V10),
     // Postcopy failure and recovery.
-    t(S::PostcopyActive, T::Interrupt, S::PostcopyPaused, Applies::All),
-    t(S::PostcopyPaused, T::ResumeRequested, S::PostcopyRecoverSetup, Applies::V10),
-    t(S::PostcopyRecoverSetup, T::ChannelOpened, S::PostcopyRecover, Applies::V10),
-    t(S::PostcopyRecoverSetup, T::Interrupt, S::PostcopyPaused, Applies::V10),
-    t(S::PostcopyPaused, T::ChannelOpened, S::PostcopyRecover, Applies::V7_2),
-    t(S::PostcopyRecover, T::Interrupt, S::PostcopyPaused, Applies::All),
-    t(S::PostcopyRecover, T::Resumed, S::PostcopyActive, Applies::All),
+    t(
+        S::PostcopyActive,
+        T::Interrupt,
+        S::PostcopyPaused,
+        Applies::All,
+    ),
+    t(
+        S::PostcopyPaused,
+        T::ResumeRequested,
+        S::PostcopyRecoverSetup,
+        Applies::V10,
+    ),
+    t(
+        S::PostcopyRecoverSetup,
+        T::ChannelOpened,
+        S::PostcopyRecover,
+        Applies::V10,
+    ),
+    t(
+        S::PostcopyRecoverSetup,
+        T::Interrupt,
+        S::PostcopyPaused,
+        Applies::V10,
+    ),
+    t(
+        S::PostcopyPaused,
+        T::ChannelOpened,
+        S::PostcopyRecover,
+        Applies::V7_2,
+    ),
+    t(
+        S::PostcopyRecover,
+        T::Interrupt,
+        S::PostcopyPaused,
+        Applies::All,
+    ),
+    t(
+        S::PostcopyRecover,
+        T::Resumed,
+        S::PostcopyActive,
+        Applies::All,
+    ),
     t(S::PostcopyActive, T::Complete, S::Completed, Applies::All),
     t(S::PostcopyActive, T::Fatal, S::Failed, Applies::All),
     // Cancel from every non-final status (SM-CANCEL).
@@ -242,7 +290,12 @@ pub const SOURCE_TRANSITIONS: &[Transition] = &[
     t(S::Device, T::Cancel, S::Cancelling, Applies::V10),
     t(S::PostcopyActive, T::Cancel, S::Cancelling, Applies::All),
     t(S::PostcopyPaused, T::Cancel, S::Cancelling, Applies::All),
-    t(S::PostcopyRecoverSetup, T::Cancel, S::Cancelling, Applies::V10),
+    t(
+        S::PostcopyRecoverSetup,
+        T::Cancel,
+        S::Cancelling,
+        Applies::V10,
+    ),
     t(S::PostcopyRecover, T::Cancel, S::Cancelling, Applies::All),
     t(S::Cancelling, T::CancelDone, S::Cancelled, Applies::All),
 ];
@@ -260,11 +313,31 @@ pub const DESTINATION_TRANSITIONS: &[Transition] = &[
     t(S::Active, T::Postcopy, S::PostcopyActive, Applies::All),
     // Before POSTCOPY_RUN an error is fatal (SM-FATAL-BEFORE-RUN), after it pauses (SM-PAUSE-AFTER-RUN).
     t(S::PostcopyActive, T::Fatal, S::Failed, Applies::All),
-    t(S::PostcopyActive, T::Interrupt, S::PostcopyPaused, Applies::All),
-    t(S::PostcopyPaused, T::ChannelOpened, S::PostcopyRecover, Applies::All),
+    t(
+        S::PostcopyActive,
+        T::Interrupt,
+        S::PostcopyPaused,
+        Applies::All,
+    ),
+    t(
+        S::PostcopyPaused,
+        T::ChannelOpened,
+        S::PostcopyRecover,
+        Applies::All,
+    ),
     // SM-PAUSE-IN-RECOVER: QEMU 7.2 cannot; qmig does on every profile.
-    t(S::PostcopyRecover, T::Interrupt, S::PostcopyPaused, Applies::All),
-    t(S::PostcopyRecover, T::Resumed, S::PostcopyActive, Applies::All),
+    t(
+        S::PostcopyRecover,
+        T::Interrupt,
+        S::PostcopyPaused,
+        Applies::All,
+    ),
+    t(
+        S::PostcopyRecover,
+        T::Resumed,
+        S::PostcopyActive,
+        Applies::All,
+    ),
     t(S::PostcopyActive, T::Complete, S::Completed, Applies::All),
     // Cancel from every non-final status (SM-CANCEL); the destination has no `cancelling`.
     t(S::None, T::Cancel, S::Cancelled, Applies::All),
@@ -286,7 +359,12 @@ pub struct IllegalTransition {
 
 impl fmt::Display for IllegalTransition {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "illegal transition: {} on {}", self.from, self.trigger.as_str())
+        write!(
+            f,
+            "illegal transition: {} on {}",
+            self.from,
+            self.trigger.as_str()
+        )
     }
 }
 
@@ -315,7 +393,10 @@ mod tests {
         for s in MigrationStatus::ALL {
             assert_eq!(MigrationStatus::from_qapi(s.as_str()), Some(*s));
         }
-        assert_eq!(MigrationStatus::PostcopyRecoverSetup.as_str(), "postcopy-recover-setup");
+        assert_eq!(
+            MigrationStatus::PostcopyRecoverSetup.as_str(),
+            "postcopy-recover-setup"
+        );
     }
 
     #[test]
@@ -348,7 +429,10 @@ mod tests {
         assert!(next_status(tb, Version::V7_2, p, T::ResumeRequested).is_err());
         assert_eq!(
             next_status(tb, v, S::Completed, T::Cancel),
-            Err(IllegalTransition { from: S::Completed, trigger: T::Cancel })
+            Err(IllegalTransition {
+                from: S::Completed,
+                trigger: T::Cancel
+            })
         );
     }
 }
