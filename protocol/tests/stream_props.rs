@@ -245,13 +245,13 @@ fn split_decode(d: &StreamDecoder, bytes: &[u8], k: usize) -> Vec<(u64, Vec<u8>)
 
 fn whole(d: &StreamDecoder, bytes: &[u8]) -> Vec<(u64, Vec<u8>)> {
     let mut d = d.clone();
+    let (items, e) = drain(&mut d, bytes, false);
     assert!(e.is_incomplete(), "{e}");
     assert_eq!(d.offset() as usize, bytes.len());
     assert!(d.at_end());
     items
 }
 
-/// `drain` over a slice that starts at the decoder's offset: items carry absolute offsets.
 #[test]
 fn every_split_point_of_7_2_footer_lookalike_equals_whole() {
     let (bytes, desc) = lookalike();
