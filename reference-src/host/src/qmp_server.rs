@@ -13,7 +13,9 @@
 //!   blocks the broadcaster or other clients (its queue overflows and it is disconnected);
 //! * a line is capped at [`QmpServerConfig::max_line`] bytes, and an incomplete line must be
 //!   finished within [`QmpServerConfig::line_timeout`] of its first byte, else the client is
-//!   disconnected (slow-loris, half-open); an idle client with no partial line may stay;
+//!   disconnected (slow-loris, half-open); so is a client that has not negotiated within
+//!   [`QmpServerConfig::negotiation_timeout`]; a negotiated idle client with no partial line
+//!   may stay;
 //! * a handler that panics yields a `GenericError` for that command, not a dead server.
 //!
 //! Framing: QMP is a JSON stream. Clients send one or more JSON objects per line; replies and
@@ -64,6 +66,10 @@ pub struct QmpServerConfig {
     pub max_line: usize,
     /// Time allowed to finish a line once its first byte arrived (default 10 s).
     pub line_timeout: Duration,
+    /// Time allowed from connecting to a successful `qmp_capabilities` (default 30 s); a client
+    /// that does not negotiate in time is disconnected, so that silent connections cannot use
+    /// up the client slots.
+    pub negotiation_timeout: Duration,
     /// Time allowed for one write to a client before it is dropped (default 10 s).
     pub write_timeout: Duration,
     /// Most clients at once; more are closed on accept (default 64).
@@ -83,6 +89,7 @@ impl Default for QmpServerConfig {
             package: "qmig".into(),
             max_line: 1 << 20,
             line_timeout: Duration::from_secs(10),
+            negotiation_timeout: Duration::from_secs(30),
             write_timeout: Duration::from_secs(10),
             max_clients: 64,
             queue: 4096,
@@ -314,6 +321,11 @@ impl QmpServer {
         })
     }
 
+    /// [`QmpServer::start`] with a new [`EventSink`] and the default configuration.
+    pub fn bind(path: impl AsRef<Path>, handler: Arc<dyn QmpHandler>) -> io::Result<Self> {
+        Self::start(path, handler, EventSink::new(), QmpServerConfig::default())
+    }
+
     /// The socket path.
     pub fn path(&self) -> &Path {
         &self.path
@@ -338,10 +350,11 @@ impl QmpServer {
 impl Drop for QmpServer {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake the accept loop.
-        let _ = UnixStream::connect(&self.path);
-        if let Some(h) = self.accept.take() {
-            let _ = h.join();
+        // Wake the accept loop; if that cannot be done (the path was removed), leave it parked.
+        if UnixStream::connect(&self.path).is_ok() {
+            if let Some(h) = self.accept.take() {
+                let _ = h.join();
+            }
         }
         for s in lock(&self.shared.clients).values() {
             let _ = s.shutdown(Shutdown::Both);
@@ -473,6 +486,7 @@ impl Client {
         let mut buf: Vec<u8> = Vec::new();
         let mut chunk = vec![0u8; 16 * 1024];
         let mut partial_since: Option<Instant> = None;
+        let connected = Instant::now();
         let stream = self.stream.clone();
         let mut r = &*stream;
         loop {
@@ -487,17 +501,33 @@ impl Client {
             }
             if buf.is_empty() {
                 partial_since = None;
-                self.stream.set_read_timeout(None)?;
             } else {
-                let since = *partial_since.get_or_insert_with(Instant::now);
-                let left = cfg.line_timeout.saturating_sub(since.elapsed());
-                if left.is_zero() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        "incomplete line timed out",
-                    ));
+                partial_since.get_or_insert_with(Instant::now);
+            }
+            // The nearest deadline: finishing a partial line, or negotiating at all.
+            let mut deadline = partial_since.map(|t| (t + cfg.line_timeout, "incomplete line"));
+            if self.subscription.is_none() {
+                let neg = (
+                    connected + cfg.negotiation_timeout,
+                    "no capabilities negotiation",
+                );
+                deadline = Some(match deadline {
+                    Some(d) if d.0 <= neg.0 => d,
+                    _ => neg,
+                });
+            }
+            match deadline {
+                None => self.stream.set_read_timeout(None)?,
+                Some((at, what)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("{what}: timed out"),
+                        ));
+                    }
+                    self.stream.set_read_timeout(Some(left))?;
                 }
-                self.stream.set_read_timeout(Some(left))?;
             }
             match r.read(&mut chunk) {
                 Ok(0) => return Ok(()),

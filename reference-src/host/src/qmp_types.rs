@@ -312,6 +312,25 @@ pub fn to_return<R: Serialize>(ret: &R) -> Result<Value, QmpError> {
     serde_json::to_value(ret).map_err(|e| QmpError::generic(format!("cannot encode reply: {e}")))
 }
 
+/// Runs the typed command `C` for a handler: decodes `args` into `C::Args`, calls `f`, and
+/// encodes its return value.
+///
+/// ```
+/// use qmig_host::qmp_types::{run_typed, MigrateRecover, Empty};
+/// let ret = run_typed::<MigrateRecover>(&serde_json::json!({"uri": "unix:/tmp/r"}), |a| {
+///     assert_eq!(a.uri, "unix:/tmp/r");
+///     Ok(Empty {})
+/// });
+/// assert_eq!(ret.unwrap(), serde_json::json!({}));
+/// ```
+pub fn run_typed<C: QmpCommandDef>(
+    args: &Value,
+    f: impl FnOnce(C::Args) -> Result<C::Returns, QmpError>,
+) -> Result<Value, QmpError> {
+    let a: C::Args = parse_args(args)?;
+    to_return(&f(a)?)
+}
+
 /// The empty object `{}`: arguments of commands without arguments, return of commands that
 /// return nothing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -22,6 +22,9 @@ use crate::uri::MigrationUri;
 /// Default bound within which a silently dropped TCP peer is detected.
 pub const DEFAULT_DROP_DETECT: Duration = Duration::from_secs(2);
 
+/// Default bound on a TCP connect.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Socket options applied to every TCP channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TransportConfig {
@@ -31,6 +34,9 @@ pub struct TransportConfig {
     /// silently dropped) within this bound: see [`DropDetect`]. `None` leaves the kernel defaults
     /// (minutes to hours).
     pub drop_detect: Option<Duration>,
+    /// Give up a TCP connect after this long per address (default 10 s); `None`: the kernel's
+    /// SYN retries (about two minutes).
+    pub connect_timeout: Option<Duration>,
 }
 
 impl Default for TransportConfig {
@@ -38,6 +44,7 @@ impl Default for TransportConfig {
         Self {
             nodelay: true,
             drop_detect: Some(DEFAULT_DROP_DETECT),
+            connect_timeout: Some(DEFAULT_CONNECT_TIMEOUT),
         }
     }
 }
@@ -230,6 +237,13 @@ impl Write for Connection {
     }
 }
 
+/// Splits a plain `TcpStream` into a reader and a writer (two descriptors of one socket, via
+/// `try_clone`), for code that wants `std` types; shutting either down affects both.
+pub fn split_tcp(s: TcpStream) -> io::Result<(TcpStream, TcpStream)> {
+    let w = s.try_clone()?;
+    Ok((s, w))
+}
+
 /// The reading half of a [`Connection`].
 #[derive(Debug)]
 pub struct ConnReader {
@@ -387,7 +401,11 @@ pub fn connect(uri: &MigrationUri, cfg: &TransportConfig) -> io::Result<Connecti
             let addr = uri.socket_addr_string().ok_or_else(|| bad_uri(uri))?;
             let mut last = None;
             for a in addr.to_socket_addrs()? {
-                match TcpStream::connect(a) {
+                let r = match cfg.connect_timeout {
+                    Some(t) => TcpStream::connect_timeout(&a, t),
+                    None => TcpStream::connect(a),
+                };
+                match r {
                     Ok(s) => return Connection::from_tcp(s, cfg),
                     Err(e) => last = Some(e),
                 }

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use qmig_host::qmp_server::{EventSink, QmpHandler, QmpServer, QmpServerConfig};
 use qmig_host::qmp_types::{
-    parse_args, to_return, MigrateArgs, MigrationInfo, MigrationStats, MigrationStatus, QmpError,
-    QmpEvent, QmpMessage,
+    parse_args, run_typed, to_return, Empty, MigrateArgs, MigrateRecover, MigrationInfo,
+    MigrationStats, MigrationStatus, QmpError, QmpEvent, QmpMessage,
 };
 use serde_json::{json, Value};
 
@@ -44,6 +44,13 @@ impl QmpHandler for TestHandler {
                     ..Default::default()
                 }),
                 ..Default::default()
+            }),
+            "migrate-recover" => run_typed::<MigrateRecover>(args, |a| {
+                if a.uri.starts_with("unix:") {
+                    Ok(Empty {})
+                } else {
+                    Err(QmpError::generic(format!("unsupported uri {}", a.uri)))
+                }
             }),
             "block" => {
                 let _ = self.entered.lock().unwrap().send(());
@@ -214,6 +221,22 @@ fn greeting_negotiation_and_commands() {
         c.call(r#"{"execute":"migrate","arguments":{"uri":"tcp:127.0.0.1:1","resume":true}}"#),
         json!({"return": {"uri": "tcp:127.0.0.1:1", "resume": true}})
     );
+    assert_eq!(
+        c.call(r#"{"execute":"migrate-recover","arguments":{"uri":"unix:/r"}}"#),
+        json!({"return": {}})
+    );
+    assert_eq!(
+        c.call(r#"{"execute":"migrate-recover","arguments":{"uri":"tcp:h:1"}}"#),
+        generic("unsupported uri tcp:h:1")
+    );
+    let missing = c.call(r#"{"execute":"migrate-recover"}"#);
+    assert!(
+        missing["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .contains("missing field `uri`"),
+        "{missing}"
+    );
     let bad = c.call(r#"{"execute":"migrate","arguments":{"url":"x"}}"#);
     assert_eq!(bad["error"]["class"], "GenericError");
     assert!(
@@ -362,6 +385,23 @@ fn stalled_client_does_not_block_others_and_is_dropped() {
 }
 
 #[test]
+fn client_that_never_negotiates_is_dropped() {
+    let config = QmpServerConfig {
+        negotiation_timeout: Duration::from_millis(300),
+        ..QmpServerConfig::default()
+    };
+    let f = fixture("noneg", config);
+    let (mut silent, _) = Raw::connect(&f);
+    // A negotiated client is not affected by the negotiation timeout.
+    let mut good = Raw::negotiated(&f);
+    assert_eq!(silent.drain_to_eof(), Vec::<String>::new());
+    assert_eq!(
+        good.call(r#"{"execute":"echo","id":1}"#),
+        json!({"return": {}, "id": 1})
+    );
+}
+
+#[test]
 fn idle_client_without_partial_line_stays() {
     let config = QmpServerConfig {
         line_timeout: Duration::from_millis(100),
@@ -437,9 +477,14 @@ fn client_that_never_reads_events_is_dropped_without_blocking_emit() {
     done_rx
         .recv_timeout(GUARD)
         .expect("emit must not block on a client that does not read");
-    // The slow client was cut: it reads what the kernel buffered, then end-of-file.
+    // The slow client was cut: it reads what the kernel buffered (possibly nothing, if its
+    // queue overflowed before its writer ran), in order and whole, then end-of-file.
     let got = slow.drain_to_eof();
-    assert!(!got.is_empty() && got.len() < 2000, "{} events", got.len());
+    assert!(got.len() < 2000, "{} events", got.len());
+    for (i, line) in got.iter().enumerate() {
+        let v: Value = serde_json::from_str(line).unwrap();
+        assert_eq!((&v["event"], &v["data"]["i"]), (&json!("TEST"), &json!(i)));
+    }
     // The server goes on.
     let mut c = Raw::negotiated(&f);
     assert_eq!(c.call(r#"{"execute":"echo"}"#), json!({"return": {}}));

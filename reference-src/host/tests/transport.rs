@@ -9,7 +9,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use qmig_host::transport::{
-    connect, listen, Connection, DropDetect, Listener, Socket, TransportConfig,
+    connect, listen, split_tcp, Connection, DropDetect, Listener, Socket, TransportConfig,
 };
 use qmig_host::uri::MigrationUri;
 use rustix::net::sockopt;
@@ -62,6 +62,7 @@ fn listen_on_port_zero_connect_and_options() {
     let plain = TransportConfig {
         nodelay: false,
         drop_detect: None,
+        connect_timeout: None,
     };
     let (_l, c, _s) = tcp_pair(&plain);
     assert!(!sockopt::get_tcp_nodelay(tcp(&c)).unwrap());
@@ -303,6 +304,7 @@ fn silent_drop_fails_the_sender_within_the_bound() {
     let cfg = TransportConfig {
         nodelay: true,
         drop_detect: Some(BOUND),
+        connect_timeout: Some(GUARD),
     };
 
     // b: listen, accept, read and discard until the connection dies; report the bytes seen.
@@ -376,6 +378,7 @@ fn silent_drop_fails_an_idle_reader_within_the_bound() {
     let cfg = TransportConfig {
         nodelay: true,
         drop_detect: Some(BOUND),
+        connect_timeout: Some(GUARD),
     };
 
     let (port_tx, port_rx) = mpsc::channel();
@@ -430,4 +433,37 @@ fn silent_drop_fails_an_idle_reader_within_the_bound() {
     reader.join().unwrap();
     let _ = hold_tx.send(());
     server.join().unwrap();
+}
+
+#[test]
+fn split_tcp_gives_two_std_halves() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+    let (mut s, _) = l.accept().unwrap();
+    let (mut r, mut w) = split_tcp(c).unwrap();
+    w.write_all(b"ping").unwrap();
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b).unwrap();
+    s.write_all(b"pong").unwrap();
+    r.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"pong");
+    w.shutdown(std::net::Shutdown::Both).unwrap();
+    assert_eq!(r.read(&mut b).unwrap(), 0);
+}
+
+#[test]
+fn connect_to_a_blackhole_gives_up_after_the_connect_timeout() {
+    let Some(ns) = netns_or_skip("c") else { return };
+    // b's end of the link is down: SYNs from a vanish without an answer.
+    ip(&["-n", &ns.b, "link", "set", &ns.veth_b, "down"]).unwrap();
+    let cfg = TransportConfig {
+        connect_timeout: Some(Duration::from_millis(500)),
+        ..TransportConfig::default()
+    };
+    let r = NetnsPair::spawn_in(&ns.a, move || {
+        connect(&MigrationUri::parse("tcp:192.0.2.2:4444").unwrap(), &cfg).map(|_| ())
+    })
+    .join()
+    .unwrap();
+    assert_eq!(r.unwrap_err().kind(), ErrorKind::TimedOut);
 }
