@@ -136,6 +136,20 @@ fn postcopy_recover(v: QemuVersion) {
             "{side} paused"
         );
     }
+    // Pages read on the destination during postcopy came back right, and
+    // at least one had to be requested over the return path.
+    assert_eq!(o.destination_reads.len(), sc.dst_reads);
+    assert!(
+        o.destination_reads.iter().all(|r| r.correct),
+        "{:?}",
+        o.destination_reads
+    );
+    let rp1 = rp_messages(&first.d2s.bytes);
+    assert!(
+        rp1.iter().any(|m| m.ty == RpType::REQ_PAGES_ID),
+        "no page request in {:?}",
+        rp1.iter().map(|m| m.ty).collect::<Vec<_>>()
+    );
     // The recovery connection: no header, MIG_CMD_RECV_BITMAP first, and the
     // destination answered with bitmaps, RESUME_ACK(1), ..., SHUT(0).
     let (l2, rec) = &o.recordings[1];

@@ -56,6 +56,7 @@ pub fn scenario(version: QemuVersion, name: &str) -> Option<Scenario> {
         max_bandwidth: None,
         max_postcopy_bandwidth: None,
         cut_after: 0,
+        dst_reads: 0,
     };
     Some(match name {
         "precopy" => Scenario {
@@ -64,11 +65,13 @@ pub fn scenario(version: QemuVersion, name: &str) -> Option<Scenario> {
         },
         "postcopy" => Scenario {
             random_pages: 96,
+            dst_reads: 3,
             max_bandwidth: Some(256 << 10),
             ..base(Kind::Postcopy, cpu_machine, 64, Some(22))
         },
         "postcopy-recover" => Scenario {
-            random_pages: 128,
+            random_pages: 256,
+            dst_reads: 3,
             max_bandwidth: Some(256 << 10),
             max_postcopy_bandwidth: Some(256 << 10),
             cut_after: 16 << 10,
@@ -189,10 +192,8 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
         "files": files,
         "final_ram": final_ram(o),
         "channels": channels,
-        "verification": {
-            "destination_ram_equals_source_ram": o.src_ram == o.dst_ram,
-            "source_ram_equals_harness_model": source_matches_model(o),
-        },
+        "verification": verification(o),
+        "destination_reads": o.destination_reads.iter().map(|r| json!({"page": r.page, "correct": r.correct, "seconds": r.seconds})).collect::<Vec<_>>(),
         "replay": {
             "destination_capabilities": o.capabilities.1,
             "destination_parameters": o.parameters.1,
@@ -331,6 +332,18 @@ fn final_ram(o: &Outcome) -> Value {
     });
     if o.scenario.machine == Machine::Microvm {
         v["note"] = json!("destination RAM after migration (pmemsave), with pages 192-255 (0xc0000-0xfffff, never written; pmemsave shows the firmware at 0xe0000-0xfffff) taken as the zero RAM underneath; ROM blocks not included");
+    }
+    v
+}
+
+fn verification(o: &Outcome) -> Value {
+    let mut v = json!({
+        "destination_ram_equals_source_ram": o.src_ram == o.dst_ram,
+        "source_ram_equals_harness_model": source_matches_model(o),
+    });
+    if !o.destination_reads.is_empty() {
+        v["destination_reads_returned_source_content"] =
+            json!(o.destination_reads.iter().all(|r| r.correct));
     }
     v
 }

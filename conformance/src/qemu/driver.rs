@@ -53,6 +53,9 @@ pub struct Scenario {
     pub max_bandwidth: Option<u64>,
     /// Source `max-postcopy-bandwidth` (bytes/s) before a recovery.
     pub max_postcopy_bandwidth: Option<u64>,
+    /// Postcopy: how many of the highest written pages to read on the
+    /// destination right after it entered postcopy (page requests).
+    pub dst_reads: usize,
     /// For [`Kind::PostcopyRecover`]: cut this many source-to-destination
     /// bytes after the destination announced `postcopy-active`.
     pub cut_after: u64,
@@ -102,6 +105,19 @@ pub struct Outcome {
     pub migration_info: Value,
     /// For a recovery: the byte offset of the cut in the first connection.
     pub cut_at: Option<u64>,
+    /// Pages read on the destination during postcopy (before any cut).
+    pub destination_reads: Vec<DestinationRead>,
+}
+
+/// One page read through qtest on the destination while in postcopy.
+#[derive(Debug, Clone)]
+pub struct DestinationRead {
+    /// Page index.
+    pub page: u64,
+    /// Whether the content equals what the source had written.
+    pub correct: bool,
+    /// How long the read took (the page may have been requested).
+    pub seconds: f64,
 }
 
 impl Outcome {
@@ -346,11 +362,13 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
     p.migrate(&proxy1, false)?;
     let mut cut_at = None;
     let mut proxy2 = None;
+    let mut reads = Vec::new();
     if postcopy {
         p.wait_status("src", "active")?;
         p.qmp("src", "migrate-start-postcopy", Value::Null)?;
         p.wait_status("dst", "postcopy-active")?;
         p.wait_status("src", "postcopy-active")?;
+        reads = destination_reads(&mut p, &writes, scenario.dst_reads)?;
     }
     if scenario.kind == Kind::PostcopyRecover {
         let (now, _) = proxy1.bytes_forwarded(0);
@@ -436,7 +454,38 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
         dst_ram,
         migration_info: info,
         cut_at,
+        destination_reads: reads,
     })
+}
+
+/// Reads the `n` highest written pages on the destination (they are sent
+/// last, so they are most likely still missing and get requested).
+fn destination_reads(
+    p: &mut Pair,
+    writes: &[Write],
+    n: usize,
+) -> Result<Vec<DestinationRead>, QemuError> {
+    let mut sorted: Vec<&Write> = writes.iter().collect();
+    sorted.sort_by_key(|w| std::cmp::Reverse(w.page));
+    let mut out = Vec::new();
+    for w in sorted.into_iter().take(n) {
+        let start = Instant::now();
+        let data = p.dst.qtest()?.read(w.page * PAGE as u64, PAGE)?;
+        let seconds = (start.elapsed().as_secs_f64() * 1000.0).round() / 1000.0;
+        out.push(DestinationRead {
+            page: w.page,
+            correct: data == w.data,
+            seconds,
+        });
+    }
+    if !out.is_empty() {
+        let pages: Vec<u64> = out.iter().map(|r| r.page).collect();
+        p.step(
+            json!({"side": "dst", "action": "qtest-reads", "label": "postcopy, before any failure",
+            "pages": pages, "note": "b64read of whole pages on the destination during postcopy"}),
+        );
+    }
+    Ok(out)
 }
 
 /// Index of the first differing page of two equal-length RAM dumps.
