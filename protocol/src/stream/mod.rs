@@ -502,3 +502,6 @@ impl StreamDecoder {
         }
     }
 }
+
+#[cfg(all(test, feature = "alloc"))]
+mod tests;
