@@ -193,7 +193,9 @@ impl EventSink {
     }
 
     /// `MIGRATION {"status": ...}`.
-    pub fn migration(&self, status: MigrationStatus) {
+    /// Takes a [`MigrationStatus`] or the state machines' `qmig_protocol::machine::MigrationStatus`.
+    pub fn migration(&self, status: impl Into<MigrationStatus>) {
+        let status = status.into();
         let data = serde_json::to_value(MigrationEventData { status }).ok();
         self.emit_named(EVENT_MIGRATION, data);
     }

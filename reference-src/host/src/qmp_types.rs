@@ -582,6 +582,54 @@ pub enum MigrationStatus {
     Other(String),
 }
 
+impl MigrationStatus {
+    /// The QAPI name (`"postcopy-paused"`).
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::None => "none",
+            Self::Setup => "setup",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
+            Self::Active => "active",
+            Self::PostcopyDevice => "postcopy-device",
+            Self::PostcopyActive => "postcopy-active",
+            Self::PostcopyPaused => "postcopy-paused",
+            Self::PostcopyRecoverSetup => "postcopy-recover-setup",
+            Self::PostcopyRecover => "postcopy-recover",
+            Self::Completed => "completed",
+            Self::Failed => "failed",
+            Self::Colo => "colo",
+            Self::PreSwitchover => "pre-switchover",
+            Self::Device => "device",
+            Self::WaitUnplug => "wait-unplug",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// The status by QAPI name; unknown names give [`MigrationStatus::Other`].
+    pub fn from_qapi(name: &str) -> Self {
+        serde_json::from_value(Value::String(name.to_owned()))
+            .unwrap_or_else(|_| Self::Other(name.to_owned()))
+    }
+
+    /// The state machines' status of the same name (`None` for [`MigrationStatus::Other`]).
+    pub fn to_machine(&self) -> Option<qmig_protocol::machine::MigrationStatus> {
+        qmig_protocol::machine::MigrationStatus::from_qapi(self.as_str())
+    }
+}
+
+impl From<qmig_protocol::machine::MigrationStatus> for MigrationStatus {
+    fn from(s: qmig_protocol::machine::MigrationStatus) -> Self {
+        Self::from_qapi(s.as_str())
+    }
+}
+
+impl std::fmt::Display for MigrationStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// RAM statistics of `query-migrate` (QEMU's `MigrationStats`). Members missing in a given
 /// QEMU version read as 0.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -710,3 +710,28 @@ fn migration_info_exact_shape_and_extensions() {
         QmpMessage::Return(_)
     ));
 }
+
+#[test]
+fn migration_status_matches_the_state_machines() {
+    use qmig_protocol::machine::MigrationStatus as Machine;
+    for &m in Machine::ALL {
+        let q = MigrationStatus::from(m);
+        assert!(!matches!(q, MigrationStatus::Other(_)), "{m:?}");
+        assert_eq!(q.as_str(), m.as_str());
+        assert_eq!(serde_json::to_value(&q).unwrap(), json!(m.as_str()));
+        assert_eq!(q.to_machine(), Some(m));
+        assert_eq!(MigrationStatus::from_qapi(m.as_str()), q);
+    }
+    assert_eq!(MigrationStatus::from_qapi("x-new").to_machine(), None);
+    assert_eq!(MigrationStatus::from_qapi("x-new").to_string(), "x-new");
+
+    // The event helper takes either type.
+    let sink = EventSink::new();
+    let rx = sink.subscribe(4);
+    sink.migration(Machine::PostcopyRecover);
+    let ev = rx.try_recv().unwrap();
+    assert_eq!(
+        ev.migration_status(),
+        Some(MigrationStatus::PostcopyRecover)
+    );
+}
