@@ -349,8 +349,7 @@ impl World {
             .expect("source accepts the connection");
     }
 
-    /// Breaks the current link now (both sides see the channel close).
-    pub fn cut_now(&mut self) {
+    fn cut_now(&mut self) {
         let now = Instant(self.now);
         self.link = None;
         self.cuts_done += 1;
@@ -368,7 +367,7 @@ impl World {
     }
 
     /// Drains both machines' events into the logs and reacts as the guest/operator.
-    pub fn drain_events(&mut self) {
+    fn drain_events(&mut self) {
         while let Some(e) = self.src.poll_event() {
             match &e {
                 Event::Status { to, .. } => self.src_statuses.push(*to),
@@ -427,8 +426,9 @@ impl World {
             } else {
                 Control::Complete
             };
-            // Refused only if the operator already chose the other way (property tests).
-            let _ = self.src.handle_control(now, c);
+            self.src
+                .handle_control(now, c)
+                .expect("switchover accepted");
         }
     }
 
@@ -450,19 +450,15 @@ impl World {
         self.drain_events();
         if self.link.is_none() {
             // The operator recovers a paused migration over a new connection.
-            let src_ready = matches!(
-                self.src.status(),
-                MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecoverSetup
-            );
-            if src_ready && self.dst.status() == MigrationStatus::PostcopyPaused {
+            if self.src.status() == MigrationStatus::PostcopyPaused
+                && self.dst.status() == MigrationStatus::PostcopyPaused
+            {
                 self.dst
                     .handle_control(now, Control::Recover)
                     .expect("recover");
-                if self.src.status() == MigrationStatus::PostcopyPaused {
-                    self.src
-                        .handle_control(now, Control::Resume)
-                        .expect("resume");
-                }
+                self.src
+                    .handle_control(now, Control::Resume)
+                    .expect("resume");
                 self.connect();
                 self.drain_events();
                 return true;
@@ -581,25 +577,6 @@ impl World {
             self.cut_now();
         }
         moved
-    }
-
-    /// Runs until done or until nothing moves any more (no panic); returns whether done.
-    pub fn run_quiet(&mut self, max_steps: usize) -> bool {
-        let mut idle = 0;
-        for _ in 0..max_steps {
-            if self.done() {
-                return true;
-            }
-            if self.step() {
-                idle = 0;
-            } else {
-                idle += 1;
-                if idle > 3 {
-                    return self.done();
-                }
-            }
-        }
-        self.done()
     }
 
     /// Runs until done or stuck; returns the number of steps. Panics if it exceeds `max_steps`.

@@ -8,8 +8,11 @@
 //! the timeout is only a failure guard. Where the server sends no event,
 //! [`QmpClient::poll_until`] polls a query command.
 //!
-//! Messages are kept as [`serde_json::Value`]: the client is independent of
-//! which commands the server implements.
+//! Framing uses the shared shapes of [`crate::qmp_types`] (commands are
+//! serialised as [`QmpCommand`], events parsed as [`QmpEvent`]); arguments and
+//! results stay [`serde_json::Value`] so any command of any QEMU version can
+//! be sent, and [`QmpClient::execute_typed`] gives the typed form for
+//! commands described by a [`QmpCommandDef`].
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -17,7 +20,9 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
+
+use crate::qmp_types::{QmpCommand, QmpCommandDef, QmpEvent};
 
 /// Largest QMP message (one line) the client accepts from the server.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
@@ -149,14 +154,12 @@ impl QmpClient {
     pub fn execute(&mut self, command: &str, arguments: Value) -> QmpResult<Value> {
         let id = self.next_id;
         self.next_id += 1;
-        let mut msg = Map::new();
-        msg.insert("execute".into(), Value::String(command.into()));
-        if !arguments.is_null() {
-            msg.insert("arguments".into(), arguments);
-        }
-        msg.insert("id".into(), json!(id));
-        let mut line = serde_json::to_vec(&Value::Object(msg))
-            .map_err(|e| QmpError::Protocol(e.to_string()))?;
+        let cmd = QmpCommand {
+            execute: command.to_string(),
+            arguments: (!arguments.is_null()).then_some(arguments),
+            id: Some(json!(id)),
+        };
+        let mut line = serde_json::to_vec(&cmd).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.stream.write_all(&line)?;
         loop {
@@ -184,6 +187,16 @@ impl QmpClient {
                 "reply without return or error: {m}"
             )));
         }
+    }
+
+    /// Runs the typed command `C`: arguments serialised from `args`, the
+    /// `return` value deserialised into `C::Returns`.
+    pub fn execute_typed<C: QmpCommandDef>(&mut self, args: &C::Args) -> QmpResult<C::Returns> {
+        let cmd = QmpCommand::typed::<C>(args).map_err(|e| QmpError::Protocol(e.to_string()))?;
+        let ret = self.execute(C::NAME, cmd.arguments.unwrap_or(Value::Null))?;
+        serde_json::from_value(ret).map_err(|e| {
+            QmpError::Protocol(format!("{} returned an unexpected shape: {e}", C::NAME))
+        })
     }
 
     /// Takes the first queued or arriving event named `name` whose data
@@ -316,23 +329,13 @@ impl QmpClient {
     }
 
     fn push_event(&mut self, m: Value) -> QmpResult<()> {
-        let name = m
-            .get("event")
-            .and_then(Value::as_str)
-            .ok_or_else(|| QmpError::Protocol(format!("event without a name: {m}")))?
-            .to_string();
-        let ts = m.get("timestamp");
-        let secs = ts
-            .and_then(|t| t.get("seconds"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let us = ts
-            .and_then(|t| t.get("microseconds"))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
+        let ev: QmpEvent = serde_json::from_value(m)
+            .map_err(|e| QmpError::Protocol(format!("malformed event: {e}")))?;
+        let secs = u64::try_from(ev.timestamp.seconds).unwrap_or(0);
+        let us = u64::try_from(ev.timestamp.microseconds).unwrap_or(0);
         let ev = ReceivedEvent {
-            name,
-            data: m.get("data").cloned().unwrap_or(Value::Null),
+            name: ev.event,
+            data: ev.data.unwrap_or(Value::Null),
             timestamp_us: secs.saturating_mul(1_000_000).saturating_add(us),
             received: Instant::now(),
         };
@@ -374,7 +377,12 @@ impl QmpClient {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::qmp_types::{MigrateStartPostcopy, QueryMigrate};
     use std::io::BufRead;
+
+    fn ts() -> Value {
+        json!({"seconds": 1, "microseconds": 2})
+    }
 
     /// A scripted server: greeting, then answers each line with the next
     /// canned message(s), substituting the request id.
@@ -406,8 +414,8 @@ mod tests {
         let (s, h) = server(vec![
             vec![json!({"return": {}})],
             vec![
-                json!({"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": {"seconds": 1, "microseconds": 2}}),
-                json!({"event": "MIGRATION", "data": {"status": "active"}}),
+                json!({"event": "MIGRATION", "data": {"status": "setup"}, "timestamp": ts()}),
+                json!({"event": "MIGRATION", "data": {"status": "active"}, "timestamp": ts()}),
                 json!({"return": {"status": "active"}}),
             ],
             vec![json!({"error": {"class": "GenericError", "desc": "nope"}})],
@@ -434,12 +442,33 @@ mod tests {
     }
 
     #[test]
+    fn typed_commands_use_the_shared_shapes() {
+        let (s, h) = server(vec![
+            vec![json!({"return": {}})],
+            vec![json!({"return": {}})],
+            vec![json!({"return": {"status": "postcopy-paused"}})],
+        ]);
+        let mut c = QmpClient::handshake(s).unwrap();
+        c.execute_typed::<MigrateStartPostcopy>(&Default::default())
+            .unwrap();
+        let info = c
+            .execute_typed::<QueryMigrate>(&Default::default())
+            .unwrap();
+        assert_eq!(
+            serde_json::to_value(&info).unwrap()["status"],
+            json!("postcopy-paused")
+        );
+        drop(c);
+        h.join().unwrap();
+    }
+
+    #[test]
     fn wait_event_keeps_other_events_and_times_out() {
         let (s, h) = server(vec![
             vec![json!({"return": {}})],
             vec![
-                json!({"event": "STOP"}),
-                json!({"event": "RESUME"}),
+                json!({"event": "STOP", "timestamp": ts()}),
+                json!({"event": "RESUME", "timestamp": ts()}),
                 json!({"return": {}}),
             ],
         ]);
