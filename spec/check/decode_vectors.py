@@ -18,6 +18,10 @@ import sys
 TPS = 4096
 
 
+# Whether a stream decodes to its end from a position (memo for SEC-DELIMIT's footer scan).
+CONTINUES = {}
+
+
 class Cut(Exception):
     """The input ends inside a record."""
 
@@ -54,6 +58,7 @@ class Dest:
         self.ignore_shared = False  # from configuration/capabilities
         self.pages = []             # page records seen (block, index), when collecting
         self.counts = {}
+        self.trial = False          # inside a footer-scan trial: first valid candidate wins
 
     def count(self, what):
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -85,13 +90,21 @@ class Dest:
         good = []
         at = r.b.find(pat, r.p)
         while at >= 0:
-            trial, tr = copy.deepcopy(self), R(r.b)
-            tr.p = at + 5
-            try:
-                if tr_end(trial, tr):
-                    good.append(at)
-            except (AssertionError, Cut, KeyError, ValueError, UnicodeDecodeError):
-                pass
+            key = (id(r.b), at + 5)
+            if key not in CONTINUES:
+                trial, tr = copy.deepcopy(self), R(r.b)
+                trial.trial = True
+                tr.p = at + 5
+                try:
+                    CONTINUES[key] = tr_end(trial, tr)
+                except Cut:
+                    CONTINUES[key] = True  # valid up to the end of the available input (cut stream)
+                except (AssertionError, KeyError, ValueError, UnicodeDecodeError):
+                    CONTINUES[key] = False
+            if CONTINUES[key]:
+                good.append(at)
+            if good and self.trial:
+                break  # uniqueness is decided at the top level only
             at = r.b.find(pat, at + 1)
         assert len(good) == 1, f'SEC-DELIMIT section {sid}: {len(good)} candidates'
         r.p = good[0]
@@ -262,6 +275,7 @@ def wire_bitmap(bits):
 
 
 def check(v):
+    CONTINUES.clear()
     files = set(os.listdir(v))
     vmdesc = json.load(open(os.path.join(v, 'vmdesc.json'))) if 'vmdesc.json' in files else None
     b = open(os.path.join(v, 'stream.bin'), 'rb').read()
