@@ -294,6 +294,19 @@ fn greeting_negotiation_and_commands() {
         c.call(r#"{"execute":"panic"}"#),
         generic("internal error: command handler panicked")
     );
+    // Hostile shapes: deep nesting and invalid UTF-8 are parse errors, not crashes.
+    let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
+    assert_eq!(c.call(&deep)["error"]["class"], "GenericError");
+    c.w.write_all(b"{\"execute\":\"echo\",\"id\":\"\xff\xfe\"}\n")
+        .unwrap();
+    let utf8 = c.recv();
+    assert!(
+        utf8["error"]["desc"]
+            .as_str()
+            .unwrap()
+            .starts_with("JSON parse error"),
+        "{utf8}"
+    );
 
     // Two commands on one line, blank lines ignored.
     c.send("\n\r\n{\"execute\":\"echo\",\"id\":1} {\"execute\":\"echo\",\"id\":2}\r\n");
