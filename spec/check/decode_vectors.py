@@ -334,7 +334,8 @@ def main():
     root = os.path.join(os.path.dirname(__file__), '..', '..', 'conformance', 'vectors')
     dirs = sys.argv[1:] or sorted(
         os.path.join(root, ver, name) for ver in os.listdir(root) if ver.startswith('qemu-')
-        for name in os.listdir(os.path.join(root, ver)))
+        for name in os.listdir(os.path.join(root, ver))
+        if os.path.isfile(os.path.join(root, ver, name, 'stream.bin')))
     failed = 0
     for v in dirs:
         try:
