@@ -20,15 +20,20 @@ impl StreamDecoder {
         #[cfg(feature = "vmdesc")]
         if let (Some(desc), Some(info)) = (&self.vmdesc, &self.current) {
             if let Some(dev) = desc.device(info.idstr(), info.instance_id) {
-                let n = crate::device::measure(dev, input, self.offset, &self.limits)?;
-                if n > self.limits.max_device_payload as usize {
-                    return Err(WireError::invalid(
+                let cap = self.limits.max_device_payload as usize;
+                // The payload and the byte after it (which tells whether a subsection follows).
+                let window = &input[..input.len().min(cap + 1)];
+                return match crate::device::measure(dev, window, self.offset, &self.limits) {
+                    Err(WireError::Incomplete { .. }) if window.len() > cap => Err(
+                        WireError::invalid(self.offset, Rule::SecDeviceLen, window.len() as u64),
+                    ),
+                    Ok(n) if n > cap => Err(WireError::invalid(
                         self.offset,
                         Rule::SecDeviceLen,
                         n as u64,
-                    ));
-                }
-                return Ok(n);
+                    )),
+                    r => r,
+                };
             }
         }
         self.footer_scan(input, section_id, package_limited)

@@ -34,6 +34,10 @@ use crate::rule::Rule;
 use crate::section::{decode_footer, decode_section_header, SectionHeader};
 use table::Table;
 
+/// A test on a block name (which MEM_SIZE entries carry a page size).
+#[cfg(feature = "alloc")]
+type BlockPredicate<'p> = dyn Fn(&[u8]) -> bool + 'p;
+
 /// Which kind of channel a decoder reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Channel {
@@ -80,6 +84,9 @@ pub struct StreamDecoder {
     blocks: Table<BlockInfoOwned, 0>,
     blocks_known: bool,
     ignore_shared: bool,
+    advised: bool,
+    #[cfg(feature = "alloc")]
+    huge_blocks: alloc::vec::Vec<alloc::vec::Vec<u8>>,
     postcopy: bool,
     is_final: bool,
     depth: u8,
@@ -122,6 +129,9 @@ impl StreamDecoder {
             blocks: Table::new(),
             blocks_known: false,
             ignore_shared: false,
+            advised: false,
+            #[cfg(feature = "alloc")]
+            huge_blocks: alloc::vec::Vec::new(),
             postcopy: matches!(channel, Channel::Resume),
             is_final: false,
             depth: LOOKAHEAD_DEPTH,
@@ -196,6 +206,19 @@ impl StreamDecoder {
     /// Sets postcopy rules for RAM records (e.g. for a preempt or recovery channel).
     pub fn set_postcopy(&mut self, on: bool) {
         self.postcopy = on;
+    }
+
+    /// Names the receiver's RAM blocks whose page size differs from the host page size: after
+    /// a 16-byte POSTCOPY_ADVISE their MEM_SIZE entries carry a be64 page size (QEMU reads the
+    /// field by the receiver's own block table). Empty by default (4 KiB pages everywhere).
+    #[cfg(feature = "alloc")]
+    pub fn set_huge_page_blocks<'n>(&mut self, names: impl IntoIterator<Item = &'n [u8]>) {
+        self.huge_blocks = names.into_iter().map(<[u8]>::to_vec).collect();
+    }
+
+    /// Whether a 16-byte POSTCOPY_ADVISE (postcopy-ram) has been decoded.
+    pub fn advised(&self) -> bool {
+        self.advised
     }
 
     /// Whether MEM_SIZE entries carry the x-ignore-shared region address. Set automatically
@@ -289,12 +312,19 @@ impl StreamDecoder {
             Phase::Body => return self.decode_top(input),
             Phase::Ram { section_id, start } => {
                 let mut ch = self.ram.clone();
+                #[cfg(feature = "alloc")]
+                let huge = |name: &[u8]| self.huge_blocks.iter().any(|b| b == name);
+                #[cfg(feature = "alloc")]
+                let page_size_field: Option<&BlockPredicate<'_>> =
+                    (self.advised && !self.huge_blocks.is_empty()).then_some(&huge);
+                #[cfg(not(feature = "alloc"))]
+                let page_size_field = None;
                 let ctx = RamCtx {
                     profile: &self.profile,
                     limits: &self.limits,
                     ignore_shared: self.ignore_shared,
                     postcopy: self.postcopy,
-                    page_size_field: None,
+                    page_size_field,
                 };
                 let rec = decode_record(&mut r, &mut ch, &ctx)?;
                 if let RamBody::MemSize(_) = rec.body {
@@ -429,6 +459,7 @@ impl StreamDecoder {
                         self.package_end = Some(r.offset() + len as u64);
                     }
                     Command::PostcopyListen => self.postcopy = true,
+                    Command::PostcopyAdvise(Some(_)) => self.advised = true,
                     _ => {}
                 }
                 Item::Command(c)

@@ -331,3 +331,45 @@ fn resume_continues_the_section_table() {
         Err(WireError::invalid(10, Rule::SecUnknownId, 2))
     );
 }
+
+#[test]
+fn huge_page_blocks_carry_a_page_size_after_advise() {
+    let mut b = Vec::new();
+    encode_header(3, &mut b);
+    encode_configuration(b"none", &[], &mut b);
+    Command::PostcopyAdvise(Some(crate::command::Advise {
+        ram_pagesize_summary: 0x20_1000,
+        target_page_size: 0x1000,
+    }))
+    .encode(&mut b);
+    start(&mut b, 1, 2, b"ram", 4);
+    b.put_be64(0x40_0000 | 0x04);
+    let huge = BlockInfo {
+        name: b"mem",
+        used_length: 0x20_0000,
+        page_size: Some(0x20_0000),
+        mr_addr: None,
+    };
+    let small = BlockInfo {
+        name: b"rom",
+        used_length: 0x20_0000,
+        page_size: None,
+        mr_addr: None,
+    };
+    encode_mem_size([huge, small], &mut b);
+    b.put_be64(0x10);
+    encode_footer(2, &mut b);
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    d.set_huge_page_blocks([&b"mem"[..]]);
+    let mut pos = 0;
+    while let Ok((_, used)) = d.decode(&b[pos..]) {
+        pos += used;
+    }
+    assert_eq!(pos, b.len());
+    assert!(d.advised());
+    assert_eq!(d.blocks()[0].page_size, Some(0x20_0000));
+    assert_eq!(d.blocks()[1].page_size, None);
+    // A receiver without that hugepage block reads the page size as the next name: desync.
+    let (_, e, _) = run(&b, true);
+    assert!(!e.is_incomplete(), "{e}");
+}
