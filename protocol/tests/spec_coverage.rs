@@ -16,6 +16,8 @@
 //! and as an *invalid case* otherwise (the usual `assert_eq!(v.rule, Rule::RamContinue)`).
 //! The convention is stated in `spec/README.md`. The test prints a coverage table (code, valid
 //! case, invalid case, vector, per id) and lists every id that no code, test or vector cites.
+//! A second test checks that the caps table of `spec/limits.md` gives the values of
+//! `Limits::DEFAULT`.
 
 use qmig_protocol::Rule;
 use std::collections::{BTreeMap, BTreeSet};
@@ -705,4 +707,49 @@ fn scanner_separates_test_items_from_code() {
     assert!(!has_valid_marker(
         "assert!(matches!(e, WireError::Invalid(_))); // validates"
     ));
+}
+
+/// Parses a size as written in the spec's limits table: `1024`, `16 MiB`, `1 TiB`.
+fn parse_size(text: &str) -> Option<u64> {
+    let mut parts = text.split_whitespace();
+    let n: u64 = parts.next()?.parse().ok()?;
+    let shift = match parts.next() {
+        None => 0,
+        Some("KiB") => 10,
+        Some("MiB") => 20,
+        Some("GiB") => 30,
+        Some("TiB") => 40,
+        Some(_) => return None,
+    };
+    n.checked_shl(shift)
+}
+
+#[test]
+fn limits_table_matches_limits_default() {
+    use qmig_protocol::limits::Limits;
+    let d = Limits::DEFAULT;
+    let expected: [(&str, u64); 9] = [
+        ("max_packaged", d.max_packaged.into()),
+        ("max_vmdesc", d.max_vmdesc.into()),
+        ("max_device_payload", d.max_device_payload.into()),
+        ("max_blocks", d.max_blocks.into()),
+        ("max_capabilities", d.max_capabilities.into()),
+        ("max_machine_name", d.max_machine_name.into()),
+        ("max_rp_len", d.max_rp_len.into()),
+        ("max_block_bytes", d.max_block_bytes),
+        ("max_vmdesc_depth", d.max_vmdesc_depth.into()),
+    ];
+    let text = fs::read_to_string(workspace().join("spec/limits.md")).expect("spec/limits.md");
+    for (name, value) in expected {
+        let row = text
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{name}` |")))
+            .unwrap_or_else(|| panic!("spec/limits.md has no row for `{name}`"));
+        let cell = row.split('|').nth(2).map(str::trim).unwrap_or("");
+        assert_eq!(
+            parse_size(cell),
+            Some(value),
+            "spec/limits.md gives `{name}` as {cell:?}, Limits::DEFAULT has {value}"
+        );
+    }
 }
