@@ -158,7 +158,12 @@ impl<'a> Walk<'_, 'a> {
     ) -> WireResult<()> {
         let start = self.r.clone();
         let at = start.offset();
-        let (kind, children) = if f.ty == "nullptr" {
+        // A NULL element of an array of pointers is one marker byte; QEMU 10.x describes it as
+        // type `nullptr`, 7.2 as the field's own type with size 1.
+        let null_struct = f.size == 1
+            && f.nested().is_some_and(|(_, fs, _)| !fs.is_empty())
+            && self.r.peek_u8() == Ok(VMS_NULLPTR_MARKER);
+        let (kind, children) = if f.ty == "nullptr" || null_struct {
             let b = self.r.u8()?;
             if b != VMS_NULLPTR_MARKER {
                 return Err(WireError::invalid(at, Rule::DevSchema, b as u64));
@@ -358,5 +363,19 @@ mod tests {
             decode_device(dev, &q, 0, &Limits::DEFAULT),
             Err(WireError::invalid(12, Rule::DevSchema, 0x31))
         );
+    }
+
+    #[test]
+    fn null_pointer_element_described_as_its_struct() {
+        let j = br#"{"page_size":4096,"devices":[{"name":"d","instance_id":0,"vmsd_name":"d","version":1,
+          "fields":[{"name":"q","type":"struct","size":1,"index":0,"struct":{"vmsd_name":"e","version":1,
+                       "fields":[{"name":"y","type":"uint32","size":4}]}},
+                    {"name":"q","type":"struct","size":4,"index":1,"struct":{"vmsd_name":"e","version":1,
+                       "fields":[{"name":"y","type":"uint32","size":4}]}}]}]}"#;
+        let desc = VmDesc::parse(j, 0, &Limits::DEFAULT).unwrap();
+        let dev = desc.device(b"d", 0).unwrap();
+        let t = decode_device(dev, &[0x30, 0, 0, 0, 5], 0, &Limits::DEFAULT).unwrap();
+        assert_eq!(t.nodes[0].kind, NodeKind::Null);
+        assert_eq!(t.nodes[1].children[0].as_u64(), Some(5));
     }
 }

@@ -504,6 +504,23 @@ fn device_decoder_on_postcopy_device_sections() {
     for v in vectors().iter().filter(|v| v.has("vmdesc.json")) {
         let desc = VmDesc::parse(&v.read("vmdesc.json"), 0, &Limits::DEFAULT).unwrap();
         let bytes = v.read("stream.bin");
+        // 10.x describes the configuration section too: its bytes after 0x07 decode with it.
+        if let Some(cfg) = &desc.configuration {
+            assert_eq!(cfg.vmsd_name, "configuration");
+            let cfg_dev = qmig_protocol::vmdesc::Device {
+                name: "configuration".into(),
+                instance_id: 0,
+                vmsd_name: cfg.vmsd_name.clone(),
+                version: cfg.version,
+                fields: cfg.fields.clone(),
+                subsections: cfg.subsections.clone(),
+            };
+            let len = u32::from_be_bytes(bytes[9..13].try_into().unwrap()) as usize;
+            let tree = decode_device(&cfg_dev, &bytes[9..13 + len], 9, &Limits::DEFAULT).unwrap();
+            assert_eq!(tree.get("len").unwrap().as_u64(), Some(len as u64));
+            let machine = v.manifest["machine"]["type"].as_str().unwrap();
+            assert_eq!(tree.get("name").unwrap().bytes, machine.as_bytes());
+        }
         let mut d = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
         d.set_vmdesc(desc.clone());
         let mut pos = 0;
