@@ -40,8 +40,7 @@ fn dirty_sync(gib: u64) {
         let n = n.min(pages);
         let mut times = Vec::new();
         for _ in 0..5 {
-            if n > 0 {
-                let stride = pages / n;
+            if let Some(stride) = pages.checked_div(n) {
                 for i in 0..n {
                     b.write(i * stride * P, &[i as u8]).unwrap();
                 }

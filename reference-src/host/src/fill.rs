@@ -143,3 +143,64 @@ pub fn diff_pages(a: &[u8], b: &[u8]) -> Vec<u64> {
         .map(|(i, _)| i as u64)
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::{GuestRam, MapOptions};
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    #[test]
+    fn contents_are_deterministic_and_verifiable() {
+        let ram = GuestRam::new(&[("a", 64 * P)], MapOptions::default()).unwrap();
+        let b = &ram.blocks()[0];
+        for c in [
+            Content::Zero,
+            Content::Random { seed: 1 },
+            Content::Mixed { seed: 2 },
+            Content::Pattern { seed: 3 },
+        ] {
+            fill(b, c).unwrap();
+            assert!(mismatches(b, c).is_empty(), "{c:?}");
+        }
+        // Pattern is what it says; Random differs by seed and page.
+        let mut x = [0u8; PAGE_SIZE];
+        page_content(Content::Pattern { seed: 3 }, 5, &mut x);
+        assert_eq!(
+            u64::from_le_bytes(x[8..16].try_into().unwrap()),
+            (5 << 32 | 1) ^ 3
+        );
+        let (mut r1, mut r2) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
+        page_content(Content::Random { seed: 1 }, 0, &mut r1);
+        page_content(Content::Random { seed: 1 }, 1, &mut r2);
+        assert_ne!(r1, r2);
+        // Mixed is about half zero pages.
+        let zero = (0..1000)
+            .filter(|&p| {
+                page_content(Content::Mixed { seed: 9 }, p, &mut x);
+                x == [0u8; PAGE_SIZE]
+            })
+            .count();
+        assert!((400..600).contains(&zero), "{zero} zero pages of 1000");
+        // A changed page is found.
+        b.write(7 * P + 1, &[0xFF]).unwrap();
+        assert_eq!(mismatches(b, Content::Pattern { seed: 3 }), [7]);
+    }
+
+    #[test]
+    fn image_round_trip() {
+        let ram = GuestRam::new(&[("a", 8 * P), ("b", 8 * P)], MapOptions::default()).unwrap();
+        let (a, b) = (&ram.blocks()[0], &ram.blocks()[1]);
+        fill(a, Content::Mixed { seed: 4 }).unwrap();
+        let path = std::env::temp_dir().join(format!("qmig-host-img-{}", std::process::id()));
+        a.dump(&path).unwrap();
+        fill_from_image(b, &path).unwrap();
+        assert_eq!(a.snapshot(), b.snapshot());
+        assert!(image_mismatches(b, &path).unwrap().is_empty());
+        b.write(3 * P, &[1]).unwrap();
+        assert_eq!(image_mismatches(b, &path).unwrap(), [3]);
+        assert_eq!(diff_pages(&a.snapshot(), &b.snapshot()), [3]);
+        std::fs::remove_file(&path).unwrap();
+    }
+}

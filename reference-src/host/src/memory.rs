@@ -11,6 +11,9 @@
 //! a writer may see a torn page, which is exactly what dirty tracking exists to catch. Nothing here
 //! hands out a Rust reference into guest memory.
 //!
+//! [`GuestRam`] implements the protocol machines' `SourceMemory` (page reads) and, for a
+//! destination outside userfaultfd (precopy), `GuestMemory` (plain stores).
+//!
 //! On a destination whose blocks are registered with userfaultfd (see [`crate::uffd`]), reading a
 //! page that has not been placed yet blocks in the kernel until it is: do not call
 //! [`RamBlock::snapshot`] or [`RamBlock::sha256`] there before every page is placed or the range is
@@ -21,6 +24,7 @@ use std::io::{self, Write};
 use std::path::Path;
 
 use memmap2::{Advice, MmapOptions, MmapRaw, UncheckedAdvice};
+use qmig_protocol::machine::memory::{GuestMemory, MemoryError, SourceMemory};
 use sha2::{Digest, Sha256};
 
 /// Target page size of every block (QEMU's `TARGET_PAGE_SIZE` on x86).
@@ -343,4 +347,145 @@ impl GuestRam {
 /// Lower-case hex of a digest (for logs and reports).
 pub fn hex(digest: &[u8]) -> String {
     digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn mem_err(e: MemError) -> MemoryError {
+    let code = match &e {
+        MemError::Io { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        _ => libc::EINVAL,
+    };
+    tracing::warn!("guest memory: {e}");
+    MemoryError { code }
+}
+
+/// Plain placement for a destination that is not under userfaultfd (precopy): stores, zero
+/// stores, `MADV_DONTNEED`.
+impl GuestMemory for GuestRam {
+    fn place_page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.block(block)
+            .and_then(|b| b.write(offset, data))
+            .map_err(mem_err)
+    }
+    fn place_zero(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
+        let b = self.block(block).map_err(mem_err)?;
+        b.check(offset, len).map_err(mem_err)?;
+        let zero = [0u8; PAGE_SIZE];
+        let mut at = offset;
+        while at < offset + len {
+            let n = (offset + len - at).min(PAGE_SIZE as u64) as usize;
+            b.write(at, &zero[..n]).map_err(mem_err)?;
+            at += n as u64;
+        }
+        Ok(())
+    }
+    fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
+        self.block(block)
+            .and_then(|b| b.discard(offset, len))
+            .map_err(mem_err)
+    }
+}
+
+/// The source state machine reads pages straight out of guest memory.
+///
+/// The slice aliases live guest memory: a guest thread writing the page meanwhile can tear what
+/// the machine copies out, exactly as in QEMU; dirty tracking reports that page again, so the
+/// torn copy is superseded. A block index or offset outside the RAM yields an empty slice (the
+/// machine only asks for pages of blocks it was configured with).
+impl SourceMemory for GuestRam {
+    fn page(&self, block: usize, offset: u64) -> &[u8] {
+        match self
+            .block(block)
+            .and_then(|b| b.check_pages(offset, PAGE_SIZE as u64).map(|at| (b, at)))
+        {
+            // SAFETY: `check_pages` proved the page lies inside the mapping, which lives as long
+            // as `self`; see the impl doc for concurrent writers.
+            Ok((b, at)) => unsafe { std::slice::from_raw_parts(b.as_ptr().add(at), PAGE_SIZE) },
+            Err(_) => &[],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u64 = PAGE_SIZE as u64;
+
+    #[test]
+    fn accessors_check_bounds_and_alignment() {
+        let ram = GuestRam::new(&[("a", 4 * P), ("b", P)], MapOptions::default()).unwrap();
+        let a = &ram.blocks()[0];
+        let mut buf = [0u8; 8];
+        assert!(a.read(4 * P - 8, &mut buf).is_ok());
+        assert!(matches!(
+            a.read(4 * P - 7, &mut buf),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            a.write(u64::MAX, &buf),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(a.read_page(1), Err(MemError::Unaligned { .. })));
+        assert!(matches!(
+            a.read_page(4 * P),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            a.discard(0, 5 * P),
+            Err(MemError::OutOfRange { .. })
+        ));
+        assert!(matches!(ram.by_name(b"c"), Err(MemError::UnknownBlock(_))));
+        assert!(matches!(ram.block(2), Err(MemError::UnknownBlock(_))));
+        assert_eq!(ram.by_name(b"b").unwrap().0, 1);
+        assert!(matches!(
+            GuestRam::new(&[("x", P + 1)], MapOptions::default()),
+            Err(MemError::BadSpec { .. })
+        ));
+        assert!(matches!(
+            GuestRam::new(&[("x", P), ("x", P)], MapOptions::default()),
+            Err(MemError::BadSpec { .. })
+        ));
+        assert!(matches!(
+            RamBlock::new("z", 0, MapOptions::default()),
+            Err(MemError::BadSpec { .. })
+        ));
+    }
+
+    #[test]
+    fn write_read_discard_snapshot_sha_dump() {
+        let ram = GuestRam::new(&[("a", 4 * P)], MapOptions::default()).unwrap();
+        let a = &ram.blocks()[0];
+        a.write(P + 10, b"hello").unwrap();
+        assert_eq!(&a.read_page(P).unwrap()[10..15], b"hello");
+        let snap = a.snapshot();
+        assert_eq!(snap.len() as u64, 4 * P);
+        assert_eq!(&snap[P as usize + 10..P as usize + 15], b"hello");
+        let want: [u8; 32] = Sha256::digest(&snap).into();
+        assert_eq!(a.sha256(), want);
+        assert_eq!(ram.sha256(), vec![want]);
+        let path = std::env::temp_dir().join(format!("qmig-host-dump-{}", std::process::id()));
+        a.dump(&path).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), snap);
+        std::fs::remove_file(&path).unwrap();
+        a.discard(P, P).unwrap();
+        assert_eq!(a.read_page(P).unwrap(), [0u8; PAGE_SIZE]);
+        let (blk, off) = ram.locate(a.as_ptr() as usize + 3 * PAGE_SIZE + 5).unwrap();
+        assert_eq!((blk, off), (0, 3 * P + 5));
+        assert_eq!(ram.locate(a.as_ptr() as usize + 4 * PAGE_SIZE), None);
+    }
+
+    #[test]
+    fn machine_traits() {
+        let mut ram = GuestRam::new(&[("a", 4 * P)], MapOptions::default()).unwrap();
+        ram.place_page(0, P, &[7u8; PAGE_SIZE]).unwrap();
+        assert_eq!(SourceMemory::page(&ram, 0, P), &[7u8; PAGE_SIZE][..]);
+        ram.place_zero(0, P, P).unwrap();
+        assert_eq!(SourceMemory::page(&ram, 0, P), &[0u8; PAGE_SIZE][..]);
+        assert_eq!(
+            ram.place_page(0, 4 * P, &[1]).unwrap_err().code,
+            libc::EINVAL
+        );
+        assert!(SourceMemory::page(&ram, 0, 4 * P).is_empty());
+        assert!(SourceMemory::page(&ram, 1, 0).is_empty());
+    }
 }

@@ -243,3 +243,22 @@ fn out_of_range_and_unaligned_are_typed_errors() {
         Err(UffdError::Mem(_))
     ));
 }
+
+#[test]
+fn destination_machine_places_through_the_guest_memory_trait() {
+    use qmig_protocol::machine::GuestMemory;
+    let (ram, mut u, faults) = setup(8, PlaceConfig::default());
+    let got = reader(&ram, 1);
+    assert_eq!(faults.recv_timeout(GUARD).unwrap().offset, P);
+    GuestMemory::place_page(&mut u, 0, P, &page(10, 1)).unwrap();
+    assert_eq!(got.recv_timeout(GUARD).unwrap(), page(10, 1));
+    GuestMemory::place_zero(&mut u, 0, 2 * P, 2 * P).unwrap();
+    assert_eq!(u.stats().zero_calls, 1);
+    GuestMemory::discard(&mut u, 0, P, P).unwrap();
+    assert!(!u.is_received(0, P));
+    let e = GuestMemory::place_page(&mut u, 0, 8 * P, &page(10, 8)).unwrap_err();
+    assert_eq!(e.code, libc::EINVAL);
+    u.cancel().unwrap();
+    let e = GuestMemory::place_page(&mut u, 0, 0, &page(10, 0)).unwrap_err();
+    assert_eq!(e.code, libc::ECANCELED);
+}

@@ -42,6 +42,9 @@
 //! * **Cancel.** [`UffdRam::cancel`] unregisters every block (which wakes every waiter) and
 //!   wakes each range once more; woken threads retry the access and see ordinary zero-fill
 //!   anonymous memory. Placement afterwards fails with [`UffdError::Cancelled`].
+//! * **State machine.** [`UffdRam`] implements the protocol's `GuestMemory`: `place_page` is
+//!   [`UffdRam::place`], `place_zero` is the ranged [`UffdRam::place_zero`], `discard` is
+//!   [`UffdRam::discard`]; errors map to their errno.
 //! * **Fault latency** is measured from the moment the reader thread read the fault message to
 //!   the placement that resolved it ([`UffdRam::take_fault_latencies`]).
 
@@ -57,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::memory::{GuestRam, MemError, PAGE_SIZE};
+use qmig_protocol::machine::memory::{GuestMemory, MemoryError};
 use sys::{Fill, UffdFd};
 
 pub use batch::{Batcher, ZeroPolicy};
@@ -536,5 +540,37 @@ impl Drop for UffdRam {
         }
         // Leave no thread stuck on a page that will never come.
         let _ = self.unregister_all();
+    }
+}
+
+impl UffdError {
+    /// The errno this error stands for (the protocol machines' `MemoryError::code`).
+    pub fn errno(&self) -> i32 {
+        match self {
+            UffdError::Mem(MemError::Io { source, .. }) | UffdError::Os { source, .. } => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            UffdError::Mem(_) => libc::EINVAL,
+            UffdError::Busy { .. } => libc::EAGAIN,
+            UffdError::Cancelled => libc::ECANCELED,
+        }
+    }
+}
+
+fn mem_err(e: UffdError) -> MemoryError {
+    tracing::warn!("placement failed: {e}");
+    MemoryError { code: e.errno() }
+}
+
+/// The destination state machine places straight into userfaultfd-registered memory.
+impl GuestMemory for UffdRam {
+    fn place_page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
+        self.place(block, offset, data).map_err(mem_err)
+    }
+    fn place_zero(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
+        UffdRam::place_zero(self, block, offset, len).map_err(mem_err)
+    }
+    fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
+        UffdRam::discard(self, block, offset, len).map_err(mem_err)
     }
 }
