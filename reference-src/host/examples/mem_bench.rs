@@ -127,7 +127,8 @@ fn fault_latency() {
             max_ops_per_thread: Some(pages),
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     let page = [0x5Au8; PAGE_SIZE];
     while u.missing_pages(0).unwrap() > 0 {
         let f = faults.recv().unwrap();

@@ -115,24 +115,29 @@ pub struct Workload {
 
 impl Workload {
     /// Starts the threads. The working set is clipped to the block; an unknown block or an empty
-    /// working set starts threads that do nothing.
-    pub fn start(ram: Arc<GuestRam>, cfg: WorkloadConfig) -> Self {
+    /// working set starts threads that do nothing. Fails only if a thread cannot be spawned
+    /// (threads already started are stopped and joined).
+    pub fn start(ram: Arc<GuestRam>, cfg: WorkloadConfig) -> std::io::Result<Self> {
         let stop = Arc::new(Stop {
             flag: AtomicBool::new(false),
             lock: Mutex::new(()),
             cv: Condvar::new(),
         });
         let ops = Arc::new(AtomicU64::new(0));
-        let threads = (0..cfg.threads.max(1))
-            .map(|t| {
-                let (ram, cfg, stop, ops) = (ram.clone(), cfg.clone(), stop.clone(), ops.clone());
-                std::thread::Builder::new()
-                    .name(format!("workload-{t}"))
-                    .spawn(move || run(&ram, &cfg, t, &stop, &ops))
-                    .expect("spawn workload thread")
-            })
-            .collect();
-        Self { stop, ops, threads }
+        let mut w = Self {
+            stop,
+            ops,
+            threads: Vec::new(),
+        };
+        for t in 0..cfg.threads.max(1) {
+            let (ram, cfg, stop, ops) = (ram.clone(), cfg.clone(), w.stop.clone(), w.ops.clone());
+            // On error `w` is dropped, which stops and joins the threads already running.
+            let h = std::thread::Builder::new()
+                .name(format!("workload-{t}"))
+                .spawn(move || run(&ram, &cfg, t, &stop, &ops))?;
+            w.threads.push(h);
+        }
+        Ok(w)
     }
 
     /// Operations completed so far, over all threads.

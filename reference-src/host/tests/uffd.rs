@@ -262,3 +262,26 @@ fn destination_machine_places_through_the_guest_memory_trait() {
     let e = GuestMemory::place_page(&mut u, 0, 0, &page(10, 0)).unwrap_err();
     assert_eq!(e.code, libc::ECANCELED);
 }
+
+#[test]
+fn received_bitmap_and_pending_faults_for_recovery() {
+    let (ram, u, faults) = setup(130, PlaceConfig::default());
+    u.place(0, 0, &page(11, 0)).unwrap();
+    u.place_zero(0, 64 * P, 2 * P).unwrap();
+    u.mark_zero(0, 129 * P, P).unwrap();
+    let got = reader(&ram, 100);
+    assert_eq!(faults.recv_timeout(GUARD).unwrap().offset, 100 * P);
+    assert_eq!(u.pending_fault_pages(), [(0, 100 * P)]);
+    let bm = u.received_bitmap(0).unwrap();
+    assert_eq!(bm.pages(), 130);
+    assert_eq!(bm.iter_ones().collect::<Vec<_>>(), [0, 64, 65, 129]);
+    // Wire form: three LE words (130 pages round up to 24 bytes).
+    let le = bm.to_le_vec();
+    assert_eq!(le.len(), 24);
+    assert_eq!(le[0], 1);
+    assert_eq!(le[8], 0b11);
+    assert_eq!(le[16], 0b10);
+    u.place(0, 100 * P, &page(11, 100)).unwrap();
+    assert_eq!(got.recv_timeout(GUARD).unwrap(), page(11, 100));
+    assert!(u.pending_fault_pages().is_empty());
+}

@@ -36,7 +36,8 @@ fn tracker_sees_every_page_the_workload_wrote() {
             max_ops_per_thread: Some(3000),
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     let stats = w.join();
     assert_eq!(stats.writes, 6000);
     let after = ram.blocks()[0].snapshot();
@@ -79,7 +80,8 @@ fn syncs_racing_the_workload_lose_nothing() {
             pattern: Pattern::Random,
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     let mut union = BTreeSet::new();
     // Sync while the writers run until they have done a good amount of work (progress-driven,
     // not time-driven), then stop them and take the final sync.
@@ -124,7 +126,8 @@ fn destination_reads_fault_and_are_served_by_placement() {
             max_ops_per_thread: Some(pages / 2),
             ..Default::default()
         },
-    );
+    )
+    .unwrap();
     // Act as the source: answer every fault with the page's content, until all pages are in.
     let mut page = [0u8; PAGE_SIZE];
     while u.missing_pages(0).unwrap() > 0 {

@@ -60,6 +60,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::memory::{GuestRam, MemError, PAGE_SIZE};
+use qmig_protocol::bitmap::PageBitmap;
 use qmig_protocol::machine::memory::{GuestMemory, MemoryError};
 use sys::{Fill, UffdFd};
 
@@ -461,6 +462,38 @@ impl UffdRam {
     pub fn received_words(&self, block: usize) -> Result<Vec<u64>, UffdError> {
         self.shared.ram.block(block)?;
         Ok(self.shared.blocks[block].received.words())
+    }
+
+    /// The received bitmap of `block` as the protocol's [`PageBitmap`], ready for
+    /// `MIG_RP_MSG_RECV_BITMAP` (`to_le_bytes`).
+    pub fn received_bitmap(&self, block: usize) -> Result<PageBitmap, UffdError> {
+        let pages = self.shared.ram.block(block)?.pages();
+        let mut out = PageBitmap::new(pages);
+        for (w, word) in self.received_words(block)?.into_iter().enumerate() {
+            let mut bits = word;
+            while bits != 0 {
+                out.set(w as u64 * 64 + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forwarded faults not yet resolved, as `(block, offset)` in ascending order: after a
+    /// postcopy recovery the driver requests these pages again (a request sent on the failed
+    /// channel may never have been answered; the reader does not forward a fault twice).
+    pub fn pending_fault_pages(&self) -> Vec<(usize, u64)> {
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let mut v: Vec<(usize, u64)> = pending
+            .keys()
+            .map(|&(b, p)| (b, p * PAGE_SIZE as u64))
+            .collect();
+        v.sort_unstable();
+        v
     }
 
     /// Number of pages of `block` not received yet.
