@@ -228,3 +228,88 @@ fn missing_qemu_fails_when_required_and_skips_otherwise() {
         ));
     }
 }
+
+/// Runs `provision-qemu.sh` with `env`; returns its stdout.
+fn provision(env: &[(&str, &str)]) -> String {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/provision-qemu.sh");
+    let out = std::process::Command::new(script)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run provision-qemu.sh");
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "provision-qemu.sh failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+fn assert_versions(stdout: &str) {
+    let line = |p: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(p))
+            .unwrap_or("")
+            .to_string()
+    };
+    assert!(
+        line("qemu-7.2: ").contains("QEMU emulator version 7.2."),
+        "{stdout}"
+    );
+    assert!(
+        line("qemu-10.0: ").contains("QEMU emulator version 10.0."),
+        "{stdout}"
+    );
+}
+
+/// The provisioning script is idempotent: with both QEMUs in place it
+/// reuses them and reports both versions. (It provisions from scratch when
+/// CI/QMIG_REQUIRE_QEMU is set and something is missing; otherwise a
+/// machine without QEMU skips.)
+#[test]
+fn provision_script_reports_both_versions() {
+    let have = find_qemu(QemuVersion::V7_2).unwrap_or(None).is_some()
+        && find_qemu(QemuVersion::V10_0).unwrap_or(None).is_some();
+    if !have && !qmig_conformance::qemu::qemu_required() {
+        eprintln!("skipping: QEMU not provisioned");
+        return;
+    }
+    assert_versions(&provision(&[]));
+    // A second run changes nothing and says so.
+    assert_versions(&provision(&[]));
+}
+
+/// Builds the QEMU 10.0 chroot from nothing in a fresh directory (needs the
+/// Debian mirror; about a minute): `cargo test -p qmig-conformance --test
+/// qemu_live provision_qemu_10_chroot_from_nothing -- --ignored --nocapture`.
+#[test]
+#[ignore = "downloads ~60 MB from the Debian mirror; run explicitly"]
+fn provision_qemu_10_chroot_from_nothing() {
+    let root = format!("/var/cache/qmig/fresh-test-{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&root);
+    let start = std::time::Instant::now();
+    let stdout = provision(&[("QMIG_QEMU10_ROOT", root.as_str())]);
+    let secs = start.elapsed().as_secs();
+    assert_versions(&stdout);
+    let stamp = std::fs::read_to_string(format!("{root}/.qmig-provisioned")).unwrap();
+    let mb: u64 = stamp
+        .split(", ")
+        .nth(1)
+        .and_then(|s| s.trim().strip_suffix(" MB"))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("stamp {stamp}"));
+    eprintln!(
+        "fresh QEMU 10.0 chroot: {secs} s, {mb} MB ({})",
+        stamp.trim()
+    );
+    assert!(mb < 400, "chroot of {mb} MB is not minimal");
+    assert!(!std::path::Path::new(&format!("{root}/usr/share/doc")).exists());
+    // Reuse is immediate and keeps the stamp.
+    assert_versions(&provision(&[("QMIG_QEMU10_ROOT", root.as_str())]));
+    assert_eq!(
+        std::fs::read_to_string(format!("{root}/.qmig-provisioned")).unwrap(),
+        stamp
+    );
+    std::fs::remove_dir_all(&root).unwrap();
+}
