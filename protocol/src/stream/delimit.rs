@@ -12,7 +12,7 @@ impl StreamDecoder {
     /// The payload length of the current device section in `input` (which starts at the
     /// payload). `package_limited`: `input` ends at the package boundary.
     pub(super) fn delimit(
-        &self,
+        &mut self,
         input: &[u8],
         section_id: u32,
         package_limited: bool,
@@ -36,50 +36,55 @@ impl StreamDecoder {
                 };
             }
         }
-        self.footer_scan(input, section_id, package_limited)
+        // Candidates already rejected for this payload (on an earlier, shorter input) stay
+        // rejected: a violation found in a prefix is one in any extension of it.
+        let from = match self.scan_hint {
+            Some((at, from)) if at == self.offset => from,
+            _ => 0,
+        };
+        let (r, next) = self.footer_scan(input, section_id, package_limited, from);
+        self.scan_hint = match r {
+            Err(WireError::Incomplete { .. }) => Some((self.offset, next)),
+            _ => None,
+        };
+        r
     }
 
+    /// Scans for the first plausible footer at or after payload offset `from`. Also returns
+    /// where a later call on a longer input may resume.
     fn footer_scan(
         &self,
         input: &[u8],
         section_id: u32,
         package_limited: bool,
-    ) -> WireResult<usize> {
+        mut from: usize,
+    ) -> (WireResult<usize>, usize) {
         let pat = footer_bytes(section_id);
         let cap = self.limits.max_device_payload as usize;
         let is_final = self.is_final || package_limited;
-        let mut from = 0;
+        let invalid = |rule, value| Err(WireError::invalid(self.offset, rule, value));
         while let Some(q) = find(input, from, &pat) {
             if q > cap {
-                return Err(WireError::invalid(
-                    self.offset,
-                    Rule::SecDeviceLen,
-                    q as u64,
-                ));
+                return (invalid(Rule::SecDeviceLen, q as u64), q);
             }
             if self.depth == 0 {
-                return Ok(q);
+                return (Ok(q), q);
             }
-            if self.plausible_after(input, q, is_final)? {
-                return Ok(q);
+            match self.plausible_after(input, q, is_final) {
+                Ok(true) => return (Ok(q), q),
+                Ok(false) => from = q + 1,
+                Err(e) => return (Err(e), q),
             }
-            from = q + 1;
         }
         if input.len() >= cap + FOOTER_LEN {
-            return Err(WireError::invalid(
-                self.offset,
-                Rule::SecDeviceLen,
-                input.len() as u64,
-            ));
+            return (invalid(Rule::SecDeviceLen, input.len() as u64), from);
         }
         if is_final {
-            return Err(WireError::invalid(
-                self.offset,
-                Rule::SecDelimit,
-                section_id as u64,
-            ));
+            return (invalid(Rule::SecDelimit, section_id as u64), from);
         }
-        Err(WireError::Incomplete { needed: 1 })
+        // No candidate starts before the last FOOTER_LEN - 1 bytes.
+        let next = from.max(input.len().saturating_sub(FOOTER_LEN - 1));
+        (Err(WireError::Incomplete { needed: 1 }), next)
     }
 
     /// Whether the bytes after a candidate footer at payload offset `q` decode as the next

@@ -90,6 +90,8 @@ pub struct StreamDecoder {
     postcopy: bool,
     is_final: bool,
     depth: u8,
+    /// Footer-scan progress for the payload at this offset: where to resume looking.
+    scan_hint: Option<(u64, usize)>,
     #[cfg(feature = "vmdesc")]
     vmdesc: Option<alloc::sync::Arc<crate::vmdesc::VmDesc>>,
 }
@@ -135,6 +137,7 @@ impl StreamDecoder {
             postcopy: matches!(channel, Channel::Resume),
             is_final: false,
             depth: LOOKAHEAD_DEPTH,
+            scan_hint: None,
             #[cfg(feature = "vmdesc")]
             vmdesc: None,
         }

@@ -373,3 +373,53 @@ fn huge_page_blocks_carry_a_page_size_after_advise() {
     let (_, e, _) = run(&b, true);
     assert!(!e.is_incomplete(), "{e}");
 }
+
+#[test]
+fn many_footer_lookalikes_chunked_equal_whole() {
+    let mut b = prologue();
+    start(&mut b, 4, 0, b"timer", 2);
+    let payload_at = b.len();
+    for _ in 0..2000 {
+        encode_footer(0, &mut b);
+    }
+    b.push(0xff);
+    let payload_end = b.len();
+    encode_footer(0, &mut b);
+    b.push(0);
+    // Whole input, final.
+    let mut whole = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let mut pos = 0;
+    let mut items = Vec::new();
+    while let Ok((item, used)) = whole.decode_final(&b[pos..]) {
+        items.push((whole.offset(), item));
+        pos += used;
+    }
+    assert_eq!(pos, b.len());
+    assert_eq!(
+        items[7].1,
+        Item::DeviceData(&b[payload_at..payload_end]),
+        "the payload ends at the real footer"
+    );
+    // Fed 7 bytes more at a time; final only once everything is there.
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let mut got = Vec::new();
+    let (mut pos, mut end) = (0, 0);
+    while pos < b.len() {
+        end = (end + 7).min(b.len());
+        let r = if end == b.len() {
+            d.decode_final(&b[pos..end])
+        } else {
+            d.decode(&b[pos..end])
+        };
+        match r {
+            Ok((item, used)) => {
+                got.push((d.offset(), item));
+                pos += used;
+                end = pos;
+            }
+            Err(WireError::Incomplete { .. }) => assert!(end < b.len()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(got, items);
+}
