@@ -92,6 +92,7 @@ rules! {
     RpResumeAckValue = "RP-RESUME-ACK-VALUE", "RESUME_ACK carries the value 1";
     RpShutError = "RP-SHUT-ERROR", "SHUT carries 0 on success; any other value fails the migration";
     RpOrder = "RP-ORDER", "a return-path message arrives only in a state that allows it";
+    RpAtomic = "RP-ATOMIC", "a return-path message, with a RECV_BITMAP body, is written whole, never interleaved";
     RpPongUnknown = "RP-PONG-UNKNOWN", "a PONG echoes a value the source has sent in a PING";
     // --- RAM section ---------------------------------------------------------------------
     RamVersion = "RAM-VERSION", "the RAM section (idstr \"ram\") has version 4";
@@ -115,9 +116,11 @@ rules! {
     RamHook = "RAM-HOOK", "RDMA HOOK records are not supported over a byte stream";
     RamPageSize = "RAM-PAGESIZE", "a block's page size equals the receiver's block page size";
     RamEos = "RAM-EOS", "each RAM section payload ends with an EOS record before the footer";
+    RamApply = "RAM-APPLY", "page records apply in stream order, each wholly or not at all; postcopy never overwrites a placed page";
     // --- received bitmap ---------------------------------------------------------------------
     BitmapLe = "BITMAP-LE", "bit i of a received bitmap is bit (i mod 8) of byte (i div 8), words little-endian";
     BitmapPadding = "BITMAP-PADDING", "bits past the block's last page are zero";
+    BitmapMark = "BITMAP-MARK", "a received bit is set only once its page is wholly received and placed; ADVISE and DISCARD clear it";
     // --- device state ------------------------------------------------------------------------
     DevSchema = "DEV-SCHEMA", "a device payload matches its VM-description fields exactly";
     DevSubsection = "DEV-SUBSECTION", "a device subsection is known to its parent's description";
