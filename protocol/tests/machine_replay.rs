@@ -384,3 +384,53 @@ fn replay_source_resends_exactly_the_clear_pages() {
         replay_source(&common::vector(ver, name));
     }
 }
+
+/// Every precopy and postcopy vector without multifd or recovery: the whole stream through a
+/// destination gives `final_ram` and the captured return path (`exact` or `postcopy` rule).
+#[test]
+fn replay_whole_streams_destination() {
+    let mut checked = Vec::new();
+    for v in common::vectors() {
+        let name = v.name.as_str();
+        if name.contains("multifd") || name.contains("recover") || name == "precopy-compress" {
+            continue;
+        }
+        let stream = v.read("stream.bin");
+        let blocks = blocks_of(&v, &stream);
+        let machine = v.manifest["machine"]["type"].as_str().unwrap().to_string();
+        let postcopy_ram = v.manifest["replay"]["destination_capabilities"]["postcopy-ram"]
+            .as_bool()
+            .unwrap_or(false);
+        let mut cfg = DestinationConfig::new(v.profile(), &machine, blocks.clone(), postcopy_ram);
+        if v.has("vmdesc.json") {
+            cfg.vmdesc = Some(vmdesc_of(&v));
+        }
+        let mut dst = Destination::new(cfg).expect("config");
+        let mut mem = Mem::new(&blocks, TPS as usize);
+        dst.handle_channel_opened(Instant(0)).unwrap();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut rp = Vec::new();
+        for (i, chunk) in stream.chunks(65536).enumerate() {
+            buf.extend_from_slice(chunk);
+            let used = dst
+                .handle_stream(Instant(i as u64 + 1), &buf, &mut mem)
+                .unwrap_or_else(|e| panic!("{}: {e}", v.id()));
+            buf.drain(..used);
+            dst.poll_transmit(&mut rp);
+        }
+        assert_eq!(buf.len(), 0, "{}: stream consumed to its end", v.id());
+        assert_eq!(dst.status(), S::Completed, "{}", v.id());
+        check_final_ram(&v, &blocks, &mem);
+        if v.has("rp.bin") {
+            let want = rp_messages(&v, &blocks, &v.read("rp.bin"));
+            let got = rp_messages(&v, &blocks, &rp);
+            assert_postcopy_rule(&v.id(), &got, &want);
+        }
+        checked.push(v.id());
+    }
+    println!(
+        "whole-stream replays: {} vectors: {checked:?}",
+        checked.len()
+    );
+    assert!(checked.len() >= 20, "{checked:?}");
+}

@@ -754,8 +754,14 @@ impl Destination {
                 self.fill.fill(fill);
                 mem.place_page(b, offset, &self.fill)
             }
-            RamBody::Xbzrle(_) => {
-                return Err(Violation::new(at, Rule::RamXbzrleBase, offset).into())
+            RamBody::Xbzrle(delta) => {
+                // The delta applies to the page as received before.
+                if !self.received[b].test(page) || !mem.read_page(b, offset, &mut self.fill) {
+                    return Err(Violation::new(at, Rule::RamXbzrleBase, offset).into());
+                }
+                let delta_at = at + 8 + rec.name.map_or(0, |n| 1 + n.len() as u64) + 3;
+                crate::ram::xbzrle_apply(delta, &mut self.fill, delta_at).map_err(Stop::Peer)?;
+                mem.place_page(b, offset, &self.fill)
             }
             #[cfg(feature = "compress")]
             RamBody::Compressed(z) => {

@@ -61,6 +61,13 @@ pub trait GuestMemory {
     /// Drops `len` bytes at `offset` so that the next access faults (`MADV_DONTNEED`): used by
     /// ADVISE (whole blocks) and POSTCOPY_RAM_DISCARD.
     fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError>;
+    /// Copies the current target page at `offset` into `out` (one target page long), for
+    /// precopy XBZRLE deltas, which apply to the page as received before. Returns `false` if the
+    /// backend cannot read its pages; XBZRLE records are then refused (RAM-XBZRLE-BASE).
+    fn read_page(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
+        let _ = (block, offset, out);
+        false
+    }
 }
 
 /// The source's read access to guest memory.
@@ -78,6 +85,9 @@ impl<M: GuestMemory + ?Sized> GuestMemory for &mut M {
     }
     fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
         (**self).discard(block, offset, len)
+    }
+    fn read_page(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
+        (**self).read_page(block, offset, out)
     }
 }
 

@@ -711,7 +711,7 @@ impl Source {
         for i in 0..=n {
             let b = (self.cursor.0 + i) % n.max(1);
             let from = if i == 0 { self.cursor.1 } else { 0 };
-            if let Some(p) = self.dirty[b].iter_ones().find(|&p| p >= from) {
+            if let Some(p) = next_set(&self.dirty[b], from) {
                 self.cursor = (b, p + 1);
                 return Some((b, p));
             }
@@ -887,5 +887,39 @@ impl Source {
         self.eos_footer(o);
         Item::Eof.encode(o);
         self.finish_stream();
+    }
+}
+
+/// The first set page at or after `from`, scanning whole words.
+fn next_set(bm: &PageBitmap, from: u64) -> Option<u64> {
+    let words = bm.words();
+    let mut w = (from / 64) as usize;
+    let mut bits = *words.get(w)? & (u64::MAX << (from % 64));
+    loop {
+        if bits != 0 {
+            let p = w as u64 * 64 + bits.trailing_zeros() as u64;
+            return (p < bm.pages()).then_some(p);
+        }
+        w += 1;
+        bits = *words.get(w)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn next_set_scans_words() {
+        let mut b = PageBitmap::new(200);
+        for p in [3, 64, 130, 199] {
+            b.set(p);
+        }
+        assert_eq!(next_set(&b, 0), Some(3));
+        assert_eq!(next_set(&b, 4), Some(64));
+        assert_eq!(next_set(&b, 65), Some(130));
+        assert_eq!(next_set(&b, 131), Some(199));
+        assert_eq!(next_set(&b, 200), None);
+        assert_eq!(next_set(&PageBitmap::new(0), 0), None);
     }
 }

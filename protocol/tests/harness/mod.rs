@@ -67,6 +67,9 @@ impl GuestMemory for Mem {
         self.blocks[block][o..o + len as usize].fill(0);
         Ok(())
     }
+    fn read_page(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
+        self.read(block, offset, out)
+    }
     fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
         let o = offset as usize;
         self.blocks[block][o..o + len as usize].fill(0);
@@ -74,6 +77,15 @@ impl GuestMemory for Mem {
             self.present[block][p] = false;
         }
         Ok(())
+    }
+}
+
+impl Mem {
+    /// Reads a target page (for XBZRLE).
+    pub fn read(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
+        let o = offset as usize;
+        out.copy_from_slice(&self.blocks[block][o..o + out.len()]);
+        true
     }
 }
 
@@ -199,7 +211,7 @@ pub struct World {
     /// Destination machine.
     pub dst: Destination,
     /// Source memory.
-    pub src_mem: Mem,
+    pub src_mem: std::rc::Rc<Mem>,
     /// Destination memory.
     pub dst_mem: Mem,
     /// The current connection (None between a cut and the reconnection).
@@ -304,7 +316,7 @@ impl World {
         World {
             src: Source::new(scfg),
             dst: Destination::new(dcfg).expect("valid destination config"),
-            src_mem,
+            src_mem: std::rc::Rc::new(src_mem),
             dst_mem,
             link: None,
             conn: 0,
@@ -349,7 +361,8 @@ impl World {
             .expect("source accepts the connection");
     }
 
-    fn cut_now(&mut self) {
+    /// Breaks the current link now (both sides see the channel close).
+    pub fn cut_now(&mut self) {
         let now = Instant(self.now);
         self.link = None;
         self.cuts_done += 1;
@@ -367,7 +380,7 @@ impl World {
     }
 
     /// Drains both machines' events into the logs and reacts as the guest/operator.
-    fn drain_events(&mut self) {
+    pub fn drain_events(&mut self) {
         while let Some(e) = self.src.poll_event() {
             match &e {
                 Event::Status { to, .. } => self.src_statuses.push(*to),
@@ -405,12 +418,13 @@ impl World {
         }
         self.rounds_done += 1;
         let tps = self.sc.profile.target_page_size as usize;
-        for b in 0..self.src_mem.blocks.len() {
-            let pages = self.src_mem.blocks[b].len() / tps;
+        let src_mem = std::rc::Rc::make_mut(&mut self.src_mem);
+        for b in 0..src_mem.blocks.len() {
+            let pages = src_mem.blocks[b].len() / tps;
             let mut dirty = PageBitmap::new(pages as u64);
             for _ in 0..self.sc.writes_per_round {
                 let p = (self.rng.next() % pages as u64) as usize;
-                let page = &mut self.src_mem.blocks[b][p * tps..(p + 1) * tps];
+                let page = &mut src_mem.blocks[b][p * tps..(p + 1) * tps];
                 if self.rng.next() % 5 == 0 {
                     page.fill(0);
                 } else {
@@ -426,9 +440,8 @@ impl World {
             } else {
                 Control::Complete
             };
-            self.src
-                .handle_control(now, c)
-                .expect("switchover accepted");
+            // Refused only if the operator already chose the other way (property tests).
+            let _ = self.src.handle_control(now, c);
         }
     }
 
@@ -450,15 +463,19 @@ impl World {
         self.drain_events();
         if self.link.is_none() {
             // The operator recovers a paused migration over a new connection.
-            if self.src.status() == MigrationStatus::PostcopyPaused
-                && self.dst.status() == MigrationStatus::PostcopyPaused
-            {
+            let src_ready = matches!(
+                self.src.status(),
+                MigrationStatus::PostcopyPaused | MigrationStatus::PostcopyRecoverSetup
+            );
+            if src_ready && self.dst.status() == MigrationStatus::PostcopyPaused {
                 self.dst
                     .handle_control(now, Control::Recover)
                     .expect("recover");
-                self.src
-                    .handle_control(now, Control::Resume)
-                    .expect("resume");
+                if self.src.status() == MigrationStatus::PostcopyPaused {
+                    self.src
+                        .handle_control(now, Control::Resume)
+                        .expect("resume");
+                }
                 self.connect();
                 self.drain_events();
                 return true;
@@ -480,7 +497,7 @@ impl World {
             let link = self.link.as_mut().unwrap();
             let before = link.main.len();
             self.src
-                .poll_transmit(&self.src_mem, &mut link.main, self.sc.budget);
+                .poll_transmit(&*self.src_mem, &mut link.main, self.sc.budget);
             if self.record {
                 let new = &link.main[before..];
                 self.main_bytes.last_mut().unwrap().extend_from_slice(new);
@@ -577,6 +594,25 @@ impl World {
             self.cut_now();
         }
         moved
+    }
+
+    /// Runs until done or until nothing moves any more (no panic); returns whether done.
+    pub fn run_quiet(&mut self, max_steps: usize) -> bool {
+        let mut idle = 0;
+        for _ in 0..max_steps {
+            if self.done() {
+                return true;
+            }
+            if self.step() {
+                idle = 0;
+            } else {
+                idle += 1;
+                if idle > 3 {
+                    return self.done();
+                }
+            }
+        }
+        self.done()
     }
 
     /// Runs until done or stuck; returns the number of steps. Panics if it exceeds `max_steps`.
