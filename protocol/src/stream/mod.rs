@@ -329,7 +329,16 @@ impl StreamDecoder {
                     postcopy: self.postcopy,
                     page_size_field,
                 };
-                let rec = decode_record(&mut r, &mut ch, &ctx)?;
+                let rec = match decode_record(&mut r, &mut ch, &ctx) {
+                    Ok(rec) => rec,
+                    // The section's footer where a record should be: EOS is missing.
+                    Err(WireError::Invalid(_))
+                        if input.starts_with(&crate::section::footer_bytes(section_id)) =>
+                    {
+                        return Err(WireError::invalid(at, Rule::RamEos, section_id as u64));
+                    }
+                    Err(e) => return Err(e),
+                };
                 if let RamBody::MemSize(_) = rec.body {
                     if !start {
                         return Err(WireError::invalid(at, Rule::RamMemSizePlace, rec.flags.0));

@@ -149,6 +149,13 @@ fn ram_rules() {
     encode_footer(2, &mut r);
     let (n, e, _) = run(&part(&r), false);
     assert_eq!((n, e), (10, WireError::Incomplete { needed: 1 }));
+    let mut r = Vec::new();
+    r.put_be64(0x3000 | 0x02);
+    r.put_str8(b"ram");
+    r.push(0);
+    encode_footer(2, &mut r);
+    r.extend_from_slice(&[2, 0, 0, 0, 2]);
+    assert_eq!(err(&part(&r)), WireError::invalid(at + 13, Rule::RamEos, 2));
 }
 
 #[test]
