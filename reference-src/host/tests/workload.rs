@@ -151,3 +151,104 @@ fn destination_reads_fault_and_are_served_by_placement() {
     }
     assert_eq!(stats.read_xor, expect_xor);
 }
+
+/// Every mechanism of this crate in one in-process migration: full copy and dirty rounds while
+/// the source workload writes (kernel dirty tracking), switchover, discard of the last dirty
+/// pages on the destination, then postcopy with a destination workload faulting on them while
+/// the driver answers faults and pushes the rest through the batcher. The destination must end
+/// byte-equal to the source at switchover.
+#[test]
+fn precopy_rounds_then_postcopy_end_byte_equal() {
+    use qmig_host::uffd::{Batcher, ZeroPolicy};
+    use std::sync::mpsc::TryRecvError;
+
+    let pages = 4096u64;
+    let src = source_ram(pages);
+    let dst = Arc::new(GuestRam::new(&[("pc.ram", pages * P)], MapOptions::default()).unwrap());
+    let (s, d) = (&src.blocks()[0], &dst.blocks()[0]);
+    let copy_page = |p: u64| {
+        let page = s.read_page(p * P).unwrap();
+        d.write(p * P, &page).unwrap();
+    };
+
+    let mut tracker = DirtyTracker::start(src.clone(), Choice::Auto).unwrap();
+    if !tracker.mechanism().atomic() {
+        eprintln!("SKIP: writers are not paused here and soft-dirty is not atomic");
+        return;
+    }
+    let w = Workload::start(
+        src.clone(),
+        WorkloadConfig {
+            threads: 1,
+            seed: 21,
+            pages: 1024,
+            first_page: 1000,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    (0..pages).for_each(copy_page);
+    let mut sent_rounds = 0;
+    while sent_rounds < 5 || w.ops() < 50_000 {
+        let dirty = tracker.sync().unwrap();
+        dirty[0].iter_ones().for_each(copy_page);
+        sent_rounds += 1;
+    }
+    w.stop();
+    // Switchover: the last dirty set goes over in postcopy.
+    let last: Vec<u64> = tracker.sync().unwrap()[0].iter_ones().collect();
+    assert!(!last.is_empty());
+    let want = s.snapshot();
+
+    let (u, faults) = UffdRam::register(dst.clone(), PlaceConfig::default()).unwrap();
+    u.note_received(0, 0, pages * P).unwrap();
+    for &p in &last {
+        u.discard(0, p * P, P).unwrap();
+    }
+    let reader = Workload::start(
+        dst.clone(),
+        WorkloadConfig {
+            threads: 2,
+            access: Access::Read,
+            pattern: Pattern::Random,
+            seed: 4,
+            pages: 1024,
+            first_page: 1000,
+            max_ops_per_thread: Some(5000),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut page = [0u8; PAGE_SIZE];
+    {
+        let mut bt = Batcher::new(&u, ZeroPolicy::Lazy);
+        let mut background = last.iter();
+        loop {
+            match faults.try_recv() {
+                Ok(f) => {
+                    s.read(f.offset, &mut page).unwrap();
+                    u.place(f.block, f.offset, &page).unwrap();
+                    continue;
+                }
+                Err(TryRecvError::Empty) => {}
+                Err(e) => panic!("{e}"),
+            }
+            let Some(&p) = background.next() else { break };
+            s.read(p * P, &mut page).unwrap();
+            bt.push_page(0, p * P, &page).unwrap();
+        }
+        bt.flush().unwrap();
+    }
+    let mut reader = reader;
+    let rs = reader.join();
+    assert_eq!(rs.reads, 10_000);
+    assert_eq!(
+        u.missing_pages(0).unwrap(),
+        pages - pages,
+        "every page received"
+    );
+    u.finish().unwrap();
+    let got = d.snapshot();
+    assert_eq!(diff_pages(&want, &got), Vec::<u64>::new());
+    assert_eq!(got, want);
+}

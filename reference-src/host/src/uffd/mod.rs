@@ -433,6 +433,15 @@ impl UffdRam {
         Ok(())
     }
 
+    /// Records `[offset, offset+len)` as received without placing anything: for pages that
+    /// were loaded by plain stores before the blocks were registered (the precopy phase).
+    /// The pages must be present; a missing page marked this way would never be requested.
+    pub fn note_received(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        self.check(block, offset, len)?;
+        self.shared.mark_received(block, offset, len);
+        Ok(())
+    }
+
     /// Drops `[offset, offset+len)` (`MADV_DONTNEED`) and clears its received bits: the pages
     /// fault again on next touch.
     pub fn discard(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
