@@ -16,8 +16,10 @@
 //! and as an *invalid case* otherwise (the usual `assert_eq!(v.rule, Rule::RamContinue)`).
 //! The convention is stated in `spec/README.md`. The test prints a coverage table (code, valid
 //! case, invalid case, vector, per id) and lists every id that no code, test or vector cites.
-//! A second test checks that the caps table of `spec/limits.md` gives the values of
-//! `Limits::DEFAULT`.
+//! Two more tests keep the spec's tables in step with the code: the caps table of
+//! `spec/limits.md` gives the values of `Limits::DEFAULT`, and the index `spec/rules.md` lists
+//! every rule in `Rule::ALL` order with its defining file and `Rule::summary()` (regenerate it
+//! with `spec/check/gen_rules_index.py`).
 
 use qmig_protocol::Rule;
 use std::collections::{BTreeMap, BTreeSet};
@@ -750,6 +752,62 @@ fn limits_table_matches_limits_default() {
             parse_size(cell),
             Some(value),
             "spec/limits.md gives `{name}` as {cell:?}, Limits::DEFAULT has {value}"
+        );
+    }
+}
+
+#[test]
+fn rule_index_lists_every_rule_in_order() {
+    let text = fs::read_to_string(workspace().join("spec/rules.md")).expect("spec/rules.md");
+    let defined: BTreeMap<String, String> = spec_uses()
+        .into_iter()
+        .filter(|u| u.defining)
+        .map(|u| {
+            (
+                u.id,
+                u.place
+                    .split(':')
+                    .next()
+                    .unwrap_or("")
+                    .trim_start_matches("spec/")
+                    .to_string(),
+            )
+        })
+        .collect();
+    let rows: Vec<Vec<String>> = text
+        .lines()
+        .filter(|l| l.starts_with("| ["))
+        .map(|l| {
+            l.replace("\\|", "\u{1}")
+                .split('|')
+                .map(|c| c.trim().replace('\u{1}', "|"))
+                .filter(|c| !c.is_empty())
+                .collect()
+        })
+        .collect();
+    assert_eq!(
+        rows.len(),
+        Rule::ALL.len(),
+        "spec/rules.md must have one row per rule"
+    );
+    for (row, rule) in rows.iter().zip(Rule::ALL) {
+        assert_eq!(
+            row[0],
+            format!("[{}]", rule.id()),
+            "spec/rules.md is out of order or stale"
+        );
+        let file = defined.get(rule.id()).cloned().unwrap_or_default();
+        assert_eq!(
+            row[1],
+            format!("[{file}]({file})"),
+            "spec/rules.md: wrong file for {}",
+            rule.id()
+        );
+        assert_eq!(
+            row[2],
+            rule.summary(),
+            "spec/rules.md: summary of {} differs from Rule::summary()",
+            rule.id()
         );
     }
 }
