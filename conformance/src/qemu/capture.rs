@@ -26,13 +26,19 @@ pub const FORMAT: &str = "qemu-migration-vector/1";
 /// Names of the scenarios [`scenario`] knows, per version.
 pub fn scenario_names(version: QemuVersion) -> &'static [&'static str] {
     match version {
-        QemuVersion::V7_2 => &["precopy", "postcopy", "postcopy-recover"],
+        QemuVersion::V7_2 => &[
+            "precopy",
+            "postcopy",
+            "postcopy-recover",
+            "postcopy-recover-pause",
+        ],
         QemuVersion::V10_0 => &[
             "precopy-none-nocpu",
             "postcopy-none-nocpu",
             "precopy",
             "postcopy",
             "postcopy-recover",
+            "postcopy-recover-pause",
         ],
     }
 }
@@ -76,6 +82,13 @@ pub fn scenario(version: QemuVersion, name: &str) -> Option<Scenario> {
             max_postcopy_bandwidth: Some(256 << 10),
             cut_after: 16 << 10,
             ..base(Kind::PostcopyRecover, cpu_machine, 64, Some(23))
+        },
+        "postcopy-recover-pause" => Scenario {
+            random_pages: 256,
+            dst_reads: 3,
+            max_bandwidth: Some(256 << 10),
+            max_postcopy_bandwidth: Some(256 << 10),
+            ..base(Kind::PostcopyPauseRecover, cpu_machine, 64, Some(24))
         },
         "precopy-none-nocpu" if version == QemuVersion::V10_0 => {
             base(Kind::Precopy, Machine::NoneNoCpu, 16, None)
@@ -264,6 +277,7 @@ fn description(o: &Outcome) -> String {
             s.cut_after,
             o.cut_at.unwrap_or(0)
         ),
+        Kind::PostcopyPauseRecover => "Postcopy over TCP; once the destination was postcopy-active, migrate-pause on the source shut its channel down, both sides went postcopy-paused, migrate-recover on the destination and migrate resume=true on the source over a new proxied connection finished the migration".to_string(),
     };
     format!("{how}. {machine}, {} MiB, {content}. Captured by qmig's Rust capture tool; destination RAM equals source RAM.", s.ram_mb)
 }

@@ -32,6 +32,9 @@ pub enum Kind {
     /// Postcopy, the proxy cuts the connection mid-postcopy, both sides
     /// pause, `migrate-recover` + `migrate resume=true` over a new proxy.
     PostcopyRecover,
+    /// As [`Kind::PostcopyRecover`], but the failure is `migrate-pause` on
+    /// the source (which shuts its socket down) instead of a proxy cut.
+    PostcopyPauseRecover,
 }
 
 /// A scenario: machine, RAM, content, migration kind.
@@ -370,6 +373,9 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
         p.wait_status("src", "postcopy-active")?;
         reads = destination_reads(&mut p, &writes, scenario.dst_reads)?;
     }
+    if scenario.kind == Kind::PostcopyPauseRecover {
+        p.qmp("src", "migrate-pause", Value::Null)?;
+    }
     if scenario.kind == Kind::PostcopyRecover {
         let (now, _) = proxy1.bytes_forwarded(0);
         let at = now + scenario.cut_after;
@@ -388,8 +394,16 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
         }
         p.step(json!({"side": "harness", "action": "proxy-cut", "reason": rec.cut_reason}));
         cut_at = Some(at);
+    }
+    if matches!(
+        scenario.kind,
+        Kind::PostcopyRecover | Kind::PostcopyPauseRecover
+    ) {
         p.wait_status("src", "postcopy-paused")?;
         p.wait_status("dst", "postcopy-paused")?;
+        proxy1
+            .wait_closed(0, PHASE)
+            .map_err(|e| QemuError::Failed(format!("the first channel stayed open: {e}")))?;
         // Finish quickly once recovered.
         p.qmp(
             "src",
