@@ -128,6 +128,7 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
     let mut replay_channels = Vec::new();
     let mut proxy = Map::new();
     let postcopy = o.scenario.kind != Kind::Precopy;
+    let recovering = o.recordings.len() > 1;
     for (label, rec) in &o.recordings {
         let (sf, rf) = if *label == "recovery" {
             ("resume-stream.bin", "resume-rp.bin")
@@ -170,7 +171,8 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
             rc["return_path_rule"] = json!(rule);
             rc["return_path_rule_text"] = json!(text);
         }
-        if rec.cut {
+        if rec.cut || (*label == "initial" && recovering) {
+            // The channel failed before the migration finished: no EOF.
             rc["ends_mid_stream"] = json!(true);
         }
         replay_channels.push(rc);
