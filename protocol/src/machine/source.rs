@@ -69,6 +69,9 @@ pub struct SourceConfig {
     pub devices: Vec<DeviceState>,
     /// Most page records per RAM SECTION_PART.
     pub pages_per_section: usize,
+    /// A return path silent for longer than this many nanoseconds while an answer is awaited
+    /// counts as a lost channel (SM-TIMEOUT), checked by [`Source::handle_timeout`].
+    pub silence_timeout: Option<u64>,
 }
 
 impl SourceConfig {
@@ -89,6 +92,7 @@ impl SourceConfig {
             ram_section_id: 2,
             devices: Vec::new(),
             pages_per_section: 32,
+            silence_timeout: None,
         }
     }
 }
@@ -143,6 +147,7 @@ pub struct Source {
     events: VecDeque<Event>,
     pages_sent: u64,
     sent_log: Option<Vec<(usize, u64)>>,
+    last_activity: Instant,
 }
 
 /// A sink that counts what passes through it.
@@ -192,6 +197,7 @@ impl Source {
             events: VecDeque::new(),
             pages_sent: 0,
             sent_log: None,
+            last_activity: Instant(0),
             cfg,
         }
     }
@@ -282,7 +288,8 @@ impl Source {
     /// The main channel is up: the first one starts the migration; later ones are recovery
     /// channels (10.x: after [`Control::Resume`] in `postcopy-recover-setup`; 7.2: in
     /// `postcopy-paused` after `Resume`).
-    pub fn handle_channel_opened(&mut self, _now: Instant) -> Result<(), ControlError> {
+    pub fn handle_channel_opened(&mut self, now: Instant) -> Result<(), ControlError> {
+        self.last_activity = now;
         let refuse = ControlError::WrongStatus {
             control: Control::Resume,
             status: self.status,
@@ -322,6 +329,25 @@ impl Source {
         self.interrupt();
     }
 
+    /// Checks the silence bound while the source waits for an answer (bitmaps, RESUME_ACK,
+    /// SHUT): a return path silent for longer than the configured timeout is handled as a lost
+    /// channel (SM-TIMEOUT).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        let Some(limit) = self.cfg.silence_timeout else {
+            return;
+        };
+        let waiting = matches!(
+            self.phase,
+            Phase::WaitBitmaps | Phase::WaitAck | Phase::WaitShut
+        );
+        if self.channel_open && waiting && now.since(self.last_activity) > limit {
+            self.events.push_back(Event::ChannelLost {
+                rule: Rule::SmTimeout,
+            });
+            self.interrupt();
+        }
+    }
+
     fn loss_rule(&self) -> Rule {
         match self.status {
             MigrationStatus::PostcopyActive => Rule::SmPauseAfterRun,
@@ -344,7 +370,8 @@ impl Source {
     }
 
     /// An operator command: `StartPostcopy`, `Complete`, `Pause`, `Resume` or `Cancel`.
-    pub fn handle_control(&mut self, _now: Instant, control: Control) -> Result<(), ControlError> {
+    pub fn handle_control(&mut self, now: Instant, control: Control) -> Result<(), ControlError> {
+        self.last_activity = self.last_activity.max(now);
         let refuse = ControlError::WrongStatus {
             control,
             status: self.status,
@@ -412,9 +439,12 @@ impl Source {
     /// Consumes return-path bytes, from the first unconsumed one. Returns how many were consumed
     /// (whole messages), or the violation that stopped the channel (the status has then moved to
     /// postcopy-paused or failed).
-    pub fn handle_return_path(&mut self, _now: Instant, input: &[u8]) -> Result<usize, Violation> {
+    pub fn handle_return_path(&mut self, now: Instant, input: &[u8]) -> Result<usize, Violation> {
         if !self.channel_open {
             return Ok(0);
+        }
+        if !input.is_empty() {
+            self.last_activity = now;
         }
         let mut pos = 0;
         loop {
