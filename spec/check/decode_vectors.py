@@ -266,6 +266,29 @@ def rp_messages(b):
     return out
 
 
+def multifd(b, v10):
+    """Decodes a multifd connection per channels.md: init packet, then packets of a fixed
+    1344-byte header (128 offset slots) followed by normal_pages x TPS bytes."""
+    r = R(b)
+    assert r.be32() == 0x11223344 and r.be32() == 1, 'MFD-MAGIC/MFD-VERSION (init)'
+    r.take(56)
+    packets = pages = syncs = 0
+    while r.p < len(b):
+        assert r.be32() == 0x11223344, 'MFD-MAGIC'
+        assert r.be32() == 1, 'MFD-VERSION'
+        flags, alloc, normal, _next, _num = r.be32(), r.be32(), r.be32(), r.be32(), r.be64()
+        zero = r.be32() if v10 else 0
+        r.take(28 if v10 else 32)
+        r.take(256)
+        assert alloc <= 128 and normal + zero <= alloc, 'MFD-PAGES'
+        r.take(128 * 8)
+        r.take(normal * TPS)
+        packets += 1
+        pages += normal + zero
+        syncs += flags & 1
+    return packets, pages, syncs
+
+
 def wire_bitmap(bits):
     out = bytearray(((len(bits) + 7) // 8 + 7) // 8 * 8)
     for i, x in enumerate(bits):
@@ -326,6 +349,9 @@ def check(v):
         if name in files:
             msgs = rp_messages(open(os.path.join(v, name), 'rb').read())
             result.append(f'{name}: {len(msgs)} messages, types {[m[0] for m in msgs][:12]}')
+    for name in sorted(f for f in files if f.startswith('multifd-conn')):
+        packets, pages, syncs = multifd(open(os.path.join(v, name), 'rb').read(), '10.0' in v)
+        result.append(f'{name}: {packets} packets ({syncs} SYNC), {pages} pages, ends exactly')
     counts = ', '.join(f'{k} {n}' for k, n in sorted(d.counts.items()))
     return result + [counts]
 
