@@ -13,6 +13,7 @@
 use crate::codes::{SectionType, QEVM_MAGIC, QEVM_VERSION};
 use crate::error::{WireError, WireResult};
 use crate::limits::Limits;
+use crate::profile::{Profile, Version};
 use crate::reader::Reader;
 use crate::rule::Rule;
 use crate::sink::Sink;
@@ -205,6 +206,83 @@ pub fn encode_configuration(
     }
 }
 
+/// Migration capability names QEMU 7.2 knows (`MigrationCapability`).
+const CAPS_7_2: &[&[u8]] = &[
+    b"xbzrle",
+    b"rdma-pin-all",
+    b"auto-converge",
+    b"zero-blocks",
+    b"compress",
+    b"events",
+    b"postcopy-ram",
+    b"x-colo",
+    b"release-ram",
+    b"block",
+    b"return-path",
+    b"pause-before-switchover",
+    b"multifd",
+    b"dirty-bitmaps",
+    b"postcopy-blocktime",
+    b"late-block-activate",
+    b"x-ignore-shared",
+    b"validate-uuid",
+    b"background-snapshot",
+    b"zero-copy-send",
+    b"postcopy-preempt",
+];
+
+/// Capability names added after 7.2 and known to 10.x.
+const CAPS_ADDED_10: &[&[u8]] = &[b"switchover-ack", b"dirty-limit", b"mapped-ram"];
+/// Capability names 10.x no longer knows (removed in 9.1 with compression and block migration).
+const CAPS_REMOVED_10: &[&[u8]] = &[b"compress", b"block"];
+
+/// Whether a capability name is one the profile's QEMU version knows. (A receiver maps each
+/// name to its capability enum and rejects unknown ones.)
+pub fn known_capability(version: Version, name: &[u8]) -> bool {
+    match version {
+        Version::V7_2 => CAPS_7_2.contains(&name),
+        Version::V10 => {
+            (CAPS_7_2.contains(&name) && !CAPS_REMOVED_10.contains(&name))
+                || CAPS_ADDED_10.contains(&name)
+        }
+    }
+}
+
+/// Checks every capability name of a decoded configuration section that started at channel
+/// offset `at` against `profile` ([`Rule::CfgCapName`], at the name's length byte).
+pub fn check_capability_names(c: &Configuration<'_>, at: u64, profile: &Profile) -> WireResult<()> {
+    let base = at + 1 + 4 + c.name.len() as u64;
+    let mut r = Reader::new(c.raw_subsections, base);
+    while r.remaining() > 0 {
+        r.u8()?;
+        let name = r.str8()?;
+        r.be32()?;
+        match name {
+            SUB_TARGET_PAGE_BITS => {
+                r.be32()?;
+            }
+            SUB_UUID => {
+                r.skip(16)?;
+            }
+            _ => {
+                let count = r.be32()?;
+                for _ in 0..count {
+                    let name_at = r.offset();
+                    let cap = r.str8()?;
+                    if !known_capability(profile.version, cap) {
+                        return Err(WireError::invalid(
+                            name_at,
+                            Rule::CfgCapName,
+                            cap.len() as u64,
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 fn decode_subsection<'a>(r: &mut Reader<'a>, limits: &Limits) -> WireResult<ConfigSubsection<'a>> {
     let marker_at = r.offset();
     let marker = r.u8()?;
@@ -379,6 +457,23 @@ mod tests {
         let mut again = alloc::vec::Vec::new();
         c.encode(&mut again);
         assert_eq!(again, out);
+    }
+
+    #[test]
+    fn capability_names_by_profile() {
+        let mut buf = [0u8; 64];
+        let caps = capabilities_from(&[b"x-ignore-shared", b"compress"], &mut buf).unwrap();
+        let mut out = alloc::vec::Vec::new();
+        encode_configuration(b"pc", &[ConfigSubsection::Capabilities(caps)], &mut out);
+        let c = decode_configuration(&mut Reader::new(&out, 8), &Limits::DEFAULT, true).unwrap();
+        assert_eq!(check_capability_names(&c, 8, &Profile::QEMU_7_2), Ok(()));
+        // "compress" is the second name: at 8 + 7 (name "pc") + 1 + 27 + 4 + 4 + 16.
+        assert_eq!(
+            check_capability_names(&c, 8, &Profile::QEMU_10),
+            Err(WireError::invalid(67, Rule::CfgCapName, 8))
+        );
+        assert!(known_capability(Version::V10, b"mapped-ram"));
+        assert!(!known_capability(Version::V7_2, b"mapped-ram"));
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub use table::{BlockInfoOwned, SectionInfo, NO_ALLOC_SECTIONS};
 use crate::codes::{SectionType, QEVM_MAGIC};
 use crate::command::{decode_command, Command};
 use crate::error::{WireError, WireResult};
-use crate::header::{decode_configuration, decode_header};
+use crate::header::{check_capability_names, decode_configuration, decode_header};
 use crate::limits::Limits;
 use crate::profile::Profile;
 use crate::ram::{decode_record, RamBody, RamChannel, RamCtx};
@@ -87,6 +87,8 @@ pub struct StreamDecoder {
     advised: bool,
     #[cfg(feature = "alloc")]
     huge_blocks: alloc::vec::Vec<alloc::vec::Vec<u8>>,
+    #[cfg(feature = "alloc")]
+    known_devices: Option<alloc::vec::Vec<(alloc::vec::Vec<u8>, u32, u32)>>,
     postcopy: bool,
     is_final: bool,
     depth: u8,
@@ -134,6 +136,8 @@ impl StreamDecoder {
             advised: false,
             #[cfg(feature = "alloc")]
             huge_blocks: alloc::vec::Vec::new(),
+            #[cfg(feature = "alloc")]
+            known_devices: None,
             postcopy: matches!(channel, Channel::Resume),
             is_final: false,
             depth: LOOKAHEAD_DEPTH,
@@ -217,6 +221,22 @@ impl StreamDecoder {
     #[cfg(feature = "alloc")]
     pub fn set_huge_page_blocks<'n>(&mut self, names: impl IntoIterator<Item = &'n [u8]>) {
         self.huge_blocks = names.into_iter().map(<[u8]>::to_vec).collect();
+    }
+
+    /// Declares the receiver's devices as `(idstr, instance_id, version_id)`: a START/FULL
+    /// naming another device breaks `SEC-UNKNOWN-DEVICE`, one with a newer version
+    /// `SEC-VERSION`. Without this call every device is accepted. Include `("ram", 0, 4)`.
+    #[cfg(feature = "alloc")]
+    pub fn set_known_devices<'n>(
+        &mut self,
+        devices: impl IntoIterator<Item = (&'n [u8], u32, u32)>,
+    ) {
+        self.known_devices = Some(
+            devices
+                .into_iter()
+                .map(|(n, i, v)| (n.to_vec(), i, v))
+                .collect(),
+        );
     }
 
     /// Whether a 16-byte POSTCOPY_ADVISE (postcopy-ram) has been decoded.
@@ -306,6 +326,7 @@ impl StreamDecoder {
             Phase::Config => {
                 let c =
                     decode_configuration(&mut r, &self.limits, self.is_final || package_limited)?;
+                check_capability_names(&c, at, &self.profile)?;
                 if c.has_capability(b"x-ignore-shared") {
                     self.ignore_shared = true;
                 }
@@ -507,8 +528,31 @@ impl StreamDecoder {
     fn bind_section(&mut self, at: u64, h: &SectionHeader<'_>) -> WireResult<SectionInfo> {
         match h {
             SectionHeader::Start(i) | SectionHeader::Full(i) => {
+                let version_at = at + 1 + 4 + 1 + i.idstr.len() as u64 + 4;
+                #[cfg(feature = "alloc")]
+                if let Some(known) = &self.known_devices {
+                    match known
+                        .iter()
+                        .find(|(n, inst, _)| n == i.idstr && *inst == i.instance_id)
+                    {
+                        None => {
+                            return Err(WireError::invalid(
+                                at + 5,
+                                Rule::SecUnknownDevice,
+                                i.instance_id as u64,
+                            ))
+                        }
+                        Some((_, _, v)) if i.version_id > *v => {
+                            return Err(WireError::invalid(
+                                version_at,
+                                Rule::SecVersion,
+                                i.version_id as u64,
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                }
                 if i.idstr == b"ram" && i.version_id != 4 {
-                    let version_at = at + 1 + 4 + 1 + i.idstr.len() as u64 + 4;
                     return Err(WireError::invalid(
                         version_at,
                         Rule::RamVersion,

@@ -430,3 +430,37 @@ fn many_footer_lookalikes_chunked_equal_whole() {
     }
     assert_eq!(got, items);
 }
+
+#[test]
+fn known_devices_rules() {
+    let mut b = prologue();
+    let at = b.len() as u64;
+    start(&mut b, 4, 0, b"timer", 3);
+    let run_known = |b: &[u8]| {
+        let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+        d.set_known_devices([(&b"ram"[..], 0, 4), (&b"timer"[..], 0, 2)]);
+        let mut pos = 0;
+        loop {
+            match d.decode_final(&b[pos..]) {
+                Ok((_, used)) => pos += used,
+                Err(e) => return e,
+            }
+        }
+    };
+    assert_eq!(
+        run_known(&b),
+        WireError::invalid(at + 15, Rule::SecVersion, 3)
+    );
+    let mut b = prologue();
+    start(&mut b, 4, 0, b"apic", 1);
+    assert_eq!(
+        run_known(&b),
+        WireError::invalid(at + 5, Rule::SecUnknownDevice, 0)
+    );
+    // valid: SEC-UNKNOWN-DEVICE SEC-VERSION (known device, same version)
+    let mut b = prologue();
+    start(&mut b, 4, 0, b"timer", 2);
+    encode_footer(0, &mut b);
+    b.push(0);
+    assert_eq!(run_known(&b), WireError::Incomplete { needed: 1 });
+}
