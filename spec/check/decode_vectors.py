@@ -3,8 +3,10 @@
 
 This decoder was written from spec/*.md alone (not from QEMU, not from the Rust codec). For every
 vector under conformance/vectors/ it decodes the main stream(s) with the grammar of stream.md,
-commands.md and ram.md (device payloads delimited by the VM description, DEV-SCHEMA), the return
-paths with return-path.md, and for the recovery vectors it checks bitmap.md and recovery.md:
+commands.md and ram.md (device payloads delimited by the VM description, DEV-SCHEMA, or for the
+footer-lookalike vectors and streams without a description by SEC-DELIMIT's footer scan), the
+return paths with return-path.md, multifd connections with channels.md (fixed 128 offset slots,
+deviations.md D-13), and for the recovery vectors it checks bitmap.md and recovery.md:
 the destination's received bitmap computed over stream.bin equals the RECV_BITMAP bodies of
 resume-rp.bin byte for byte, and the recovery channel carries exactly the pages whose bit is
 clear (SM-REBUILD), each once. Usage: python3 spec/check/decode_vectors.py [vector-dir ...]
