@@ -15,6 +15,7 @@
 
 use crate::error::Violation;
 use crate::rule::Rule;
+#[cfg(feature = "alloc")]
 use crate::sink::Sink;
 #[cfg(feature = "alloc")]
 use alloc::vec::Vec;
