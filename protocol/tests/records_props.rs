@@ -726,3 +726,38 @@ fn ram_sections_of_every_vector_decode_and_rebuild_ram() {
     assert!(sections > 100);
     assert!(rebuilt.len() >= 16, "{rebuilt:?}");
 }
+
+#[test]
+fn sender_side_continue_matches_what_the_receiver_accepts() {
+    let p = Profile::QEMU_10;
+    let limits = Limits::DEFAULT;
+    let ctx = RamCtx::new(&p, &limits);
+    let page = [1u8; TPS];
+    let mut tx = RamChannel::new();
+    let mut wire = Vec::new();
+    let blocks: [&[u8]; 5] = [b"a", b"a", b"b", b"b", b"a"];
+    for (i, b) in blocks.iter().enumerate() {
+        let (flags, name) = tx.sender_flags(RamFlags::PAGE, b);
+        RamRecord {
+            flags,
+            addr: (i * TPS) as u64,
+            name,
+            body: RamBody::Page(&page),
+        }
+        .encode(&mut wire);
+    }
+    let named: Vec<bool> = {
+        let mut rx = RamChannel::new();
+        let mut r = Reader::new(&wire, 0);
+        blocks
+            .iter()
+            .map(|b| {
+                let rec = decode_record(&mut r, &mut rx, &ctx).unwrap();
+                assert_eq!(rec.block(&rx), Some(*b));
+                rec.name.is_some()
+            })
+            .collect()
+    };
+    assert_eq!(named, [true, false, true, false, true]);
+    assert_eq!(wire.len(), 5 * (8 + TPS) + 3 * 2);
+}

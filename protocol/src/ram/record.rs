@@ -64,6 +64,35 @@ impl RamChannel {
     }
 }
 
+impl RamChannel {
+    /// Sender side: the name to write for a page record of `block` on this channel, `None`
+    /// when the record can use CONTINUE instead (the block is the channel's last one). Updates
+    /// the channel as the receiver will.
+    #[inline]
+    pub fn sender_name<'n>(&mut self, block: &'n [u8]) -> Option<&'n [u8]> {
+        if self.last_block() == Some(block) {
+            None
+        } else {
+            self.set_last_block(block);
+            Some(block)
+        }
+    }
+
+    /// Sender side: the flags for a page record of type `kind` for `block` (with CONTINUE when
+    /// the name can be left out) and the name to write; updates the channel.
+    #[inline]
+    pub fn sender_flags<'n>(
+        &mut self,
+        kind: RamFlags,
+        block: &'n [u8],
+    ) -> (RamFlags, Option<&'n [u8]>) {
+        match self.sender_name(block) {
+            None => (kind.with(RamFlags::CONTINUE), None),
+            Some(n) => (kind, Some(n)),
+        }
+    }
+}
+
 impl Default for RamChannel {
     fn default() -> Self {
         RamChannel::new()
