@@ -247,6 +247,33 @@ impl PageBitmap {
         }
     }
 
+    /// The first set page at or after `from`, scanning whole words.
+    pub fn next_one(&self, from: u64) -> Option<u64> {
+        self.next(from, false)
+    }
+
+    /// The first clear page at or after `from`, scanning whole words.
+    pub fn next_zero(&self, from: u64) -> Option<u64> {
+        self.next(from, true)
+    }
+
+    fn next(&self, from: u64, invert: bool) -> Option<u64> {
+        if from >= self.pages {
+            return None;
+        }
+        let flip = |w: u64| if invert { !w } else { w };
+        let mut w = (from / 64) as usize;
+        let mut bits = flip(*self.words.get(w)?) & (u64::MAX << (from % 64));
+        loop {
+            if bits != 0 {
+                let p = w as u64 * 64 + bits.trailing_zeros() as u64;
+                return (p < self.pages).then_some(p);
+            }
+            w += 1;
+            bits = flip(*self.words.get(w)?);
+        }
+    }
+
     /// The clear pages, in increasing order.
     pub fn iter_zeros(&self) -> impl Iterator<Item = u64> + '_ {
         BitIter {

@@ -207,6 +207,21 @@ fn ranges_complement_and_not() {
     let mut d = PageBitmap::full(200);
     d.and_not(&b);
     assert_eq!(d, c);
+    // next_one / next_zero agree with the iterators from any start.
+    for from in [0, 1, 3, 63, 64, 65, 132, 133, 199, 200, 500] {
+        assert_eq!(
+            b.next_one(from),
+            b.iter_ones().find(|&i| i >= from),
+            "{from}"
+        );
+        assert_eq!(
+            b.next_zero(from),
+            b.iter_zeros().find(|&i| i >= from),
+            "{from}"
+        );
+    }
+    assert_eq!(PageBitmap::full(130).next_zero(0), None);
+    assert_eq!(PageBitmap::new(0).next_one(0), None);
     // Out-of-range operations are ignored.
     d.set(500);
     d.set_range(190, 1000);
