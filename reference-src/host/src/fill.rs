@@ -67,12 +67,15 @@ pub fn page_content(content: Content, page: u64, out: &mut [u8; PAGE_SIZE]) {
 
 /// Fills the whole block with `content`.
 pub fn fill(block: &RamBlock, content: Content) -> Result<(), MemError> {
-    let mut page = [0u8; PAGE_SIZE];
+    let (mut page, mut have) = ([0u8; PAGE_SIZE], [0u8; PAGE_SIZE]);
     for p in 0..block.pages() {
         page_content(content, p, &mut page);
-        if content == Content::Zero {
-            // Fresh anonymous memory is already zero; writing would only populate it.
-            continue;
+        if page == [0u8; PAGE_SIZE] {
+            // Store zeros only over non-zero bytes: fresh anonymous memory stays unpopulated.
+            block.read(p * PAGE_SIZE as u64, &mut have)?;
+            if have == page {
+                continue;
+            }
         }
         block.write(p * PAGE_SIZE as u64, &page)?;
     }
@@ -159,6 +162,7 @@ mod tests {
             Content::Zero,
             Content::Random { seed: 1 },
             Content::Mixed { seed: 2 },
+            Content::Zero,
             Content::Pattern { seed: 3 },
         ] {
             fill(b, c).unwrap();

@@ -109,6 +109,8 @@ fn eexist_skips_present_page_and_places_the_rest() {
     let s = u.stats();
     assert_eq!(s.already_present, 1);
     assert_eq!(s.copied_pages, 1 + 3);
+    // 1 call for page 5; then page 4 (partial: stops at 5), page 5 (EEXIST), pages 6-7.
+    assert_eq!(s.copy_calls, 1 + 3);
     let b = &ram.blocks()[0];
     assert_eq!(b.read_page(4 * P).unwrap(), page(5, 4));
     assert_eq!(
@@ -284,4 +286,23 @@ fn received_bitmap_and_pending_faults_for_recovery() {
     u.place(0, 100 * P, &page(11, 100)).unwrap();
     assert_eq!(got.recv_timeout(GUARD).unwrap(), page(11, 100));
     assert!(u.pending_fault_pages().is_empty());
+}
+
+#[test]
+fn many_threads_on_one_missing_page_make_one_fault_and_all_wake() {
+    let (ram, u, faults) = setup(4, PlaceConfig::default());
+    let waiters: Vec<_> = (0..4).map(|_| reader(&ram, 2)).collect();
+    let f = faults.recv_timeout(GUARD).unwrap();
+    assert_eq!(f.offset, 2 * P);
+    for w in &waiters {
+        assert_eq!(w.try_recv().unwrap_err(), TryRecvError::Empty);
+    }
+    u.place(0, 2 * P, &page(12, 2)).unwrap();
+    for w in waiters {
+        assert_eq!(w.recv_timeout(GUARD).unwrap(), page(12, 2));
+    }
+    // Every duplicate fault message has been read by now or never will be: the reader does not
+    // forward a page twice, so nothing else can be on the channel.
+    assert_eq!(faults.try_recv().unwrap_err(), TryRecvError::Empty);
+    assert_eq!(u.stats().faults_forwarded, 1);
 }
