@@ -53,6 +53,9 @@ pub struct DestinationConfig {
     /// A channel silent for longer than this many nanoseconds counts as failed (SM-TIMEOUT),
     /// checked by [`Destination::handle_timeout`]; `None`: never.
     pub silence_timeout: Option<u64>,
+    /// Most device-section bytes kept for dumping over the whole migration (SEC-DEVICE-LEN
+    /// beyond it); each section is also capped by `limits.max_device_payload`.
+    pub max_device_bytes: usize,
     /// A VM description used to delimit device payloads (instead of the footer scan).
     #[cfg(feature = "vmdesc")]
     pub vmdesc: Option<crate::vmdesc::VmDesc>,
@@ -73,6 +76,7 @@ impl DestinationConfig {
             blocks,
             postcopy_ram,
             silence_timeout: None,
+            max_device_bytes: 64 << 20,
             #[cfg(feature = "vmdesc")]
             vmdesc: None,
         }
@@ -158,6 +162,7 @@ pub struct Destination {
     pages_placed: u64,
     duplicates: u64,
     last_block: Option<usize>,
+    device_bytes: usize,
 }
 
 /// A failure while acting on one item: a violation of the peer, or a machine bug.
@@ -217,6 +222,7 @@ impl Destination {
             pages_placed: 0,
             duplicates: 0,
             last_block: None,
+            device_bytes: 0,
             cfg,
         })
     }
@@ -601,11 +607,17 @@ impl Destination {
                     // A stream without configuration section (profile without it).
                     self.setup_done()?;
                 }
-                self.on_section(h);
-                Ok(())
+                self.on_section(h, at)
             }
             Item::Ram(rec) => self.on_ram(rec, at, mem),
             Item::DeviceData(d) => {
+                // Kept copies are bounded: no peer makes the destination hold more than this.
+                self.device_bytes += d.len();
+                if self.device_bytes > self.cfg.max_device_bytes {
+                    return Err(
+                        Violation::new(at, Rule::SecDeviceLen, self.device_bytes as u64).into(),
+                    );
+                }
                 if let Some(i) = self.cur_device {
                     if let Some(dev) = self.devices.get_mut(i) {
                         dev.data.extend_from_slice(d);
@@ -649,7 +661,7 @@ impl Destination {
         Ok(())
     }
 
-    fn on_section(&mut self, h: SectionHeader<'_>) {
+    fn on_section(&mut self, h: SectionHeader<'_>, at: u64) -> Result<(), Stop> {
         self.cur_device = None;
         let is_ram = self
             .decoder
@@ -657,7 +669,7 @@ impl Destination {
             .and_then(|d| d.current_section())
             .is_some_and(|s| s.is_ram);
         if is_ram {
-            return;
+            return Ok(());
         }
         let (section_id, idstr, instance_id, version_id) = match h {
             SectionHeader::Start(i) | SectionHeader::Full(i) => {
@@ -678,6 +690,13 @@ impl Destination {
             data: Vec::new(),
         });
         self.cur_device = Some(self.devices.len() - 1);
+        // Each kept section counts with its bookkeeping, so that empty sections are bounded too.
+        self.device_bytes += core::mem::size_of::<DeviceSection>()
+            + self.devices[self.devices.len() - 1].idstr.len();
+        if self.device_bytes > self.cfg.max_device_bytes {
+            return Err(Violation::new(at, Rule::SecDeviceLen, self.device_bytes as u64).into());
+        }
+        Ok(())
     }
 
     fn on_ram(

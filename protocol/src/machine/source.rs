@@ -33,6 +33,9 @@ use crate::section::{SectionHeader, SectionIdent};
 use crate::sink::Sink;
 use crate::stream::Item;
 
+/// Most page-request ranges queued at once; further requests wait for the background scan.
+pub const MAX_URGENT: usize = 4096;
+
 /// The state of one non-iterative device, sent as a SECTION_FULL (opaque payload).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceState {
@@ -134,7 +137,8 @@ pub struct Source {
     dirty: Vec<PageBitmap>,
     discarded: Vec<PageBitmap>,
     bitmaps_in: Vec<bool>,
-    urgent: VecDeque<(usize, u64)>,
+    /// Requested ranges (block, first target page, count), oldest first, at most [`MAX_URGENT`].
+    urgent: VecDeque<(usize, u64, u64)>,
     cursor: (usize, u64),
     last_sent_block: Option<usize>,
     rp: RpDecoder,
@@ -575,11 +579,9 @@ impl Source {
         if self.status != MigrationStatus::PostcopyActive {
             return Err(Violation::new(at, Rule::RpOrder, 3));
         }
-        let first = start / self.tps;
-        for p in first..first + len / self.tps {
-            if self.dirty[b].test(p) && !self.urgent.contains(&(b, p)) {
-                self.urgent.push_back((b, p));
-            }
+        // Bounded queue: a request beyond it is served by the background scan anyway.
+        if self.urgent.len() < MAX_URGENT {
+            self.urgent.push_back((b, start / self.tps, len / self.tps));
         }
         Ok(())
     }
@@ -730,11 +732,23 @@ impl Source {
 
     /// The next page to send: requested pages first (SM-URGENT-FIRST), then the background scan.
     fn next_page(&mut self) -> Option<(usize, u64)> {
-        while let Some((b, p)) = self.urgent.pop_front() {
-            if self.dirty[b].test(p) {
-                // Continue the background scan after the requested page, as QEMU does.
-                self.cursor = (b, p + 1);
-                return Some((b, p));
+        while let Some(&(b, first, count)) = self.urgent.front() {
+            // The first page of the range still dirty; the rest stays queued.
+            let end = first + count;
+            match next_set(&self.dirty[b], first).filter(|&p| p < end) {
+                Some(p) => {
+                    if p + 1 >= end {
+                        self.urgent.pop_front();
+                    } else if let Some(f) = self.urgent.front_mut() {
+                        *f = (b, p + 1, end - p - 1);
+                    }
+                    // Continue the background scan after the requested page, as QEMU does.
+                    self.cursor = (b, p + 1);
+                    return Some((b, p));
+                }
+                None => {
+                    self.urgent.pop_front();
+                }
             }
         }
         let n = self.dirty.len();
