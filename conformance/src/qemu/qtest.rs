@@ -128,11 +128,14 @@ impl Qtest {
     }
 
     fn read_line(&mut self) -> io::Result<String> {
+        // Bytes of `buf` already known to hold no newline.
+        let mut scanned = 0;
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
-                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+            if let Some(i) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=scanned + i).collect();
                 return Ok(String::from_utf8_lossy(&line).trim_end().to_string());
             }
+            scanned = self.buf.len();
             if self.buf.len() > MAX_LINE {
                 return Err(io::Error::other("qtest reply line too long"));
             }

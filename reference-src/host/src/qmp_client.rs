@@ -27,6 +27,9 @@ use crate::qmp_types::{QmpCommand, QmpCommandDef, QmpEvent};
 /// Largest QMP message (one line) the client accepts from the server.
 pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
+/// Default failure guard for one command's reply.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// What can go wrong talking QMP.
 #[derive(Debug, thiserror::Error)]
 pub enum QmpError {
@@ -85,6 +88,7 @@ pub struct QmpClient {
     pending: VecDeque<ReceivedEvent>,
     log: Vec<ReceivedEvent>,
     next_id: u64,
+    command_timeout: Option<Duration>,
 }
 
 impl QmpClient {
@@ -132,6 +136,7 @@ impl QmpClient {
             pending: VecDeque::new(),
             log: Vec::new(),
             next_id: 1,
+            command_timeout: Some(DEFAULT_COMMAND_TIMEOUT),
         };
         let greeting = c.read_message(Some(Duration::from_secs(30)))?;
         if greeting.get("QMP").is_none() {
@@ -142,6 +147,11 @@ impl QmpClient {
         c.greeting = greeting;
         c.execute("qmp_capabilities", Value::Null)?;
         Ok(c)
+    }
+
+    /// Sets how long [`QmpClient::execute`] waits for a reply (`None`: forever).
+    pub fn set_command_timeout(&mut self, timeout: Option<Duration>) {
+        self.command_timeout = timeout;
     }
 
     /// The server's greeting (`{"QMP": {"version": ..., "capabilities": ...}}`).
@@ -162,8 +172,30 @@ impl QmpClient {
         let mut line = serde_json::to_vec(&cmd).map_err(|e| QmpError::Protocol(e.to_string()))?;
         line.push(b'\n');
         self.stream.write_all(&line)?;
+        let deadline = self.command_timeout.map(|t| (Instant::now() + t, t));
         loop {
-            let m = self.read_message(None)?;
+            let left = match deadline {
+                Some((d, t)) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(QmpError::Timeout(t, format!("the reply to {command}")));
+                    }
+                    Some(d - now)
+                }
+                None => None,
+            };
+            let m = match self.read_message(left) {
+                Err(QmpError::Io(e))
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    let t = deadline.map(|(_, t)| t).unwrap_or_default();
+                    return Err(QmpError::Timeout(t, format!("the reply to {command}")));
+                }
+                other => other?,
+            };
             if m.get("event").is_some() {
                 self.push_event(m)?;
                 continue;
@@ -347,8 +379,12 @@ impl QmpClient {
     /// Reads one newline-terminated JSON message. `timeout` bounds the wait
     /// for the first byte of a message not yet buffered; `None` blocks.
     fn read_message(&mut self, timeout: Option<Duration>) -> QmpResult<Value> {
+        // Bytes of `buf` already known to hold no newline.
+        let mut scanned = 0;
         loop {
-            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+            if let Some(i) = self.buf[scanned..].iter().position(|&b| b == b'\n') {
+                let nl = scanned + i;
+                scanned = 0;
                 let line: Vec<u8> = self.buf.drain(..=nl).collect();
                 let text = line.trim_ascii();
                 if text.is_empty() {
@@ -362,8 +398,9 @@ impl QmpClient {
                     "message longer than {MAX_MESSAGE_BYTES} bytes"
                 )));
             }
+            scanned = self.buf.len();
             self.stream.set_read_timeout(timeout)?;
-            let mut chunk = [0u8; 8192];
+            let mut chunk = [0u8; 65536];
             let n = self.stream.read(&mut chunk);
             self.stream.set_read_timeout(None)?;
             match n? {
@@ -439,6 +476,32 @@ mod tests {
         }
         drop(c);
         h.join().unwrap();
+    }
+
+    #[test]
+    fn a_silent_server_is_a_timeout_not_a_hang() {
+        let (a, mut b) = UnixStream::pair().unwrap();
+        writeln!(b, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+        writeln!(b, r#"{{"return": {{}}, "id": 1}}"#).unwrap();
+        let mut c = QmpClient::handshake(a).unwrap();
+        c.set_command_timeout(Some(Duration::from_millis(20)));
+        assert!(matches!(
+            c.execute("query-status", Value::Null),
+            Err(QmpError::Timeout(..))
+        ));
+        // An oversized line is refused, not buffered without bound.
+        c.set_command_timeout(None);
+        let big = vec![b'x'; MAX_MESSAGE_BYTES + 2];
+        let writer = std::thread::spawn(move || {
+            let _ = b.write_all(&big);
+            b
+        });
+        assert!(matches!(
+            c.execute("query-status", Value::Null),
+            Err(QmpError::Protocol(_))
+        ));
+        drop(c);
+        drop(writer.join().unwrap());
     }
 
     #[test]
