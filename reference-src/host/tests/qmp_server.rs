@@ -748,3 +748,21 @@ fn migration_status_matches_the_state_machines() {
         Some(MigrationStatus::PostcopyRecover)
     );
 }
+
+#[test]
+fn clients_over_the_cap_are_closed_at_once() {
+    let config = QmpServerConfig {
+        max_clients: 2,
+        ..QmpServerConfig::default()
+    };
+    let f = fixture("cap", config);
+    let mut a = Raw::negotiated(&f);
+    let _b = Raw::negotiated(&f);
+    assert_eq!(f.server.client_count(), 2);
+    let over = UnixStream::connect(f.server.path()).unwrap();
+    over.set_read_timeout(Some(GUARD)).unwrap();
+    let mut rest = Vec::new();
+    (&over).read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "no greeting past the cap");
+    assert_eq!(a.call(r#"{"execute":"echo"}"#), json!({"return": {}}));
+}
