@@ -354,3 +354,91 @@ fn qemu72_qtest_primitives_agree_with_pmemsave() {
     assert_eq!(&dump[0x10_0000..0x10_0000 + bulk.len()], &bulk[..]);
     assert!(dump[..0x1000].iter().all(|&b| b == 0));
 }
+
+fn sha256_hex(b: &[u8]) -> String {
+    qmig_conformance::qemu::pattern::sha256_hex(b)
+}
+
+fn reference_vector(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/vectors/qemu-10.0")).join(name)
+}
+
+/// The capture tool against QEMU 10.0 `-M none` without CPU: the manifest
+/// lists its files with the right sizes and hashes, and the recording
+/// matches the shared reference vector: same length, the same bytes except
+/// inside the 24-byte `timer` payload (clock values), the same return path
+/// and the same final RAM.
+#[test]
+fn qemu100_capture_precopy_none_nocpu_matches_the_reference_vector() {
+    let Some(bin) = qemu(QemuVersion::V10_0) else {
+        return;
+    };
+    let dir = std::env::temp_dir().join(format!("qmig-capture-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let m = qmig_conformance::qemu::capture::capture(&bin, "precopy-none-nocpu", &dir).unwrap();
+    assert_eq!(m["format"], "qemu-migration-vector/1");
+    assert_eq!(m["qemu"]["version_string"], bin.version_string.as_str());
+    let files = m["files"].as_object().unwrap();
+    assert_eq!(files.keys().collect::<Vec<_>>(), ["rp.bin", "stream.bin"]);
+    for (name, f) in files {
+        let data = std::fs::read(dir.join(name)).unwrap();
+        assert_eq!(f["bytes"], data.len());
+        assert_eq!(f["sha256"], sha256_hex(&data).as_str());
+    }
+    let reference = reference_vector("precopy-none-nocpu");
+    let ours = std::fs::read(dir.join("stream.bin")).unwrap();
+    let theirs = std::fs::read(reference.join("stream.bin")).unwrap();
+    assert_eq!(ours.len(), theirs.len());
+    let diff: Vec<usize> = (0..ours.len()).filter(|&i| ours[i] != theirs[i]).collect();
+    if let (Some(a), Some(b)) = (diff.first(), diff.last()) {
+        assert!(
+            b - a < 24,
+            "differences beyond the timer payload: {a}..={b}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(dir.join("rp.bin")).unwrap(),
+        std::fs::read(reference.join("rp.bin")).unwrap()
+    );
+    let rm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(m["final_ram"]["sha256"], rm["final_ram"]["sha256"]);
+    assert_eq!(m["verification"]["destination_ram_equals_source_ram"], true);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Postcopy on QEMU 10.0 `-M none` without CPU: completes, both RAMs equal
+/// (all zero, as in the reference vector), return path PONG 1-4 in either
+/// order of 3 and 4, then SHUT(0).
+#[test]
+fn qemu100_postcopy_none_nocpu() {
+    let v = QemuVersion::V10_0;
+    let Some(bin) = qemu(v) else { return };
+    let o = run(&bin, &scenario(v, "postcopy-none-nocpu").unwrap()).unwrap();
+    assert!(o.src_ram == o.dst_ram);
+    assert!(o.dst_ram.iter().all(|&b| b == 0));
+    let rec = &o.recordings[0].1;
+    assert_eq!(&rec.s2d.bytes[..8], &HEADER);
+    let rp = rp_messages(&rec.d2s.bytes);
+    let mut pongs: Vec<u32> = rp
+        .iter()
+        .filter(|m| m.ty == RpType::PONG)
+        .map(|m| u32::from_be_bytes(m.payload[..4].try_into().unwrap()))
+        .collect();
+    assert_eq!(&pongs[..2], [1, 2]);
+    pongs.sort();
+    assert_eq!(pongs, [1, 2, 3, 4]);
+    let last = rp.last().unwrap();
+    assert_eq!(
+        (last.ty, last.payload.as_slice()),
+        (RpType::SHUT, &0u32.to_be_bytes()[..])
+    );
+    let rm: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(reference_vector("postcopy-none-nocpu").join("manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        rm["final_ram"]["sha256"].as_str().unwrap(),
+        sha256_hex(&o.dst_ram)
+    );
+}
