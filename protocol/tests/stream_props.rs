@@ -167,7 +167,13 @@ fn any_decoder() -> impl Strategy<Value = StreamDecoder> {
 }
 
 fn vector_bytes(version: &str, name: &str) -> Vec<u8> {
-    common::vector(version, name).read("stream.bin")
+    std::fs::read(
+        common::vectors_root()
+            .join(version)
+            .join(name)
+            .join("stream.bin"),
+    )
+    .unwrap()
 }
 
 fn lookalike() -> &'static (Vec<u8>, VmDesc) {
@@ -314,5 +320,50 @@ proptest! {
             got.extend(items);
         }
         prop_assert_eq!(got, all);
+    }
+}
+
+fn postcopy_vmdesc() -> &'static VmDesc {
+    static V: OnceLock<VmDesc> = OnceLock::new();
+    V.get_or_init(|| {
+        let json = std::fs::read(common::vectors_root().join("qemu-10.0/postcopy/vmdesc.json"));
+        VmDesc::parse(&json.unwrap(), 0, &Limits::DEFAULT).unwrap()
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
+
+    /// The device decoder and measurer never panic on arbitrary payloads, and agree: a payload
+    /// that decodes whole measures to its own length when a non-subsection byte follows.
+    #[test]
+    fn device_decoder_never_panics(dev in any::<prop::sample::Index>(), bytes in prop::collection::vec(any::<u8>(), 0..2048)) {
+        let desc = postcopy_vmdesc();
+        let dev = &desc.devices[dev.index(desc.devices.len())];
+        let tree = qmig_protocol::device::decode_device(dev, &bytes, 0, &Limits::DEFAULT);
+        let mut followed = bytes.clone();
+        followed.push(0x7e);
+        let measured = qmig_protocol::device::measure(dev, &followed, 0, &Limits::DEFAULT);
+        if let Ok(t) = tree {
+            prop_assert_eq!(measured, Ok(t.len));
+        }
+    }
+
+    /// Mutated VM descriptions never make the parser panic.
+    #[test]
+    fn vmdesc_parser_never_panics(muts in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6),
+                                  cut in any::<prop::sample::Index>()) {
+        static JSON: OnceLock<Vec<u8>> = OnceLock::new();
+        let mut json = JSON
+            .get_or_init(|| {
+                std::fs::read(common::vectors_root().join("qemu-7.2/postcopy/vmdesc.json")).unwrap()
+            })
+            .clone();
+        for (i, b) in &muts {
+            let i = i.index(json.len());
+            json[i] = *b;
+        }
+        let json = &json[..cut.index(json.len() + 1)];
+        let _ = VmDesc::parse(json, 0, &Limits::DEFAULT);
     }
 }
