@@ -3,15 +3,16 @@
 //! This module owns [`LatencyHistogram`] (log-linear buckets over `u64` nanoseconds, atomic
 //! recording, percentiles within 1/128 ≈ 0.8 % of the exact value), [`Counters`] (transferred
 //! bytes, pages, zero pages, page requests, sync passes, faults, recoveries; atomics) and
-//! [`RateMeter`] (throughput over a sliding window from samples of a cumulative counter). Each
-//! converts to the QMP shapes of [`crate::qmp_types`].
+//! [`RateMeter`] (throughput over a sliding window from samples of a cumulative counter), and
+//! [`MigrationRecorder`], which holds one of each for a migration and builds the
+//! `query-migrate` reply ([`MigrationInfo`]) from them.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::qmp_types::{LatencySummary, MigrationStats};
+use crate::qmp_types::{LatencySummary, MigrationInfo, MigrationStats, MigrationStatus, QmigInfo};
 
 /// Sub-buckets per power of two: bucket width is at most 1/`SUB` of its values.
 const SUB_BITS: u32 = 7;
@@ -328,5 +329,68 @@ impl RateMeter {
     /// Like [`RateMeter::sample`], in megabits per second (QEMU's `mbps`).
     pub fn sample_mbps(&self, now: Instant, total: u64) -> f64 {
         self.sample(now, total) * 8.0 / 1e6
+    }
+}
+
+/// What one side of a migration records, and the `query-migrate` reply built from it.
+/// Share it behind an `Arc`: the migration and fault threads record, the QMP handler reads.
+#[derive(Debug)]
+pub struct MigrationRecorder {
+    /// Byte, page and event counters.
+    pub counters: Counters,
+    /// Postcopy fault latency (fault seen to page placed), nanoseconds.
+    pub fault_latency: LatencyHistogram,
+    /// Throughput of `counters.transferred_bytes`.
+    pub rate: RateMeter,
+    started: Mutex<Option<Instant>>,
+}
+
+/// The figures of guest RAM that only the migration code knows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RamFigures {
+    /// Target page size.
+    pub page_size: u64,
+    /// Guest RAM bytes.
+    pub total: u64,
+    /// Bytes still to send (dirty or not yet received).
+    pub remaining: u64,
+}
+
+impl MigrationRecorder {
+    /// A recorder whose throughput is measured over `window`.
+    pub fn new(window: Duration) -> Self {
+        Self {
+            counters: Counters::new(),
+            fault_latency: LatencyHistogram::new(),
+            rate: RateMeter::new(window),
+            started: Mutex::new(None),
+        }
+    }
+
+    /// Marks the start of the migration (`total-time` counts from here).
+    pub fn start(&self, now: Instant) {
+        *self.started.lock().unwrap_or_else(|e| e.into_inner()) = Some(now);
+    }
+
+    /// The `query-migrate` reply at `now`: QEMU's members plus `x-qmig` (fault latency when any
+    /// fault was recorded, fault and recovery counts).
+    pub fn info(&self, now: Instant, status: MigrationStatus, ram: RamFigures) -> MigrationInfo {
+        let c = self.counters.snapshot();
+        let started = *self.started.lock().unwrap_or_else(|e| e.into_inner());
+        let mbps = self.rate.sample_mbps(now, c.transferred_bytes);
+        let fault_latency_us =
+            (self.fault_latency.count() > 0).then(|| self.fault_latency.summary_us());
+        MigrationInfo {
+            status: Some(status),
+            ram: Some(c.ram_stats(ram.page_size, ram.total, ram.remaining, mbps)),
+            total_time: started.map(|t| now.saturating_duration_since(t).as_millis() as u64),
+            x_qmig: Some(QmigInfo {
+                fault_latency_us,
+                faults: Some(c.faults),
+                recoveries: Some(c.recoveries),
+                ..QmigInfo::default()
+            }),
+            ..MigrationInfo::default()
+        }
     }
 }

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qmig_host::qmp_types::MigrationStats;
-use qmig_host::stats::{Counters, CountersSnapshot, LatencyHistogram, RateMeter};
+use qmig_host::qmp_types::{MigrationStats, MigrationStatus};
+use qmig_host::stats::{
+    Counters, CountersSnapshot, LatencyHistogram, MigrationRecorder, RamFigures, RateMeter,
+};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -227,4 +229,38 @@ fn rate_over_a_sliding_window() {
     // A counter that restarts (a new migration) restarts the window.
     assert_eq!(m.sample(at(7000), 10), 0.0);
     assert_eq!(m.sample(at(7500), 1010), 2000.0);
+}
+
+#[test]
+fn recorder_builds_the_query_migrate_reply() {
+    let r = MigrationRecorder::new(Duration::from_secs(1));
+    let t0 = Instant::now();
+    r.start(t0);
+    let ram = RamFigures {
+        page_size: 4096,
+        total: 1 << 20,
+        remaining: 1 << 19,
+    };
+    let first = r.info(t0, MigrationStatus::Active, ram);
+    assert_eq!(first.total_time, Some(0));
+    assert_eq!(first.x_qmig.as_ref().unwrap().fault_latency_us, None);
+
+    r.counters.add_bytes(500_000);
+    r.counters.add_fault();
+    r.fault_latency.record_duration(Duration::from_micros(100));
+    let info = r.info(
+        t0 + Duration::from_millis(500),
+        MigrationStatus::PostcopyActive,
+        ram,
+    );
+    let v = serde_json::to_value(&info).unwrap();
+    assert_eq!(v["status"], "postcopy-active");
+    assert_eq!(v["total-time"], 500);
+    assert_eq!(v["ram"]["transferred"], 500_000);
+    assert_eq!(v["ram"]["remaining"], 1 << 19);
+    assert_eq!(v["ram"]["mbps"], 8.0); // 500 kB in 0.5 s
+    assert_eq!(v["x-qmig"]["faults"], 1);
+    assert_eq!(v["x-qmig"]["recoveries"], 0);
+    assert_eq!(v["x-qmig"]["fault-latency-us"]["count"], 1);
+    assert_eq!(v["x-qmig"]["fault-latency-us"]["p99"], 100.0);
 }
