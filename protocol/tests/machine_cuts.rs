@@ -101,6 +101,14 @@ fn finish(mut w: World, cuts: Vec<Cut>, t: &mut Totals) -> World {
     t.runs += 1;
     w.assert_memory_equal();
     assert_eq!(w.dst.status(), S::Completed, "cuts {:?}", w.sc.cuts);
+    assert!(
+        !w.dst_events
+            .iter()
+            .chain(&w.src_events)
+            .any(|e| matches!(e, Event::IllegalTransition(_))),
+        "cuts {:?}",
+        w.sc.cuts
+    );
     match w.src.status() {
         S::Completed => {}
         // A cut inside SHUT: the destination completed, the source cannot learn it.

@@ -48,6 +48,9 @@ fn act() -> impl Strategy<Value = Act> {
 
 fn legal(table: &[Transition], profile: Profile, events: &[Event]) -> Result<(), String> {
     for e in events {
+        if let Event::IllegalTransition(t) = e {
+            return Err(format!("illegal transition attempted: {t}"));
+        }
         if let Event::Status { from, to } = e {
             if !table
                 .iter()

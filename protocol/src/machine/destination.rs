@@ -406,7 +406,8 @@ impl Destination {
             self.cfg.profile.version,
             self.status,
             trigger,
-        )?;
+        )
+        .inspect_err(|e| self.events.push_back(Event::IllegalTransition(*e)))?;
         let from = self.status;
         self.status = to;
         self.events.push_back(Event::Status { from, to });
@@ -438,7 +439,7 @@ impl Destination {
                 Ok(())
             }
             Control::Cancel => {
-                if self.step(Trigger::Cancel).is_err() {
+                if self.status.is_final() || self.step(Trigger::Cancel).is_err() {
                     return Err(refuse);
                 }
                 self.channel_open = false;

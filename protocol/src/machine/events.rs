@@ -3,7 +3,7 @@
 //! This module owns [`Event`] (drained with `poll_event()` on either machine) and [`Instant`],
 //! the opaque time the caller passes in (the machines never read a clock).
 
-use super::status::MigrationStatus;
+use super::status::{IllegalTransition, MigrationStatus};
 use crate::error::Violation;
 use crate::rule::Rule;
 
@@ -94,4 +94,7 @@ pub enum Event {
     },
     /// Source: every page is sent; precopy needs the next dirty sync (or `Complete`).
     NeedDirtySync,
+    /// The machine tried a status change its transition table does not have: a bug in the
+    /// machine, reported instead of panicking; the status did not change.
+    IllegalTransition(IllegalTransition),
 }

@@ -268,7 +268,10 @@ impl Source {
                 self.events.push_back(Event::Status { from, to });
                 true
             }
-            Err(_) => false,
+            Err(e) => {
+                self.events.push_back(Event::IllegalTransition(e));
+                false
+            }
         }
     }
 
@@ -427,7 +430,7 @@ impl Source {
                 Ok(())
             }
             Control::Cancel => {
-                if !self.step(Trigger::Cancel) {
+                if self.status.is_final() || !self.step(Trigger::Cancel) {
                     return Err(refuse);
                 }
                 self.channel_open = false;

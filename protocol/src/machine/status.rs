@@ -384,6 +384,27 @@ pub fn next_status(
         .ok_or(IllegalTransition { from, trigger })
 }
 
+/// Writes `table` as a Markdown table (`| from | trigger | to | profiles |`), for the spec.
+pub fn write_table(table: &[Transition], out: &mut impl fmt::Write) -> fmt::Result {
+    out.write_str("| from | trigger | to | profiles |\n|---|---|---|---|\n")?;
+    for r in table {
+        let when = match r.when {
+            Applies::All => "7.2, 10.x",
+            Applies::V7_2 => "7.2",
+            Applies::V10 => "10.x",
+        };
+        writeln!(
+            out,
+            "| `{}` | {} | `{}` | {} |",
+            r.from,
+            r.trigger.as_str(),
+            r.to,
+            when
+        )?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +437,14 @@ mod tests {
         assert!(DESTINATION_TRANSITIONS
             .iter()
             .all(|r| r.to != MigrationStatus::PostcopyRecoverSetup));
+    }
+
+    #[test]
+    fn tables_render_as_markdown() {
+        let mut s = alloc::string::String::new();
+        write_table(DESTINATION_TRANSITIONS, &mut s).unwrap();
+        assert!(s.contains("| `postcopy-recover` | interrupt | `postcopy-paused` | 7.2, 10.x |"));
+        assert_eq!(s.lines().count(), DESTINATION_TRANSITIONS.len() + 2);
     }
 
     #[test]
