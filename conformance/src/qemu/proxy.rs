@@ -414,4 +414,36 @@ mod tests {
         assert!(rec.cut);
         assert_eq!(proxy.bytes_forwarded(0), (10, 4));
     }
+
+    #[test]
+    fn cut_closes_both_sides_mid_stream() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let proxy = Proxy::start(server.local_addr().unwrap()).unwrap();
+        let mut client = TcpStream::connect(proxy.addr()).unwrap();
+        let (mut peer, _) = server.accept().unwrap();
+        client.write_all(b"hello").unwrap();
+        assert_eq!(
+            proxy
+                .wait_forwarded(0, Dir::SrcToDst, 5, Duration::from_secs(10))
+                .unwrap(),
+            5
+        );
+        proxy.cut();
+        // Both ends see the connection end; nothing more gets through.
+        let mut got = Vec::new();
+        peer.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"hello");
+        let mut back = Vec::new();
+        let _ = client.read_to_end(&mut back);
+        assert!(back.is_empty());
+        proxy.wait_closed(0, Duration::from_secs(10)).unwrap();
+        let rec = &proxy.recordings()[0];
+        assert!(rec.cut);
+        assert_eq!(
+            rec.cut_reason.as_deref(),
+            Some("cut by the harness at src2dst byte offset 5")
+        );
+        assert_eq!(proxy.bytes_forwarded(0), (5, 0));
+        assert_eq!(proxy.connections(), 1);
+    }
 }
