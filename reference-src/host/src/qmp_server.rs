@@ -389,6 +389,9 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
         }
         shared.live.fetch_add(1, Ordering::SeqCst);
         let id = shared.next_client.fetch_add(1, Ordering::Relaxed);
+        // Registered here, before its thread runs, so that dropping the server reaches it.
+        let stream = Arc::new(stream);
+        lock(&shared.clients).insert(id, stream.clone());
         let s = shared.clone();
         let spawned = thread::Builder::new()
             .name(format!("qmp-client-{id}"))
@@ -398,6 +401,7 @@ fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
                 s.live.fetch_sub(1, Ordering::SeqCst);
             });
         if spawned.is_err() {
+            lock(&shared.clients).remove(&id);
             shared.live.fetch_sub(1, Ordering::SeqCst);
         }
     }
@@ -413,9 +417,7 @@ struct Client {
     subscription: Option<u64>,
 }
 
-fn serve_client(stream: UnixStream, id: u64, shared: Arc<Shared>) {
-    let stream = Arc::new(stream);
-    lock(&shared.clients).insert(id, stream.clone());
+fn serve_client(stream: Arc<UnixStream>, id: u64, shared: Arc<Shared>) {
     let (tx, rx) = mpsc::sync_channel::<Arc<str>>(shared.config.queue.max(1));
     let wstream = stream.clone();
     let wtimeout = shared.config.write_timeout;
