@@ -4,7 +4,7 @@ use super::*;
 use crate::command::Command;
 use crate::header::{encode_configuration, encode_header};
 use crate::ram::{encode_mem_size, BlockInfo};
-use crate::section::{encode_footer, SectionIdent};
+use crate::section::{encode_footer, SectionHeader, SectionIdent};
 use crate::sink::Sink;
 use alloc::vec::Vec;
 
