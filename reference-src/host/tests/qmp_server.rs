@@ -766,3 +766,32 @@ fn clients_over_the_cap_are_closed_at_once() {
     assert!(rest.is_empty(), "no greeting past the cap");
     assert_eq!(a.call(r#"{"execute":"echo"}"#), json!({"return": {}}));
 }
+
+#[test]
+fn the_crates_qmp_client_drives_the_server() {
+    use qmig_host::qmp_client::{QmpClient, QmpError as ClientError};
+    use qmig_host::qmp_types::{QueryMigrate, QueryVersion};
+    let f = fixture("client", QmpServerConfig::default());
+    let mut c = QmpClient::connect(f.server.path()).unwrap();
+    assert_eq!(c.greeting()["QMP"]["version"]["package"], "qmig");
+    let info = c.execute_typed::<QueryMigrate>(&Empty {}).unwrap();
+    assert_eq!(info.status, Some(MigrationStatus::PostcopyActive));
+    assert_eq!(
+        c.execute_typed::<QueryVersion>(&Empty {}).unwrap().package,
+        "qmig"
+    );
+    assert_eq!(c.execute("echo", json!({"k": 1})).unwrap(), json!({"k": 1}));
+    match c.execute("fail", json!({})) {
+        Err(ClientError::Command { class, desc, .. }) => {
+            assert_eq!((class.as_str(), desc.as_str()), ("GenericError", "boom"))
+        }
+        other => panic!("{other:?}"),
+    }
+    let ev = f.server.events();
+    ev.migration(MigrationStatus::PostcopyPaused);
+    ev.migration(MigrationStatus::PostcopyRecover);
+    assert_eq!(
+        c.wait_status("postcopy-recover", GUARD).unwrap().status(),
+        Some("postcopy-recover")
+    );
+}
