@@ -211,6 +211,13 @@ fn package_rules() {
         err(&pkg(&c, 8)),
         WireError::invalid(body_at, Rule::CmdPackagedContent, 0x51)
     );
+    // A configuration section inside.
+    let mut c = Vec::new();
+    encode_configuration(b"none", &[], &mut c);
+    assert_eq!(
+        err(&pkg(&c, c.len() as u32)),
+        WireError::invalid(body_at, Rule::CmdPackagedContent, 7)
+    );
     // An item crossing the end of the package.
     let mut c = Vec::new();
     Command::Ping(3).encode(&mut c);
