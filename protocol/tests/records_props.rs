@@ -761,3 +761,68 @@ fn sender_side_continue_matches_what_the_receiver_accepts() {
     assert_eq!(named, [true, false, true, false, true]);
     assert_eq!(wire.len(), 5 * (8 + TPS) + 3 * 2);
 }
+
+proptest! {
+    /// Host-page assembly against a model: in-order target pages yield exactly the host page
+    /// built from them; any out-of-sequence page is RAM-HOSTPAGE and changes nothing; reset
+    /// drops the partial page.
+    #[test]
+    fn hostpage_assembly_matches_model(
+        per_host in 1usize..8,
+        ops in prop::collection::vec((0u8..10, any::<u8>(), 0u64..4), 1..80),
+    ) {
+        use qmig_protocol::hostpage::{HostPageAssembler, TargetPage};
+        const T: usize = 16;
+        let hp = (per_host * T) as u64;
+        let mut buf = vec![0u8; 8 * T];
+        let mut a = HostPageAssembler::new(&mut buf, T);
+        // Model: (host page index, pages so far).
+        let mut model: Option<(u64, Vec<Vec<u8>>)> = None;
+        for (op, byte, host) in ops {
+            if op == 0 {
+                prop_assert_eq!(a.reset(), model.is_some());
+                model = None;
+                continue;
+            }
+            let next = model.as_ref().map_or(0, |m| m.1.len() as u64);
+            let base = model.as_ref().map_or(host, |m| m.0);
+            // op 1: another host page while one is partial, or a start in the middle of a host
+            // page; op 2: a skipped target page; otherwise the next target page.
+            let (hidx, k) = match (op, model.is_some()) {
+                (1, true) => (base + 1, next),
+                (1, false) => (base, 1),
+                (2, _) if next + 1 < per_host as u64 => (base, next + 1),
+                _ => (base, next),
+            };
+            let k = if k >= per_host as u64 { next } else { k };
+            let off = hidx * hp + k * T as u64;
+            let right = hidx == base && k == next;
+            let page = if byte % 3 == 0 { vec![0u8; T] } else { vec![byte; T] };
+            let tp = if byte % 3 == 0 { TargetPage::Zero { fill: 0 } } else { TargetPage::Data(&page) };
+            let got = a.push(b"blk", hp, off, tp, 7).map(|o| o.map(|h| (h.offset, h.data.map(|d| d.to_vec()), h.all_zero)));
+            if !right {
+                if per_host == 1 {
+                    // No assembly: every aligned page passes through.
+                    prop_assert!(got.is_ok());
+                } else {
+                    prop_assert_eq!(got.unwrap_err().rule.id(), "RAM-HOSTPAGE");
+                }
+                continue;
+            }
+            let m = model.get_or_insert_with(|| (base, Vec::new()));
+            m.1.push(page.clone());
+            if m.1.len() == per_host {
+                let (b, pages) = model.take().unwrap();
+                let all_zero = pages.iter().all(|p| p.iter().all(|&x| x == 0));
+                let got = got.unwrap().unwrap();
+                prop_assert_eq!(got.0, b * hp);
+                if per_host > 1 {
+                    prop_assert_eq!(got.1.unwrap(), pages.concat());
+                }
+                prop_assert_eq!(got.2, all_zero && (per_host > 1 || byte % 3 == 0));
+            } else {
+                prop_assert_eq!(got.unwrap(), None);
+            }
+        }
+    }
+}
