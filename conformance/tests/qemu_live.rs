@@ -433,10 +433,14 @@ fn qemu100_postcopy_none_nocpu() {
         (last.ty, last.payload.as_slice()),
         (RpType::SHUT, &0u32.to_be_bytes()[..])
     );
-    let rm: serde_json::Value = serde_json::from_slice(
-        &std::fs::read(reference_vector("postcopy-none-nocpu").join("manifest.json")).unwrap(),
-    )
-    .unwrap();
+    let reference = reference_vector("postcopy-none-nocpu");
+    let rm: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("manifest.json")).unwrap()).unwrap();
+    // The VM description taken afterwards is the reference vector's.
+    let ours: serde_json::Value = serde_json::from_slice(o.vmdesc.as_ref().unwrap()).unwrap();
+    let theirs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(reference.join("vmdesc.json")).unwrap()).unwrap();
+    assert_eq!(ours, theirs);
     assert_eq!(
         rm["final_ram"]["sha256"].as_str().unwrap(),
         sha256_hex(&o.dst_ram)

@@ -110,6 +110,10 @@ pub struct Outcome {
     pub cut_at: Option<u64>,
     /// Pages read on the destination during postcopy (before any cut).
     pub destination_reads: Vec<DestinationRead>,
+    /// Postcopy scenarios: the VM description JSON (as QEMU wrote it) from
+    /// one more, precopy, migration of the destination to a file; postcopy
+    /// streams carry none.
+    pub vmdesc: Option<Vec<u8>>,
 }
 
 /// One page read through qtest on the destination while in postcopy.
@@ -434,6 +438,12 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
         "arguments": {"val": 0, "size": ram, "filename": "{WORKDIR}/dst.ram"}}));
     let dst_ram = p.dst.dump_ram()?;
 
+    let vmdesc = if postcopy {
+        Some(vmdesc_by_file_migration(&mut p)?)
+    } else {
+        None
+    };
+
     let mut recordings = vec![("initial", proxy1.recordings().remove(0))];
     if let Some(px) = &proxy2 {
         recordings.push(("recovery", px.recordings().remove(0)));
@@ -469,6 +479,7 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
         migration_info: info,
         cut_at,
         destination_reads: reads,
+        vmdesc,
     })
 }
 
@@ -500,6 +511,38 @@ fn destination_reads(
         );
     }
     Ok(out)
+}
+
+/// Migrates the destination once more, precopy to a file (`exec:cat`), and
+/// returns the VM description that ends that stream.
+fn vmdesc_by_file_migration(p: &mut Pair) -> Result<Vec<u8>, QemuError> {
+    let caps = json!({"capabilities": [
+        {"capability": "postcopy-ram", "state": false},
+        {"capability": "return-path", "state": false}]});
+    p.qmp("dst", "migrate-set-capabilities", caps)?;
+    let file = p.dst.dir().join("vmdesc-stream.bin");
+    let uri = format!("exec:cat > {}", file.display());
+    p.step(json!({"side": "dst", "action": "qmp", "qmp": "migrate",
+        "arguments": {"uri": "exec:cat > {WORKDIR}/vmdesc-stream.bin"},
+        "note": "precopy of the destination to a file, only to take its VM description"}));
+    p.dst.qmp("migrate", json!({"uri": uri}))?;
+    p.wait_status("dst", "completed")?;
+    let stream = std::fs::read(&file)?;
+    vmdesc_of_stream(&stream)
+        .map(<[u8]>::to_vec)
+        .ok_or_else(|| QemuError::Failed("no VM description at the end of the stream".into()))
+}
+
+/// The VM description JSON that ends a complete precopy stream:
+/// `QEMU_VM_EOF` (0x00), `QEMU_VM_VMDESCRIPTION` (0x06), be32 length, JSON.
+pub fn vmdesc_of_stream(stream: &[u8]) -> Option<&[u8]> {
+    let n = stream.len();
+    (0..n.saturating_sub(6)).rev().find_map(|i| {
+        let len = u32::from_be_bytes(stream[i + 2..i + 6].try_into().ok()?) as usize;
+        let json = &stream[i + 6..];
+        (stream[i] == 0 && stream[i + 1] == 6 && len == json.len() && json.first() == Some(&b'{'))
+            .then_some(json)
+    })
 }
 
 /// Index of the first differing page of two equal-length RAM dumps.
