@@ -232,4 +232,29 @@ mod tests {
         assert_eq!(a("tcp:h:5").as_deref(), Some("h:5"));
         assert_eq!(a("defer"), None);
     }
+
+    proptest::proptest! {
+        #[test]
+        fn any_string_parses_or_errs_without_panic(s in ".{0,64}") {
+            if let Ok(uri) = MigrationUri::parse(&s) {
+                // Whatever parses prints back to something that parses to the same URI.
+                proptest::prop_assert_eq!(MigrationUri::parse(&uri.to_string()), Ok(uri));
+            }
+        }
+
+        #[test]
+        fn tcp_round_trips(host in "[a-z0-9.-]{0,20}", port: u16, v6: [u16; 8]) {
+            let uri = MigrationUri::Tcp { host, port };
+            proptest::prop_assert_eq!(MigrationUri::parse(&uri.to_string()), Ok(uri));
+            let v6 = std::net::Ipv6Addr::from(v6).to_string();
+            let uri = MigrationUri::Tcp { host: v6, port };
+            proptest::prop_assert_eq!(MigrationUri::parse(&uri.to_string()), Ok(uri));
+        }
+
+        #[test]
+        fn unix_round_trips(path in "[^\\x00]{1,40}") {
+            let uri = MigrationUri::Unix { path: PathBuf::from(&path) };
+            proptest::prop_assert_eq!(MigrationUri::parse(&format!("unix:{path}")), Ok(uri));
+        }
+    }
 }
