@@ -29,6 +29,7 @@ use super::status::{
 use crate::bitmap::PageBitmap;
 use crate::command::Command;
 use crate::error::{Violation, WireError};
+use crate::hostpage::{HostPageAssembler, TargetPage};
 use crate::limits::Limits;
 use crate::profile::Profile;
 use crate::ram::{RamBody, RamRecord};
@@ -36,6 +37,9 @@ use crate::rp::RpMessage;
 use crate::rule::Rule;
 use crate::section::SectionHeader;
 use crate::stream::{Channel, Item, StreamDecoder};
+
+/// Largest host page a block may have (1 GiB hugetlbfs): the assembly buffer's bound.
+pub const MAX_HOST_PAGE: u64 = 1 << 30;
 
 /// How a destination is set up.
 #[derive(Clone, Debug)]
@@ -163,6 +167,8 @@ pub struct Destination {
     duplicates: u64,
     last_block: Option<usize>,
     device_bytes: usize,
+    has_huge: bool,
+    hp_buf: Vec<u8>,
 }
 
 /// A failure while acting on one item: a violation of the peer, or a machine bug.
@@ -191,10 +197,15 @@ impl Destination {
             if b.len == 0 || b.len % tps != 0 || b.len > cfg.limits.max_block_bytes {
                 return Err(ConfigError::BlockLength(b.name.clone()));
             }
-            if b.page_size != tps {
+            if b.page_size < tps
+                || b.page_size % tps != 0
+                || b.page_size > MAX_HOST_PAGE
+                || b.len % b.page_size != 0
+            {
                 return Err(ConfigError::HostPageSize(b.name.clone()));
             }
         }
+        let max_ps = cfg.blocks.iter().map(|b| b.page_size).max().unwrap_or(tps);
         let received = cfg
             .blocks
             .iter()
@@ -223,6 +234,12 @@ impl Destination {
             duplicates: 0,
             last_block: None,
             device_bytes: 0,
+            has_huge: max_ps > tps,
+            hp_buf: if max_ps > tps {
+                vec![0u8; max_ps as usize]
+            } else {
+                Vec::new()
+            },
             cfg,
         })
     }
@@ -331,6 +348,14 @@ impl Destination {
         if let Some(v) = &self.cfg.vmdesc {
             d.set_vmdesc(v.clone());
         }
+        let tps = self.tps;
+        d.set_huge_page_blocks(
+            self.cfg
+                .blocks
+                .iter()
+                .filter(|b| b.page_size != tps)
+                .map(|b| b.name.as_bytes()),
+        );
         d
     }
 
@@ -461,8 +486,10 @@ impl Destination {
         if offset >= spec.len {
             return FaultOutcome::OutOfRange;
         }
-        let page = offset / self.tps;
-        if self.received[block].test(page) {
+        // Faults wait on whole host pages, keyed by the host page's first target page.
+        let per = spec.page_size / self.tps;
+        let page = offset / spec.page_size * per;
+        if self.host_page_present(block, page, per) {
             return FaultOutcome::Present;
         }
         match self.status {
@@ -490,7 +517,7 @@ impl Destination {
 
     fn send_request(&mut self, block: usize, page: u64) {
         let start = page * self.tps;
-        let len = self.tps as u32;
+        let len = self.cfg.blocks[block].page_size as u32;
         // SM-FIRST-REQ-NAMED: the first request on a connection, and any change of block, names it.
         let msg = if self.last_req_block == Some(block) {
             RpMessage::ReqPages { start, len }
@@ -532,6 +559,13 @@ impl Destination {
         }
         let placed_before = self.pages_placed;
         let mut pos = 0usize;
+        // Host pages of huge-page blocks are assembled within one call: if one is still partial
+        // when the input runs out, the decoder is rewound to its first record and those bytes
+        // are left unconsumed, so nothing partial outlives the call (SM-PARTIAL-HOSTPAGE).
+        let mut hp_buf = core::mem::take(&mut self.hp_buf);
+        let mut asm = HostPageAssembler::new(&mut hp_buf, self.tps as usize);
+        let mut mark: Option<(usize, StreamDecoder)> = None;
+        let huge = self.has_huge && self.pc >= Pc::Listening;
         let result = loop {
             let Some(dec) = self.decoder.as_mut() else {
                 break Ok(pos);
@@ -543,17 +577,36 @@ impl Destination {
                 break Ok(pos);
             }
             let at = dec.offset();
+            let before = (huge && !asm.is_partial()).then(|| dec.clone());
             match dec.decode(&input[pos..]) {
                 Ok((item, n)) => {
+                    let start = pos;
                     pos += n;
-                    if let Err(stop) = self.on_item(item, at, mem) {
+                    if let Err(stop) = self.on_item(item, at, mem, &mut asm) {
                         break Err(stop);
                     }
+                    if !asm.is_partial() {
+                        mark = None;
+                    } else if mark.is_none() {
+                        if let Some(d) = before {
+                            mark = Some((start, d));
+                        }
+                    }
                 }
-                Err(WireError::Incomplete { .. }) => break Ok(pos),
+                Err(WireError::Incomplete { .. }) => {
+                    if asm.is_partial() {
+                        if let Some((start, d)) = mark.take() {
+                            self.decoder = Some(d);
+                            break Ok(start);
+                        }
+                    }
+                    break Ok(pos);
+                }
                 Err(WireError::Invalid(v)) => break Err(Stop::Peer(v)),
             }
         };
+        drop(asm);
+        self.hp_buf = hp_buf;
         let placed = self.pages_placed - placed_before;
         if placed > 0 {
             self.events.push_back(Event::PagesPlaced { count: placed });
@@ -591,7 +644,25 @@ impl Destination {
         Some(i)
     }
 
-    fn on_item(&mut self, item: Item<'_>, at: u64, mem: &mut impl GuestMemory) -> Result<(), Stop> {
+    fn on_item(
+        &mut self,
+        item: Item<'_>,
+        at: u64,
+        mem: &mut impl GuestMemory,
+        asm: &mut HostPageAssembler<'_>,
+    ) -> Result<(), Stop> {
+        if asm.is_partial() {
+            // Only the rest of the host page (and section framing) may follow its first page.
+            let ok = matches!(
+                item,
+                Item::Ram(_)
+                    | Item::Footer { .. }
+                    | Item::Section(SectionHeader::Part { .. } | SectionHeader::End { .. })
+            );
+            if !ok {
+                return Err(Violation::new(at, Rule::RamHostPage, 0).into());
+            }
+        }
         match item {
             Item::Header { .. } => Ok(()),
             Item::Configuration(c) => {
@@ -610,7 +681,7 @@ impl Destination {
                 }
                 self.on_section(h, at)
             }
-            Item::Ram(rec) => self.on_ram(rec, at, mem),
+            Item::Ram(rec) => self.on_ram(rec, at, mem, asm),
             Item::DeviceData(d) => {
                 // Kept copies are bounded: no peer makes the destination hold more than this.
                 self.device_bytes += d.len();
@@ -705,6 +776,7 @@ impl Destination {
         rec: RamRecord<'_>,
         at: u64,
         mem: &mut impl GuestMemory,
+        asm: &mut HostPageAssembler<'_>,
     ) -> Result<(), Stop> {
         if let RamBody::MemSize(list) = rec.body {
             let mut count = 0usize;
@@ -738,12 +810,12 @@ impl Destination {
                     let mut buf = [0u8; 255];
                     let len = n.len();
                     buf[..len].copy_from_slice(n);
-                    return self.place(&buf[..len], rec, at, mem);
+                    return self.place(&buf[..len], rec, at, mem, asm);
                 }
                 None => return Err(Violation::new(at, Rule::RamContinue, 0).into()),
             },
         };
-        self.place(name, rec, at, mem)
+        self.place(name, rec, at, mem, asm)
     }
 
     fn place(
@@ -752,6 +824,7 @@ impl Destination {
         rec: RamRecord<'_>,
         at: u64,
         mem: &mut impl GuestMemory,
+        asm: &mut HostPageAssembler<'_>,
     ) -> Result<(), Stop> {
         let Some(b) = self.block_index(name) else {
             return Err(Violation::new(at, Rule::RamBlockUnknown, 0).into());
@@ -759,6 +832,10 @@ impl Destination {
         let offset = rec.addr;
         if offset % self.tps != 0 || offset >= self.cfg.blocks[b].len {
             return Err(Violation::new(at, Rule::RamOffset, offset).into());
+        }
+        let ps = self.cfg.blocks[b].page_size;
+        if self.pc >= Pc::Listening && (ps != self.tps || asm.is_partial()) {
+            return self.place_host_page(b, rec, at, mem, asm);
         }
         let page = offset / self.tps;
         if self.pc >= Pc::Listening && self.received[b].test(page) {
@@ -790,6 +867,59 @@ impl Destination {
             }
             _ => return Err(Violation::new(at, Rule::RamFlags, rec.flags.0).into()),
         };
+        self.placed(b, offset, self.tps, at, placed)
+    }
+
+    /// Postcopy target page of a huge-page block: collected until its host page is whole, then
+    /// placed atomically (RAM-HOSTPAGE through the assembler).
+    fn place_host_page(
+        &mut self,
+        b: usize,
+        rec: RamRecord<'_>,
+        at: u64,
+        mem: &mut impl GuestMemory,
+        asm: &mut HostPageAssembler<'_>,
+    ) -> Result<(), Stop> {
+        let tp = match rec.body {
+            RamBody::Page(d) => TargetPage::Data(d),
+            RamBody::Zero { fill } => TargetPage::Zero { fill },
+            _ => return Err(Violation::new(at, Rule::RamPostcopyFlag, rec.flags.0).into()),
+        };
+        let spec = &self.cfg.blocks[b];
+        let ps = spec.page_size;
+        let Some(hp) = asm.push(spec.name.as_bytes(), ps, rec.addr, tp, at)? else {
+            return Ok(());
+        };
+        let offset = hp.offset;
+        let first = offset / self.tps;
+        if self.host_page_present(b, first, ps / self.tps) {
+            self.duplicates += 1;
+            return Ok(());
+        }
+        let placed = match hp.data {
+            _ if hp.all_zero => mem.place_zero(b, offset, ps),
+            Some(d) => mem.place_page(b, offset, d),
+            None => {
+                self.fill.fill(hp.zero_fill);
+                mem.place_page(b, offset, &self.fill)
+            }
+        };
+        self.placed(b, offset, ps, at, placed)
+    }
+
+    fn host_page_present(&self, b: usize, first: u64, count: u64) -> bool {
+        (first..first + count).all(|p| self.received[b].test(p))
+    }
+
+    /// Bookkeeping after a placement of `len` bytes at `offset`.
+    fn placed(
+        &mut self,
+        b: usize,
+        offset: u64,
+        len: u64,
+        at: u64,
+        placed: Result<(), super::memory::MemoryError>,
+    ) -> Result<(), Stop> {
         if let Err(e) = placed {
             return Err(Stop::Local(Violation::new(
                 at,
@@ -797,11 +927,16 @@ impl Destination {
                 e.code as u64,
             )));
         }
-        self.received[b].set(page);
+        let first = offset / self.tps;
+        self.received[b].set_range(first, len / self.tps);
         self.pages_placed += 1;
-        if self.pending.remove(&(b, page)) {
-            self.events
-                .push_back(Event::FaultResolved { block: b, offset });
+        // A fault waits on the host page, keyed by its first target page.
+        let host_first = first - first % (self.cfg.blocks[b].page_size / self.tps);
+        if self.pending.remove(&(b, host_first)) {
+            self.events.push_back(Event::FaultResolved {
+                block: b,
+                offset: host_first * self.tps,
+            });
         }
         Ok(())
     }

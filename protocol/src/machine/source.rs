@@ -152,6 +152,8 @@ pub struct Source {
     pages_sent: u64,
     sent_log: Option<Vec<(usize, u64)>>,
     last_activity: Instant,
+    /// The next target page of a host page being sent (they go consecutively).
+    hp_cont: Option<(usize, u64)>,
 }
 
 /// A sink that counts what passes through it.
@@ -202,6 +204,7 @@ impl Source {
             pages_sent: 0,
             sent_log: None,
             last_activity: Instant(0),
+            hp_cont: None,
             cfg,
         }
     }
@@ -368,6 +371,7 @@ impl Source {
     fn interrupt(&mut self) {
         self.channel_open = false;
         self.urgent.clear();
+        self.hp_cont = None;
         self.phase = Phase::Idle;
         if self.status.is_postcopy_recoverable() {
             self.step(Trigger::Interrupt);
@@ -735,6 +739,12 @@ impl Source {
 
     /// The next page to send: requested pages first (SM-URGENT-FIRST), then the background scan.
     fn next_page(&mut self) -> Option<(usize, u64)> {
+        // The rest of a host page first: its target pages go consecutively (RAM-HOSTPAGE).
+        if let Some((b, p)) = self.hp_cont.take() {
+            if self.dirty[b].test(p) {
+                return Some((b, p));
+            }
+        }
         while let Some(&(b, first, count)) = self.urgent.front() {
             // The first page of the range still dirty; the rest stays queued.
             let end = first + count;
@@ -794,6 +804,8 @@ impl Source {
         .encode(o);
         self.last_sent_block = Some(b);
         self.dirty[b].clear(p);
+        let per = self.cfg.blocks[b].page_size / self.tps;
+        self.hp_cont = (per > 1 && (p + 1) % per != 0).then_some((b, p + 1));
         self.pages_sent += 1;
         if let Some(log) = self.sent_log.as_mut() {
             log.push((b, p));
@@ -880,6 +892,17 @@ impl Source {
 
     fn write_postcopy_start(&mut self, o: &mut impl Sink) {
         self.switchover(o);
+        // A partly dirty host page is sent whole: round the dirty bitmaps out to host pages.
+        for (b, spec) in self.cfg.blocks.iter().enumerate() {
+            let per = spec.page_size / self.tps;
+            if per > 1 {
+                let hosts: Vec<u64> = self.dirty[b].iter_ones().map(|p| p / per).collect();
+                for h in hosts {
+                    self.dirty[b].set_range(h * per, per);
+                }
+            }
+        }
+        self.hp_cont = None;
         // SM-DISCARD-DIRTY: every page dirty now (never sent or dirtied since its last send).
         let mut ranges: Vec<(u64, u64)> = Vec::new();
         let mut raw: Vec<u8> = Vec::new();

@@ -45,25 +45,26 @@ impl Mem {
         }
     }
 
-    fn check(&mut self, block: usize, offset: u64) -> Result<usize, MemoryError> {
+    fn check(&mut self, block: usize, offset: u64, len: usize) -> Result<usize, MemoryError> {
         let p = offset as usize / self.tps;
-        if self.uffd && self.present[block][p] {
+        let n = len.div_ceil(self.tps);
+        if self.uffd && self.present[block][p..p + n].iter().any(|x| *x) {
             self.eexist += 1;
             return Err(MemoryError { code: 17 });
         }
-        self.present[block][p] = true;
+        self.present[block][p..p + n].fill(true);
         Ok(offset as usize)
     }
 }
 
 impl GuestMemory for Mem {
     fn place_page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let o = self.check(block, offset)?;
+        let o = self.check(block, offset, data.len())?;
         self.blocks[block][o..o + data.len()].copy_from_slice(data);
         Ok(())
     }
     fn place_zero(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
-        let o = self.check(block, offset)?;
+        let o = self.check(block, offset, len as usize)?;
         self.blocks[block][o..o + len as usize].fill(0);
         Ok(())
     }
