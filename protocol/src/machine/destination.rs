@@ -605,7 +605,6 @@ impl Destination {
                 Err(WireError::Invalid(v)) => break Err(Stop::Peer(v)),
             }
         };
-        drop(asm);
         self.hp_buf = hp_buf;
         let placed = self.pages_placed - placed_before;
         if placed > 0 {
