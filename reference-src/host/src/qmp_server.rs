@@ -279,6 +279,7 @@ struct Shared {
 pub struct QmpServer {
     shared: Arc<Shared>,
     path: PathBuf,
+    listener: Arc<UnixListener>,
     accept: Option<JoinHandle<()>>,
 }
 
@@ -301,7 +302,7 @@ impl QmpServer {
     ) -> io::Result<Self> {
         let path = path.as_ref().to_path_buf();
         crate::transport::remove_stale_socket(&path);
-        let listener = UnixListener::bind(&path)?;
+        let listener = Arc::new(UnixListener::bind(&path)?);
         let shared = Arc::new(Shared {
             handler,
             config,
@@ -312,13 +313,14 @@ impl QmpServer {
             clients: Mutex::new(HashMap::new()),
             next_client: AtomicU64::new(0),
         });
-        let s = shared.clone();
+        let (s, l) = (shared.clone(), listener.clone());
         let accept = thread::Builder::new()
             .name("qmp-accept".into())
-            .spawn(move || accept_loop(listener, s))?;
+            .spawn(move || accept_loop(&l, s))?;
         Ok(Self {
             shared,
             path,
+            listener,
             accept: Some(accept),
         })
     }
@@ -352,11 +354,10 @@ impl QmpServer {
 impl Drop for QmpServer {
     fn drop(&mut self) {
         self.shared.stopping.store(true, Ordering::SeqCst);
-        // Wake the accept loop; if that cannot be done (the path was removed), leave it parked.
-        if UnixStream::connect(&self.path).is_ok() {
-            if let Some(h) = self.accept.take() {
-                let _ = h.join();
-            }
+        // shutdown(2) on the listening socket wakes the blocked accept(2) (EINVAL on Linux).
+        let _ = rustix::net::shutdown(&*self.listener, rustix::net::Shutdown::ReadWrite);
+        if let Some(h) = self.accept.take() {
+            let _ = h.join();
         }
         for s in lock(&self.shared.clients).values() {
             let _ = s.shutdown(Shutdown::Both);
@@ -365,7 +366,7 @@ impl Drop for QmpServer {
     }
 }
 
-fn accept_loop(listener: UnixListener, shared: Arc<Shared>) {
+fn accept_loop(listener: &UnixListener, shared: Arc<Shared>) {
     loop {
         let stream = match listener.accept() {
             Ok((s, _)) => s,

@@ -4,7 +4,8 @@
 //! options every migration channel gets (`TCP_NODELAY`; silent-drop detection through TCP
 //! keepalive and `TCP_USER_TIMEOUT`), splitting a connection into a reader and a writer that
 //! different threads own, and [`Cutter`]: a cloneable handle that shuts a live connection down
-//! from any thread (what `migrate-pause` does, and how tests inject a network failure).
+//! from any thread (what `migrate-pause` does, and how tests inject a network failure), and
+//! [`ListenStopper`], which ends a blocked accept from any thread.
 //!
 //! A [`Connection`] is an `Arc` around the socket: [`Connection::split`] gives halves that share
 //! it, and the socket closes when the last half is dropped. A [`Cutter`] holds only a weak
@@ -14,6 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -311,13 +313,53 @@ impl Cutter {
     }
 }
 
-/// A listening socket for a migration URI.
+/// The socket under a [`Listener`].
 #[derive(Debug)]
-pub enum Listener {
-    /// TCP.
-    Tcp(TcpListener, TransportConfig),
-    /// Unix; the path is removed when the listener is dropped.
+enum ListenSocket {
+    Tcp(TcpListener),
+    /// The path is removed when the socket is closed.
     Unix(UnixListener, PathBuf),
+}
+
+impl Drop for ListenSocket {
+    fn drop(&mut self) {
+        if let Self::Unix(_, p) = self {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// A listening socket for a migration URI. A unix listener removes its socket file when dropped.
+#[derive(Debug)]
+pub struct Listener {
+    sock: Arc<ListenSocket>,
+    cfg: TransportConfig,
+    stopped: Arc<AtomicBool>,
+}
+
+/// Stops a [`Listener`] from another thread: a blocked [`Listener::accept`] returns
+/// `ErrorKind::ConnectionAborted`, and so does every later one (`migrate_cancel`, `quit`, a
+/// superseded `migrate-recover`). Does nothing once the listener is gone.
+#[derive(Clone, Debug)]
+pub struct ListenStopper {
+    sock: Weak<ListenSocket>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl ListenStopper {
+    /// Stops the listener.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        if let Some(s) = self.sock.upgrade() {
+            // shutdown(2) on a listening socket wakes accept(2) with EINVAL on Linux.
+            let _ = match &*s {
+                ListenSocket::Tcp(l) => rustix::net::shutdown(l, rustix::net::Shutdown::ReadWrite),
+                ListenSocket::Unix(l, _) => {
+                    rustix::net::shutdown(l, rustix::net::Shutdown::ReadWrite)
+                }
+            };
+        }
+    }
 }
 
 /// Errors of [`listen`] and [`connect`] for URIs that cannot be used.
@@ -334,11 +376,15 @@ pub fn listen(uri: &MigrationUri, cfg: &TransportConfig) -> io::Result<Listener>
     match uri {
         MigrationUri::Tcp { .. } => {
             let addr = uri.socket_addr_string().ok_or_else(|| bad_uri(uri))?;
-            Ok(Listener::Tcp(TcpListener::bind(addr)?, *cfg))
+            Ok(Listener::new(
+                ListenSocket::Tcp(TcpListener::bind(addr)?),
+                cfg,
+            ))
         }
         MigrationUri::Unix { path } => {
             remove_stale_socket(path);
-            Ok(Listener::Unix(UnixListener::bind(path)?, path.clone()))
+            let l = UnixListener::bind(path)?;
+            Ok(Listener::new(ListenSocket::Unix(l, path.clone()), cfg))
         }
         MigrationUri::Defer => Err(bad_uri(uri)),
     }
@@ -355,41 +401,60 @@ pub fn remove_stale_socket(path: &std::path::Path) {
 }
 
 impl Listener {
+    fn new(sock: ListenSocket, cfg: &TransportConfig) -> Self {
+        Self {
+            sock: Arc::new(sock),
+            cfg: *cfg,
+            stopped: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
     /// The URI a peer connects to; for TCP with the bound port filled in.
     pub fn local_uri(&self) -> io::Result<MigrationUri> {
-        match self {
-            Self::Tcp(l, _) => {
+        match &*self.sock {
+            ListenSocket::Tcp(l) => {
                 let a = l.local_addr()?;
                 Ok(MigrationUri::Tcp {
                     host: a.ip().to_string(),
                     port: a.port(),
                 })
             }
-            Self::Unix(_, p) => Ok(MigrationUri::Unix { path: p.clone() }),
+            ListenSocket::Unix(_, p) => Ok(MigrationUri::Unix { path: p.clone() }),
         }
     }
 
     /// The bound TCP port (`None` for unix).
     pub fn port(&self) -> Option<u16> {
-        match self {
-            Self::Tcp(l, _) => l.local_addr().ok().map(|a| a.port()),
-            Self::Unix(..) => None,
+        match &*self.sock {
+            ListenSocket::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            ListenSocket::Unix(..) => None,
         }
     }
 
-    /// Accepts one connection, with the channel options applied.
+    /// A handle that stops this listener from another thread.
+    pub fn stopper(&self) -> ListenStopper {
+        ListenStopper {
+            sock: Arc::downgrade(&self.sock),
+            stopped: self.stopped.clone(),
+        }
+    }
+
+    /// Accepts one connection, with the channel options applied. After
+    /// [`ListenStopper::stop`]: `ErrorKind::ConnectionAborted`.
     pub fn accept(&self) -> io::Result<Connection> {
-        match self {
-            Self::Tcp(l, cfg) => Connection::from_tcp(l.accept()?.0, cfg),
-            Self::Unix(l, _) => Ok(Connection::from_unix(l.accept()?.0)),
+        let aborted = || io::Error::new(io::ErrorKind::ConnectionAborted, "listener stopped");
+        if self.stopped.load(Ordering::SeqCst) {
+            return Err(aborted());
         }
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Self::Unix(_, p) = self {
-            let _ = std::fs::remove_file(p);
+        let r = match &*self.sock {
+            ListenSocket::Tcp(l) => l
+                .accept()
+                .and_then(|(s, _)| Connection::from_tcp(s, &self.cfg)),
+            ListenSocket::Unix(l, _) => l.accept().map(|(s, _)| Connection::from_unix(s)),
+        };
+        match r {
+            Err(_) if self.stopped.load(Ordering::SeqCst) => Err(aborted()),
+            r => r,
         }
     }
 }

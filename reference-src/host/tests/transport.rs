@@ -436,6 +436,43 @@ fn silent_drop_fails_an_idle_reader_within_the_bound() {
 }
 
 #[test]
+fn stopping_a_listener_ends_a_blocked_accept() {
+    let dir = std::env::temp_dir().join(format!("qmig-transport-stop-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for uri in [
+        MigrationUri::parse("tcp:127.0.0.1:0").unwrap(),
+        MigrationUri::Unix {
+            path: dir.join("l.sock"),
+        },
+    ] {
+        let l = listen(&uri, &TransportConfig::default()).unwrap();
+        let stopper = l.stopper();
+        let (started_tx, started_rx) = mpsc::channel();
+        let t = thread::spawn(move || {
+            started_tx.send(()).unwrap();
+            let r = l.accept().map(|_| ());
+            (r, l.accept().map(|_| ()))
+        });
+        started_rx.recv_timeout(GUARD).unwrap();
+        stopper.stop();
+        let (first, again) = t.join().unwrap();
+        assert_eq!(
+            first.unwrap_err().kind(),
+            ErrorKind::ConnectionAborted,
+            "{uri}"
+        );
+        assert_eq!(
+            again.unwrap_err().kind(),
+            ErrorKind::ConnectionAborted,
+            "{uri}"
+        );
+        stopper.stop(); // the listener is gone: nothing happens
+    }
+    assert!(!dir.join("l.sock").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn split_tcp_gives_two_std_halves() {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let c = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
