@@ -309,6 +309,13 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
     );
     p.step(json!({"side": "src", "action": "start", "command_line": src_cl}));
     p.step(json!({"side": "dst", "action": "start", "command_line": dst_cl}));
+    for side in ["src", "dst"] {
+        p.step(
+            json!({"side": side, "action": "qmp", "qmp": "migrate-set-capabilities",
+            "arguments": {"capabilities": [{"capability": "events", "state": true}]},
+            "note": "done by Qemu::launch"}),
+        );
+    }
     let query_version = p.src.qmp("query-version", Value::Null)?;
 
     // Guest content.

@@ -52,6 +52,9 @@ pub enum QmpError {
         /// The human-readable description.
         desc: String,
     },
+    /// The migration failed while the client waited for another status.
+    #[error("migration failed while waiting for status {0}")]
+    MigrationFailed(String),
     /// A wait ran out of time (a failure guard, not a synchronisation means).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
@@ -258,6 +261,8 @@ impl QmpClient {
     /// Waits for the `MIGRATION` event with `status` (the `events` migration
     /// capability must be on). Migration statuses form a sequence, so every
     /// queued `MIGRATION` event up to and including the match is consumed.
+    /// A `failed` status on the way ends the wait with
+    /// [`QmpError::MigrationFailed`].
     pub fn wait_status(&mut self, status: &str, timeout: Duration) -> QmpResult<ReceivedEvent> {
         let deadline = Instant::now() + timeout;
         loop {
@@ -265,6 +270,9 @@ impl QmpClient {
                 let e = self.pending.remove(pos).expect("index in range");
                 if e.status() == Some(status) {
                     return Ok(e);
+                }
+                if e.status() == Some("failed") {
+                    return Err(QmpError::MigrationFailed(status.to_string()));
                 }
             }
             self.read_event_until(deadline, timeout, &format!("MIGRATION status {status}"))?;
@@ -502,6 +510,26 @@ mod tests {
         ));
         drop(c);
         drop(writer.join().unwrap());
+    }
+
+    #[test]
+    fn a_failed_migration_ends_a_status_wait() {
+        let (s, h) = server(vec![
+            vec![json!({"return": {}})],
+            vec![
+                json!({"event": "MIGRATION", "data": {"status": "active"}, "timestamp": ts()}),
+                json!({"event": "MIGRATION", "data": {"status": "failed"}, "timestamp": ts()}),
+                json!({"return": {}}),
+            ],
+        ]);
+        let mut c = QmpClient::handshake(s).unwrap();
+        c.execute("migrate", json!({"uri": "tcp:127.0.0.1:1"}))
+            .unwrap();
+        assert!(matches!(
+            c.wait_status("completed", Duration::from_secs(5)),
+            Err(QmpError::MigrationFailed(s)) if s == "completed"
+        ));
+        h.join().unwrap();
     }
 
     #[test]
