@@ -7,8 +7,11 @@
 mod harness;
 
 use harness::{Cut, Dir, Scenario, World};
+use qmig_protocol::bitmap::PageBitmap;
 use qmig_protocol::command::Command;
-use qmig_protocol::machine::{Control, Event, FaultOutcome, Instant, MigrationStatus as S};
+use qmig_protocol::machine::{
+    Control, Event, FaultOutcome, Instant, MigrationStatus as S, RamBlockSpec,
+};
 use qmig_protocol::stream::{Channel, Item, StreamDecoder};
 
 /// The 64-page guest of the cut tests: 4 KiB pages, 12 in 64 non-zero, dirtied in precopy,
@@ -25,11 +28,33 @@ fn scenario() -> Scenario {
     sc
 }
 
+/// The cut tests' guest with a huge-page block (host pages of 4 target pages) and a small
+/// block: 64 + 4 target pages.
+fn huge_scenario() -> Scenario {
+    let mut sc = scenario();
+    sc.blocks = vec![
+        RamBlockSpec::new("ram", 64 * 4096, 4 * 4096),
+        RamBlockSpec::new("rom", 4 * 4096, 4096),
+    ];
+    sc.faults = vec![(0, 60), (1, 2), (0, 33), (0, 12)];
+    sc
+}
+
 /// Offset just after the POSTCOPY_RUN command in a main stream.
 fn after_run(main: &[u8]) -> u64 {
-    let sc = scenario();
+    after_run_in(&scenario(), main)
+}
+
+fn after_run_in(sc: &Scenario, main: &[u8]) -> u64 {
     let mut d = StreamDecoder::new(Channel::Main, sc.profile, Default::default());
     d.set_vmdesc(harness::vmdesc());
+    let tps = sc.profile.target_page_size as u64;
+    d.set_huge_page_blocks(
+        sc.blocks
+            .iter()
+            .filter(|b| b.page_size != tps)
+            .map(|b| b.name.as_bytes()),
+    );
     let mut pos = 0;
     loop {
         let (item, n) = d.decode(&main[pos..]).expect("the source's stream decodes");
@@ -57,8 +82,8 @@ struct Snapshots {
 type Snapshot = (u32, Option<(u64, u64)>, World);
 
 impl Snapshots {
-    fn take(base: &(harness::Mem, harness::Rng), prefix: Vec<Cut>) -> Self {
-        let mut sc = scenario();
+    fn take(sc: &Scenario, base: &(harness::Mem, harness::Rng), prefix: Vec<Cut>) -> Self {
+        let mut sc = sc.clone();
         sc.cuts = prefix;
         let mut w = World::with_memory(sc, base.0.clone(), base.1.clone());
         w.record = false;
@@ -121,8 +146,13 @@ fn finish(mut w: World, cuts: Vec<Cut>, t: &mut Totals) -> World {
     w
 }
 
-fn run_cut(base: &(harness::Mem, harness::Rng), cuts: Vec<Cut>, t: &mut Totals) -> World {
-    let mut sc = scenario();
+fn run_cut(
+    sc: &Scenario,
+    base: &(harness::Mem, harness::Rng),
+    cuts: Vec<Cut>,
+    t: &mut Totals,
+) -> World {
+    let mut sc = sc.clone();
     sc.cuts = cuts.clone();
     let mut w = World::with_memory(sc, base.0.clone(), base.1.clone());
     w.record = false;
@@ -130,23 +160,34 @@ fn run_cut(base: &(harness::Mem, harness::Rng), cuts: Vec<Cut>, t: &mut Totals) 
     finish(w, cuts, t)
 }
 
-#[test]
-fn cut_at_every_offset_recovers() {
-    let base = World::initial_memory(&scenario());
-    let mut probe = World::with_memory(scenario(), base.0.clone(), base.1.clone());
+/// Cuts `sc`'s link at every offset of the main channel after POSTCOPY_RUN, of the return path
+/// after PONG(1), and of both directions of the recovery handshake; every run must recover.
+fn every_offset(sc: &Scenario) {
+    let base = World::initial_memory(sc);
+    let mut probe = World::with_memory(sc.clone(), base.0.clone(), base.1.clone());
     probe.start();
     probe.run(100_000);
     probe.assert_memory_equal();
+    let errors: Vec<&Event> = probe
+        .dst_events
+        .iter()
+        .chain(&probe.src_events)
+        .filter(|e| matches!(e, Event::Error { .. }))
+        .collect();
+    assert!(
+        errors.is_empty() && probe.cuts_done == 0,
+        "the uncut run has no error: {errors:?}"
+    );
     let main = probe.main_bytes[0].clone();
     let rp_len = probe.rp_bytes[0].len() as u64;
-    let run_end = after_run(&main);
+    let run_end = after_run_in(sc, &main);
     let total = main.len() as u64;
     let mut t = Totals {
         runs: 0,
         recovered: 0,
         unrecovered_shut: 0,
     };
-    let snaps = Snapshots::take(&base, Vec::new());
+    let snaps = Snapshots::take(sc, &base, Vec::new());
 
     // Starting from a snapshot gives the same run as starting from scratch.
     for k in [run_end, (run_end + total) / 2, total - 1] {
@@ -155,7 +196,7 @@ fn cut_at_every_offset_recovers() {
             dir: Dir::Main,
             at: k,
         };
-        let a = run_cut(&base, vec![cut], &mut t);
+        let a = run_cut(sc, &base, vec![cut], &mut t);
         let b = finish(snaps.before(cut), vec![cut], &mut t);
         assert_eq!(a.dst_events, b.dst_events);
         assert_eq!(a.src_events, b.src_events);
@@ -195,11 +236,22 @@ fn cut_at_every_offset_recovers() {
         dir: Dir::Main,
         at: (run_end + total) / 2,
     };
-    // Handshake lengths on the recovery connection: RECV_BITMAP "ram" (9 bytes) + RESUME (5);
-    // RP: RECV_BITMAP header (4+4), size (8), bitmap (8), end mark (8) + RESUME_ACK (8).
-    let hs_main = 9 + 5;
-    let hs_rp = 4 + 4 + 8 + 8 + 8 + 8;
-    let snaps = Snapshots::take(&base, vec![first]);
+    let tps = sc.profile.target_page_size as u64;
+    // Main: one RECV_BITMAP per block (0x08, be16 cmd, be16 len, str8 name) and RESUME (5).
+    let hs_main: u64 = sc
+        .blocks
+        .iter()
+        .map(|b| 5 + 1 + b.name.len() as u64)
+        .sum::<u64>()
+        + 5;
+    // RP: per block header (4), str8 name, be64 size, bitmap, end mark; then RESUME_ACK (8).
+    let hs_rp: u64 = sc
+        .blocks
+        .iter()
+        .map(|b| 4 + 1 + b.name.len() as u64 + 8 + PageBitmap::wire_size(b.len / tps) + 8)
+        .sum::<u64>()
+        + 8;
+    let snaps = Snapshots::take(sc, &base, vec![first]);
     for k in 0..=hs_main {
         let cut = Cut {
             conn: 1,
@@ -217,8 +269,13 @@ fn cut_at_every_offset_recovers() {
         finish(snaps.before(cut), vec![first, cut], &mut t);
     }
     let hs_runs = t.runs - main_runs - rp_runs;
+    let blocks: Vec<String> = sc
+        .blocks
+        .iter()
+        .map(|b| format!("{} {}x{}", b.name, b.len / b.page_size, b.page_size))
+        .collect();
     println!(
-        "cut runs: {} total ({} main offsets {}..{}, {} return-path offsets, {} handshake offsets); \
+        "cut runs ({blocks:?}): {} total ({} main offsets {}..{}, {} return-path offsets, {} handshake offsets); \
          {} recovered; {} cut inside SHUT (destination completed, source paused); 0 skipped",
         t.runs, main_runs, run_end, total, rp_runs, hs_runs, t.recovered, t.unrecovered_shut
     );
@@ -226,6 +283,16 @@ fn cut_at_every_offset_recovers() {
     assert_eq!(rp_runs, rp_len - 9);
     assert_eq!(hs_runs, hs_main + 1 + hs_rp + 1);
     assert_eq!(t.recovered, t.runs);
+}
+
+#[test]
+fn cut_at_every_offset_recovers() {
+    every_offset(&scenario());
+}
+
+#[test]
+fn cut_at_every_offset_recovers_with_huge_pages() {
+    every_offset(&huge_scenario());
 }
 
 #[test]

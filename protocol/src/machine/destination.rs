@@ -565,7 +565,6 @@ impl Destination {
         let mut hp_buf = core::mem::take(&mut self.hp_buf);
         let mut asm = HostPageAssembler::new(&mut hp_buf, self.tps as usize);
         let mut mark: Option<(usize, StreamDecoder)> = None;
-        let huge = self.has_huge && self.pc >= Pc::Listening;
         let result = loop {
             let Some(dec) = self.decoder.as_mut() else {
                 break Ok(pos);
@@ -577,7 +576,9 @@ impl Destination {
                 break Ok(pos);
             }
             let at = dec.offset();
-            let before = (huge && !asm.is_partial()).then(|| dec.clone());
+            // A rewind point before every item that may start a host page (only for huge-page
+            // configurations; LISTEN may come within this call).
+            let before = (self.has_huge && !asm.is_partial()).then(|| dec.clone());
             match dec.decode(&input[pos..]) {
                 Ok((item, n)) => {
                     let start = pos;

@@ -750,6 +750,8 @@ impl Source {
             let end = first + count;
             match next_set(&self.dirty[b], first).filter(|&p| p < end) {
                 Some(p) => {
+                    let per = self.cfg.blocks[b].page_size / self.tps;
+                    let p = next_set(&self.dirty[b], p - p % per).unwrap_or(p);
                     if p + 1 >= end {
                         self.urgent.pop_front();
                     } else if let Some(f) = self.urgent.front_mut() {
@@ -769,6 +771,9 @@ impl Source {
             let b = (self.cursor.0 + i) % n.max(1);
             let from = if i == 0 { self.cursor.1 } else { 0 };
             if let Some(p) = next_set(&self.dirty[b], from) {
+                // Start at the first dirty target page of its host page.
+                let per = self.cfg.blocks[b].page_size / self.tps;
+                let p = next_set(&self.dirty[b], p - p % per).unwrap_or(p);
                 self.cursor = (b, p + 1);
                 return Some((b, p));
             }

@@ -649,6 +649,15 @@ impl World {
         );
     }
 
+    /// Every error event of either side.
+    pub fn errors(&self) -> Vec<&Event> {
+        self.dst_events
+            .iter()
+            .chain(&self.src_events)
+            .filter(|e| matches!(e, Event::Error { .. } | Event::IllegalTransition(_)))
+            .collect()
+    }
+
     /// Asserts that the destination memory equals the source memory, block by block.
     pub fn assert_memory_equal(&self) {
         for (b, (s, d)) in self
