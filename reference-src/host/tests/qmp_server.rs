@@ -795,3 +795,58 @@ fn the_crates_qmp_client_drives_the_server() {
         Some("postcopy-recover")
     );
 }
+
+#[test]
+fn many_clients_commands_and_events_interleave_without_loss() {
+    const CLIENTS: usize = 12;
+    const COMMANDS: usize = 150;
+    const EVENTS: u64 = 300;
+    let f = fixture("many", QmpServerConfig::default());
+    let clients: Vec<Raw> = (0..CLIENTS).map(|_| Raw::negotiated(&f)).collect();
+    let ev = f.server.events();
+    let emitter = std::thread::spawn(move || {
+        for pass in 1..=EVENTS {
+            ev.migration_pass(pass);
+        }
+    });
+    let workers: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(n, mut c)| {
+            std::thread::spawn(move || {
+                let mut passes = Vec::new();
+                let mut replies = 0;
+                for i in 0..COMMANDS {
+                    c.send(&format!(
+                        "{{\"execute\":\"echo\",\"arguments\":{{\"c\":{n}}},\"id\":{i}}}\n"
+                    ));
+                    loop {
+                        let v = c.recv();
+                        if v["event"] == "MIGRATION_PASS" {
+                            passes.push(v["data"]["pass"].as_u64().unwrap());
+                        } else {
+                            assert_eq!(v, json!({"return": {"c": n}, "id": i}));
+                            replies += 1;
+                            break;
+                        }
+                    }
+                }
+                (c, passes, replies)
+            })
+        })
+        .collect();
+    emitter.join().unwrap();
+    for w in workers {
+        let (mut c, mut passes, replies) = w.join().unwrap();
+        assert_eq!(replies, COMMANDS);
+        // The events still in flight to this client arrive after its last reply.
+        while passes.len() < EVENTS as usize {
+            passes.push(c.recv()["data"]["pass"].as_u64().unwrap());
+        }
+        assert_eq!(
+            passes,
+            (1..=EVENTS).collect::<Vec<_>>(),
+            "every event, in order"
+        );
+    }
+}
