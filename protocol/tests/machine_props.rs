@@ -64,9 +64,19 @@ fn legal(table: &[Transition], profile: Profile, events: &[Event]) -> Result<(),
 }
 
 fn scenario(v10: bool, postcopy: bool) -> Scenario {
+    scenario_with(v10, postcopy, false)
+}
+
+fn scenario_with(v10: bool, postcopy: bool, huge: bool) -> Scenario {
     let mut sc = Scenario::small(16, postcopy);
     if v10 {
         sc.profile = Profile::QEMU_10;
+    }
+    if huge {
+        sc.blocks = vec![
+            qmig_protocol::machine::RamBlockSpec::new("ram", 16 * 4096, 4 * 4096),
+            qmig_protocol::machine::RamBlockSpec::new("rom", 2 * 4096, 4096),
+        ];
     }
     sc.rounds = 2;
     sc.writes_per_round = 3;
@@ -83,9 +93,10 @@ proptest! {
     fn random_interleavings_keep_the_invariants(
         v10 in any::<bool>(),
         postcopy in any::<bool>(),
+        huge in any::<bool>(),
         acts in proptest::collection::vec(act(), 0..40),
     ) {
-        let sc = scenario(v10, postcopy);
+        let sc = scenario_with(v10, postcopy, huge);
         let profile = sc.profile;
         let mut w = World::new(sc);
         w.record = false;

@@ -572,7 +572,8 @@ impl World {
             Dir::Main => &mut link.dst_in,
             Dir::Rp => &mut link.src_in,
         };
-        inbox.extend(pending.drain(..n));
+        inbox.extend_from_slice(&pending[..n]);
+        pending.drain(..n);
         let result = match dir {
             Dir::Main => self.dst.handle_stream(now, &link.dst_in, &mut self.dst_mem),
             Dir::Rp => self.src.handle_return_path(now, &link.src_in),
