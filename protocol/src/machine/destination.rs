@@ -12,8 +12,16 @@
 //! SM-PAUSE-IN-RECOVER, SM-PARTIAL-HOSTPAGE, SM-RECOVER-NO-HEADER, SM-RESUME-STATE,
 //! SM-REREQUEST, SM-FIRST-REQ-NAMED, SM-CANCEL, SM-TIMEOUT.
 //!
-//! Blocks whose page size is larger than the target page size (hugetlbfs) are refused at
-//! construction: host-page assembly ([`crate::hostpage`]) is not wired in yet.
+//! Huge-page blocks (page size a multiple of the target page size): in postcopy the target
+//! pages of one host page are collected with [`crate::hostpage::HostPageAssembler`] and placed
+//! with one `place_page`/`place_zero`; faults and requests are per host page. A host page still
+//! partial when a `handle_stream` call runs out of input is not kept: the decoder is rewound to
+//! its first record and those bytes are reported unconsumed, so a channel loss drops it
+//! (SM-PARTIAL-HOSTPAGE) and it is sent again after recovery. Before POSTCOPY_LISTEN (precopy)
+//! target pages are placed one by one.
+//!
+//! Return-path bytes queued but not taken with [`Destination::poll_transmit`] when the channel
+//! is lost are dropped with it.
 
 use alloc::collections::{BTreeSet, VecDeque};
 use alloc::string::String;

@@ -51,8 +51,10 @@ impl core::fmt::Display for MemoryError {
 /// The destination's guest memory.
 ///
 /// `block` is the index of the block in the destination's configured block list; `offset` is a
-/// byte offset in the block, aligned to the target page size and inside the block. The machine
-/// calls `place_page`/`place_zero` with whole host pages (for ordinary blocks: one target page).
+/// byte offset in the block, aligned to the target page size and inside the block. In postcopy
+/// (after POSTCOPY_LISTEN) the machine calls `place_page`/`place_zero` with whole host pages
+/// (for ordinary blocks: one target page) and never twice for the same page; before it
+/// (precopy) with single target pages, possibly again for a page sent again.
 pub trait GuestMemory {
     /// Places `data` at `offset` (atomically for a host page: `UFFDIO_COPY`).
     fn place_page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError>;
