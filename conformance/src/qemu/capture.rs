@@ -179,7 +179,7 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
         proxy.insert(label.to_string(), json!([proxy_entry(rec)]));
     }
     if let Some(v) = &o.vmdesc {
-        put_file(out_dir, &mut files, "vmdesc.json", v, "VM description (device field layout) of the same machine and QEMU, as QEMU wrote it at the end of a precopy migration of the destination to a file after the vector was complete; the postcopy streams carry none. Delimits the device sections")?;
+        put_file(out_dir, &mut files, "vmdesc.json", v, "VM description (device field layout) of the same machine and QEMU, as QEMU wrote it at the end of one more, precopy, migration of the destination (to a harness socket) after the vector was complete; the postcopy streams carry none. Delimits the device sections")?;
     }
     let proxy = if o.recordings.len() == 1 {
         proxy

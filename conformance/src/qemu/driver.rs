@@ -111,8 +111,8 @@ pub struct Outcome {
     /// Pages read on the destination during postcopy (before any cut).
     pub destination_reads: Vec<DestinationRead>,
     /// Postcopy scenarios: the VM description JSON (as QEMU wrote it) from
-    /// one more, precopy, migration of the destination to a file; postcopy
-    /// streams carry none.
+    /// one more, precopy, migration of the destination; postcopy streams
+    /// carry none.
     pub vmdesc: Option<Vec<u8>>,
 }
 
@@ -446,7 +446,7 @@ pub fn run(bin: &QemuBinary, scenario: &Scenario) -> Result<Outcome, QemuError> 
     let dst_ram = p.dst.dump_ram()?;
 
     let vmdesc = if postcopy {
-        Some(vmdesc_by_file_migration(&mut p)?)
+        Some(vmdesc_by_extra_migration(&mut p)?)
     } else {
         None
     };
@@ -520,21 +520,32 @@ fn destination_reads(
     Ok(out)
 }
 
-/// Migrates the destination once more, precopy to a file (`exec:cat`), and
-/// returns the VM description that ends that stream.
-fn vmdesc_by_file_migration(p: &mut Pair) -> Result<Vec<u8>, QemuError> {
+/// Migrates the destination once more, precopy to a loopback socket the
+/// harness reads to EOF, and returns the VM description that ends that
+/// stream.
+fn vmdesc_by_extra_migration(p: &mut Pair) -> Result<Vec<u8>, QemuError> {
+    use std::io::Read as _;
     let caps = json!({"capabilities": [
         {"capability": "postcopy-ram", "state": false},
         {"capability": "return-path", "state": false}]});
     p.qmp("dst", "migrate-set-capabilities", caps)?;
-    let file = p.dst.dir().join("vmdesc-stream.bin");
-    let uri = format!("exec:cat > {}", file.display());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let reader = std::thread::spawn(move || -> std::io::Result<Vec<u8>> {
+        let (mut s, _) = listener.accept()?;
+        let mut data = Vec::new();
+        s.read_to_end(&mut data)?;
+        Ok(data)
+    });
     p.step(json!({"side": "dst", "action": "qmp", "qmp": "migrate",
-        "arguments": {"uri": "exec:cat > {WORKDIR}/vmdesc-stream.bin"},
-        "note": "precopy of the destination to a file, only to take its VM description"}));
-    p.dst.qmp("migrate", json!({"uri": uri}))?;
+        "arguments": {"uri": "tcp:127.0.0.1:{SINK_PORT}"},
+        "note": "precopy of the destination to a harness socket read to EOF, only to take its VM description"}));
+    p.dst
+        .qmp("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
     p.wait_status("dst", "completed")?;
-    let stream = std::fs::read(&file)?;
+    let stream = reader
+        .join()
+        .map_err(|_| QemuError::Failed("vmdesc reader panicked".into()))??;
     vmdesc_of_stream(&stream)
         .map(<[u8]>::to_vec)
         .ok_or_else(|| QemuError::Failed("no VM description at the end of the stream".into()))
