@@ -1,0 +1,533 @@
+//! The migration thread: moves bytes and bitmaps between the sockets, the kernel and `Source`.
+//!
+//! This module owns [`start`] and the driver loop. Every protocol decision is the sans-IO
+//! [`Source`]'s; the driver only
+//! * connects the main channel (and, on `migrate … resume=true`, a recovery channel), and runs a
+//!   reader thread per connection that feeds return-path bytes into the driver's inbox, so the
+//!   sender never blocks on the return path;
+//! * writes `poll_transmit` output in small budgets paced by a token bucket (`max-bandwidth`,
+//!   `max-postcopy-bandwidth`), so a requested page never waits behind more than one short
+//!   burst of bulk data;
+//! * answers `NeedDirtySync` with a kernel dirty-bitmap sync ([`DirtyTracker`]) and decides
+//!   convergence: when the dirty bytes at the measured rate fit in `downtime-limit`, it stops the
+//!   guest, syncs once more and completes;
+//! * on `migrate-start-postcopy` stops the guest, syncs, and asks the machine to switch;
+//! * maps channel loss, `migrate-pause`, `migrate_cancel` and resume onto the machine's
+//!   `handle_channel_closed` / `handle_control` / `handle_channel_opened`, and the machine's
+//!   events onto QMP status, events and `error-desc`.
+
+use std::io::{Read, Write};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qmig_host::dirty::{Choice, DirtyTracker, PageBitmap};
+use qmig_host::memory::PAGE_SIZE;
+use qmig_host::qmp_types::MigrationStatus as QmpStatus;
+use qmig_host::transport::{self, ConnReader, ConnWriter, TransportConfig};
+use qmig_host::uri::MigrationUri;
+use qmig_protocol::limits::Limits;
+use qmig_protocol::machine::{
+    Control, DeviceState, Event, Instant as MInstant, MigrationStatus, RamBlockSpec, Source,
+    SourceConfig,
+};
+use qmig_protocol::rp::{RpDecoder, RpMessage};
+
+use crate::devices::RAM_SECTION_ID;
+use crate::state::{Msg, Shared};
+
+/// Most bytes asked of `poll_transmit` per call.
+const CHUNK: usize = 32 * 1024;
+/// Pages per RAM section part.
+const PAGES_PER_SECTION: usize = 16;
+
+/// What a migration needs besides the shared state.
+pub struct Plan {
+    /// Where to connect.
+    pub uri: MigrationUri,
+    /// Machine type name for the configuration section.
+    pub machine: String,
+    /// Device sections.
+    pub devices: Vec<DeviceState>,
+    /// Dirty tracking mechanism choice.
+    pub tracking: Choice,
+}
+
+/// Starts a migration: arms dirty tracking now (the first pass sends every page; writes from
+/// here on are in the first sync) and spawns the migration thread.
+pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
+    let ram = shared.guest.ram.clone();
+    let tracker = DirtyTracker::start(ram.clone(), plan.tracking).map_err(|e| e.to_string())?;
+    let postcopy = shared.cap("postcopy-ram");
+    let blocks: Vec<RamBlockSpec> = ram
+        .blocks()
+        .iter()
+        .map(|b| RamBlockSpec::new(b.name(), b.len(), PAGE_SIZE as u64))
+        .collect();
+    let mut cfg = SourceConfig::new(shared.profile, &plan.machine, blocks, postcopy);
+    cfg.return_path = postcopy || shared.cap("return-path");
+    cfg.ram_section_id = RAM_SECTION_ID;
+    cfg.devices = plan.devices;
+    cfg.pages_per_section = PAGES_PER_SECTION;
+    let mut src = Source::new(cfg);
+    src.record_sent_pages(true);
+    let (tx, rx) = mpsc::channel();
+    {
+        let mut g = shared.lock();
+        g.tx = Some(tx.clone());
+        g.error = None;
+        g.mechanism = Some(tracker.mechanism().name());
+    }
+    shared.set_status(QmpStatus::Setup);
+    let now = Instant::now();
+    shared.recorder.start(now);
+    let profile = shared.profile;
+    let d = Driver {
+        shared: shared.clone(),
+        src,
+        tracker,
+        rx,
+        tx,
+        writer: None,
+        conn: 0,
+        rp_buf: Vec::new(),
+        rp_count: RpDecoder::new(profile, Limits::DEFAULT),
+        bucket: crate::pacing::TokenBucket::new(now),
+        out: Vec::with_capacity(2 * CHUNK),
+        t0: now,
+        iter_start: now,
+        iter_bytes: 0,
+        stopped_at: None,
+        we_stopped_guest: false,
+    };
+    std::thread::Builder::new()
+        .name("migration".into())
+        .spawn(move || d.run(plan.uri))
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+struct Driver {
+    shared: Arc<Shared>,
+    src: Source,
+    tracker: DirtyTracker,
+    rx: Receiver<Msg>,
+    tx: Sender<Msg>,
+    writer: Option<ConnWriter>,
+    conn: u64,
+    rp_buf: Vec<u8>,
+    rp_count: RpDecoder,
+    bucket: crate::pacing::TokenBucket,
+    out: Vec<u8>,
+    t0: Instant,
+    iter_start: Instant,
+    iter_bytes: u64,
+    stopped_at: Option<Instant>,
+    we_stopped_guest: bool,
+}
+
+fn reader(mut r: ConnReader, conn: u64, tx: Sender<Msg>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => {
+                let _ = tx.send(Msg::RpEnd {
+                    conn,
+                    why: "end of file on the return path".into(),
+                });
+                return;
+            }
+            Ok(n) => {
+                if tx
+                    .send(Msg::Rp {
+                        conn,
+                        data: buf[..n].to_vec(),
+                    })
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                let _ = tx.send(Msg::RpEnd {
+                    conn,
+                    why: format!("return path: {e}"),
+                });
+                return;
+            }
+        }
+    }
+}
+
+impl Driver {
+    fn now(&self) -> MInstant {
+        MInstant(self.t0.elapsed().as_nanos() as u64)
+    }
+
+    fn run(mut self, uri: MigrationUri) {
+        if let Err(e) = self.connect(&uri) {
+            self.shared.set_error(format!("connecting to {uri}: {e}"));
+            self.shared.set_status(QmpStatus::Failed);
+            self.finish();
+            return;
+        }
+        let now = self.now();
+        if let Err(e) = self.src.handle_channel_opened(now) {
+            self.shared.set_error(e.to_string());
+        }
+        loop {
+            while let Ok(m) = self.rx.try_recv() {
+                self.on_msg(m);
+            }
+            self.pump();
+            if self.src.status().is_final() {
+                break;
+            }
+            if self.writer.is_some() && self.src.wants_transmit() {
+                let rate = self.rate();
+                let avail = self.bucket.available(Instant::now(), rate);
+                if avail == 0 {
+                    let wait = self
+                        .bucket
+                        .wait_for(CHUNK, rate)
+                        .max(Duration::from_micros(200));
+                    match self.rx.recv_timeout(wait) {
+                        Ok(m) => self.on_msg(m),
+                        Err(RecvTimeoutError::Timeout) => {}
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                    continue;
+                }
+                self.transmit(avail.min(CHUNK));
+            } else {
+                match self.rx.recv() {
+                    Ok(m) => self.on_msg(m),
+                    Err(_) => break,
+                }
+            }
+        }
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        if let Some(w) = self.writer.take() {
+            w.cutter().cut();
+        }
+        let mut g = self.shared.lock();
+        g.tx = None;
+        g.cutter = None;
+        drop(g);
+        let st = self.src.status();
+        if matches!(st, MigrationStatus::Failed | MigrationStatus::Cancelled)
+            && self.we_stopped_guest
+        {
+            // QEMU resumes a guest it stopped for a migration that did not finish.
+            if let Ok(true) = self.shared.guest.start() {
+                self.shared.events.resume();
+            }
+        }
+        self.update_remaining();
+    }
+
+    fn rate(&self) -> u64 {
+        let st = self.src.status();
+        if matches!(
+            st,
+            MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover
+        ) {
+            Shared::get(&self.shared.max_postcopy_bandwidth)
+        } else {
+            Shared::get(&self.shared.max_bandwidth)
+        }
+    }
+
+    fn connect(&mut self, uri: &MigrationUri) -> std::io::Result<()> {
+        let c = transport::connect(uri, &TransportConfig::default())?;
+        self.conn += 1;
+        self.shared.lock().cutter = Some(c.cutter());
+        let (r, w) = c.split();
+        let (tx, conn) = (self.tx.clone(), self.conn);
+        std::thread::Builder::new()
+            .name(format!("return-path-{conn}"))
+            .spawn(move || reader(r, conn, tx))?;
+        self.writer = Some(w);
+        self.rp_buf.clear();
+        self.rp_count.reset();
+        tracing::info!("main channel {conn} connected to {uri}");
+        Ok(())
+    }
+
+    fn transmit(&mut self, budget: usize) {
+        self.out.clear();
+        let ram = self.shared.guest.ram.clone();
+        let n = self.src.poll_transmit(&*ram, &mut self.out, budget);
+        let c = &self.shared.recorder.counters;
+        for (b, p) in self.src.take_sent_pages() {
+            let mut page = [0u8; PAGE_SIZE];
+            let zero = ram.blocks()[b].read(p * PAGE_SIZE as u64, &mut page).is_ok()
+                && page.iter().all(|&x| x == 0);
+            if zero {
+                c.add_zero_page();
+            } else {
+                c.add_page();
+            }
+        }
+        if n == 0 {
+            return;
+        }
+        let Some(w) = self.writer.as_mut() else {
+            return;
+        };
+        match w.write_all(&self.out) {
+            Ok(()) => {
+                self.bucket.consume(n);
+                c.add_bytes(n as u64);
+                self.iter_bytes += n as u64;
+            }
+            Err(e) => self.lost(format!("main channel write: {e}")),
+        }
+        self.update_remaining();
+    }
+
+    fn update_remaining(&self) {
+        let n: u64 = (0..self.shared.guest.ram.blocks().len())
+            .filter_map(|b| self.src.dirty(b).map(PageBitmap::count_ones))
+            .sum();
+        self.shared
+            .remaining
+            .store(n * PAGE_SIZE as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The channel is gone (write error, return-path EOF): tell the machine.
+    fn lost(&mut self, why: String) {
+        if let Some(w) = self.writer.take() {
+            w.cutter().cut();
+            tracing::warn!("main channel {} lost: {why}", self.conn);
+            self.rp_buf.clear();
+            let now = self.now();
+            self.src.handle_channel_closed(now);
+        }
+    }
+
+    fn on_msg(&mut self, m: Msg) {
+        let now = self.now();
+        match m {
+            Msg::Rp { conn, data } => {
+                if conn != self.conn || self.writer.is_none() {
+                    return;
+                }
+                self.rp_buf.extend_from_slice(&data);
+                match self.src.handle_return_path(now, &self.rp_buf) {
+                    Ok(n) => {
+                        self.count_requests(n);
+                        self.rp_buf.drain(..n);
+                    }
+                    Err(v) => {
+                        // The machine has paused or failed; the channel is dead.
+                        self.shared.set_error(v.to_string());
+                        if let Some(w) = self.writer.take() {
+                            w.cutter().cut();
+                        }
+                        self.rp_buf.clear();
+                    }
+                }
+            }
+            Msg::RpEnd { conn, why } => {
+                if conn == self.conn {
+                    self.lost(why);
+                }
+            }
+            Msg::StartPostcopy => {
+                if matches!(
+                    self.src.status(),
+                    MigrationStatus::Setup | MigrationStatus::Active
+                ) {
+                    self.stop_guest();
+                    self.sync_dirty();
+                    if let Err(e) = self.src.handle_control(now, Control::StartPostcopy) {
+                        self.shared.set_error(e.to_string());
+                    }
+                }
+            }
+            Msg::Pause => {
+                if self.src.handle_control(now, Control::Pause).is_ok() {
+                    self.writer = None;
+                    self.rp_buf.clear();
+                }
+            }
+            Msg::Cancel => {
+                if self.src.handle_control(now, Control::Cancel).is_ok() {
+                    if let Some(w) = self.writer.take() {
+                        w.cutter().cut();
+                    }
+                }
+            }
+            Msg::Resume(uri) => self.resume(uri),
+        }
+    }
+
+    fn resume(&mut self, uri: MigrationUri) {
+        let now = self.now();
+        if let Err(e) = self.src.handle_control(now, Control::Resume) {
+            self.shared.set_error(e.to_string());
+            return;
+        }
+        self.pump();
+        if let Err(e) = self.connect(&uri) {
+            self.shared
+                .set_error(format!("connecting the recovery channel to {uri}: {e}"));
+            return;
+        }
+        self.shared.recorder.counters.add_recovery();
+        let now = self.now();
+        if let Err(e) = self.src.handle_channel_opened(now) {
+            self.shared.set_error(e.to_string());
+            if let Some(w) = self.writer.take() {
+                w.cutter().cut();
+            }
+        }
+    }
+
+    /// Counts page requests among the `n` return-path bytes the machine just consumed.
+    fn count_requests(&mut self, n: usize) {
+        let mut pos = 0;
+        let blocks = self.shared.guest.ram.clone();
+        let expect = |name: &[u8]| {
+            blocks
+                .by_name(name)
+                .ok()
+                .map(|(_, b)| PageBitmap::wire_size(b.pages()))
+        };
+        while pos < n {
+            match self.rp_count.decode(&self.rp_buf[pos..n], &expect) {
+                Ok((msg, used)) => {
+                    if matches!(
+                        msg,
+                        RpMessage::ReqPages { .. } | RpMessage::ReqPagesId { .. }
+                    ) {
+                        self.shared.recorder.counters.add_request();
+                    }
+                    pos += used;
+                }
+                Err(_) => return,
+            }
+        }
+    }
+
+    fn stop_guest(&mut self) {
+        if self.shared.guest.stop() {
+            self.we_stopped_guest = true;
+            self.shared.events.stop();
+        }
+        self.stopped_at.get_or_insert_with(Instant::now);
+    }
+
+    /// One kernel dirty sync handed to the machine; returns the dirty page count.
+    fn sync_dirty(&mut self) -> u64 {
+        // A tracker whose read-and-reset is not atomic needs the writers paused around it.
+        let pause = !self.tracker.mechanism().atomic() && self.shared.guest.running();
+        if pause {
+            self.shared.guest.stop();
+        }
+        let r = self.tracker.sync();
+        if pause {
+            let _ = self.shared.guest.start();
+        }
+        let bitmaps = match r {
+            Ok(b) => b,
+            Err(e) => {
+                // Without a sync nothing written since the last one would be resent: fail.
+                self.shared.set_error(format!("dirty sync: {e}"));
+                let now = self.now();
+                let _ = self.src.handle_control(now, Control::Cancel);
+                return 0;
+            }
+        };
+        let pass = self.shared.recorder.counters.add_dirty_sync();
+        self.shared
+            .iterations
+            .store(pass, std::sync::atomic::Ordering::Relaxed);
+        if self.shared.cap("events") {
+            self.shared.events.migration_pass(pass);
+        }
+        let mut dirty = 0;
+        for (i, b) in bitmaps.iter().enumerate() {
+            dirty += b.count_ones();
+            self.src.handle_dirty_sync(i, b);
+        }
+        dirty
+    }
+
+    /// The machine sent every dirty page: sync, and complete if the rest fits the downtime.
+    fn iterate(&mut self) {
+        let elapsed = self.iter_start.elapsed().as_secs_f64().max(1e-3);
+        let dirty = self.sync_dirty();
+        if self.src.status().is_final() {
+            return;
+        }
+        self.shared.dirty_pages_rate.store(
+            (dirty as f64 / elapsed) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        let measured = self.iter_bytes as f64 / elapsed;
+        let limit = Shared::get(&self.shared.max_bandwidth) as f64;
+        let bw = if measured > 0.0 { measured } else { limit };
+        let downtime = Shared::get(&self.shared.downtime_limit) as f64 / 1000.0;
+        let bytes = (dirty * PAGE_SIZE as u64) as f64;
+        tracing::debug!(
+            "iteration: {dirty} dirty pages, {:.1} MB/s, fits: {}",
+            bw / 1e6,
+            bytes <= bw * downtime
+        );
+        if bytes <= bw * downtime {
+            self.stop_guest();
+            self.sync_dirty();
+            let now = self.now();
+            if let Err(e) = self.src.handle_control(now, Control::Complete) {
+                self.shared.set_error(e.to_string());
+            }
+        }
+        self.iter_start = Instant::now();
+        self.iter_bytes = 0;
+        self.update_remaining();
+    }
+
+    /// Drains the machine's events into QMP status, events and errors.
+    fn pump(&mut self) {
+        while let Some(ev) = self.src.poll_event() {
+            match ev {
+                Event::Status { from, to } => {
+                    if from == MigrationStatus::PostcopyRecover
+                        && to == MigrationStatus::PostcopyActive
+                    {
+                        self.shared.lock().error = None;
+                    }
+                    if to == MigrationStatus::Completed {
+                        if let Some(t) = self.stopped_at {
+                            self.shared.downtime_ms.store(
+                                t.elapsed().as_millis() as u64,
+                                std::sync::atomic::Ordering::Relaxed,
+                            );
+                        }
+                    }
+                    if to == MigrationStatus::Setup {
+                        continue; // already reported by `start`
+                    }
+                    self.shared.set_status(to.into());
+                }
+                Event::Error { violation, .. } => self.shared.set_error(violation.to_string()),
+                Event::ChannelLost { rule } => {
+                    tracing::warn!("channel lost: {}: {}", rule.id(), rule.summary());
+                    if self.src.status() == MigrationStatus::Failed {
+                        self.shared
+                            .set_error(format!("{}: {}", rule.id(), rule.summary()));
+                    }
+                }
+                Event::NeedDirtySync => self.iterate(),
+                Event::IllegalTransition(t) => tracing::error!("machine: {t:?}"),
+                other => tracing::debug!("machine event: {other:?}"),
+            }
+        }
+    }
+}
