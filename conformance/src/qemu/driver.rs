@@ -15,7 +15,8 @@ use serde_json::{json, Value};
 
 use super::find::QemuBinary;
 use super::launch::{Machine, Qemu};
-use super::pattern::{random_page, stream, PAGE};
+use super::pattern::PAGE;
+pub use super::pattern::{pattern, Write};
 use super::proxy::{Proxy, Recording};
 use super::QemuError;
 
@@ -62,19 +63,6 @@ pub struct Scenario {
     /// For [`Kind::PostcopyRecover`]: cut this many source-to-destination
     /// bytes after the destination announced `postcopy-active`.
     pub cut_after: u64,
-}
-
-/// One guest page written through qtest before the migration.
-#[derive(Debug, Clone)]
-pub struct Write {
-    /// Page index from guest-physical 0.
-    pub page: u64,
-    /// `random` or `fill`.
-    pub kind: &'static str,
-    /// Generation (always 0 here).
-    pub gen: u32,
-    /// The page content.
-    pub data: Vec<u8>,
 }
 
 /// Everything a scenario run observed.
@@ -242,53 +230,6 @@ impl Pair {
         self.src.qmp("migrate", args)?;
         Ok(())
     }
-}
-
-/// The pages a scenario writes: pages 0-7 random, 8-11 repeated bytes
-/// (0x01, 0x80, 0xff, 0x5a), 511 random and 512 repeated (a 2 MiB
-/// boundary), the last page random, then `random_pages` random pages chosen
-/// by `stream(seed, "select")`; never the machine's reserved pages.
-pub fn pattern(seed: u64, machine: Machine, ram_mb: u64, random_pages: u64) -> Vec<Write> {
-    let pages = (ram_mb << 20) / PAGE as u64;
-    let reserved = machine.reserved_pages();
-    let mut used = std::collections::BTreeSet::new();
-    let mut out = Vec::new();
-    let mut add = |page: u64, kind: &'static str, data: Vec<u8>, out: &mut Vec<Write>| {
-        if page < pages && !reserved.contains(&page) && used.insert(page) {
-            out.push(Write {
-                page,
-                kind,
-                gen: 0,
-                data,
-            });
-        }
-    };
-    for p in 0..8 {
-        add(p, "random", random_page(seed, p, 0), &mut out);
-    }
-    for (p, b) in [(8u64, 0x01u8), (9, 0x80), (10, 0xff), (11, 0x5a)] {
-        add(p, "fill", vec![b; PAGE], &mut out);
-    }
-    add(511, "random", random_page(seed, 511, 0), &mut out);
-    add(512, "fill", vec![0x33; PAGE], &mut out);
-    add(
-        pages - 1,
-        "random",
-        random_page(seed, pages - 1, 0),
-        &mut out,
-    );
-    let sel = stream(seed, b"select", (random_pages as usize) * 16 + 64);
-    let mut n = 0;
-    for c in sel.chunks_exact(4) {
-        if n == random_pages {
-            break;
-        }
-        let p = u32::from_le_bytes([c[0], c[1], c[2], c[3]]) as u64 % pages;
-        let before = out.len();
-        add(p, "random", random_page(seed, p, 0), &mut out);
-        n += (out.len() > before) as u64;
-    }
-    out
 }
 
 /// Runs `scenario` on `bin`: see the module documentation.
