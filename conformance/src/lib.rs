@@ -1,2 +1,3 @@
 //! qmig conformance library.
+pub mod cli;
 pub mod qemu;

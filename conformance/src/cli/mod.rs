@@ -1,0 +1,278 @@
+//! The `qmig` command line: one module per subcommand, plus what they share.
+//!
+//! Owns: opening inputs (files or stdin), choosing the profile (given, or detected from the
+//! content), finding the VM description (given, or the trailing one of a seekable precopy file),
+//! and setting up decoders for main and recovery channels. The subcommands: [`inspect`],
+//! [`extract`], [`verify`], [`diff`]; the output shapes: [`report`]. Decoding is always
+//! `qmig_protocol`'s: this module only moves bytes.
+
+pub mod diff;
+pub mod extract;
+pub mod image;
+pub mod inspect;
+pub mod record;
+pub mod report;
+pub mod scan;
+pub mod verify;
+
+use anyhow::Context as _;
+use qmig_protocol::command::Command;
+use qmig_protocol::limits::Limits;
+use qmig_protocol::ram::RamBody;
+use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+use qmig_protocol::vmdesc::VmDesc;
+use qmig_protocol::{Profile, Rule, Version};
+use scan::{scan, End};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The id `qmig` reports for input that ends inside a record or before EOF. Not (yet) a rule of
+/// `qmig_protocol::Rule`: the decoder reports `Incomplete`, and deciding that no more input will
+/// come is the caller's.
+pub const TRUNCATED_RULE: &str = "STREAM-TRUNCATED";
+
+/// A `--profile` value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProfileArg {
+    /// QEMU 7.2.
+    #[value(name = "7.2")]
+    V7_2,
+    /// QEMU 10.0 .. 10.2.
+    #[value(name = "10")]
+    V10,
+}
+
+impl ProfileArg {
+    /// The protocol version.
+    pub fn version(self) -> Version {
+        match self {
+            ProfileArg::V7_2 => Version::V7_2,
+            ProfileArg::V10 => Version::V10,
+        }
+    }
+}
+
+/// Text form of a version.
+pub fn version_name(v: Version) -> &'static str {
+    match v {
+        Version::V7_2 => "7.2",
+        _ => "10",
+    }
+}
+
+/// Opens `path`, or stdin for `-`.
+pub fn open(path: &Path) -> anyhow::Result<Box<dyn Read>> {
+    if path == Path::new("-") {
+        return Ok(Box::new(std::io::stdin().lock()));
+    }
+    let f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    Ok(Box::new(f))
+}
+
+/// Whether `path` is a regular file (seekable, can be read twice).
+pub fn seekable(path: &Path) -> bool {
+    path != Path::new("-") && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Content-based profile detection, fed with the items of a main channel.
+///
+/// 10.x if `SWITCHOVER_START` or a `MULTIFD_FLUSH` record is seen; 7.2 if a `COMPRESS_PAGE`
+/// record is seen, or if the stream reaches a point where a 10.x source sends
+/// `SWITCHOVER_START` first (a RAM_DISCARD, a PACKAGED, the `ram` SECTION_END, a device
+/// SECTION_FULL, or EOF) without one; undecided otherwise.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Detect {
+    decided: Option<Version>,
+}
+
+impl Detect {
+    /// Observes one item.
+    pub fn item(&mut self, item: &Item<'_>, dec: &StreamDecoder) {
+        if self.decided.is_some() {
+            return;
+        }
+        self.decided = match item {
+            Item::Command(Command::SwitchoverStart) => Some(Version::V10),
+            Item::Ram(r) if matches!(r.body, RamBody::MultifdFlush) => Some(Version::V10),
+            Item::Ram(r) if matches!(r.body, RamBody::Compressed(_)) => Some(Version::V7_2),
+            Item::Command(Command::RamDiscard(_) | Command::Packaged { .. }) | Item::Eof => {
+                Some(Version::V7_2)
+            }
+            Item::Section(h) => {
+                use qmig_protocol::codes::SectionType;
+                let ty = h.section_type();
+                let ram = dec.current_section().is_some_and(|s| s.is_ram);
+                if (ty == SectionType::END && ram) || (ty == SectionType::FULL && !ram) {
+                    Some(Version::V7_2)
+                } else {
+                    None
+                }
+            }
+            _ => None,
+        };
+    }
+
+    /// The decision so far.
+    pub fn decided(&self) -> Option<Version> {
+        self.decided
+    }
+}
+
+/// Rules whose violation may only mean that the stream is of the other version.
+fn profile_rule(r: Rule) -> bool {
+    matches!(
+        r,
+        Rule::RamFlagProfile
+            | Rule::CmdUnknown
+            | Rule::RpType
+            | Rule::CfgCapName
+            | Rule::RamZeroFill
+    )
+}
+
+/// What a first pass over a channel learned.
+#[derive(Clone, Debug)]
+pub struct Prepared {
+    /// The profile to decode with.
+    pub version: Version,
+    /// `option`, `detected` or `default`.
+    pub source: &'static str,
+    /// The VM description.
+    pub vmdesc: Option<Arc<VmDesc>>,
+    /// `file`, `trailing` or `none`.
+    pub vmdesc_source: &'static str,
+    /// The VM description's JSON text, as given.
+    pub vmdesc_json: Option<Vec<u8>>,
+}
+
+/// Common options of the stream-reading subcommands.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct StreamOpts {
+    /// Profile of the stream's QEMU; detected from the content when not given (see
+    /// `conformance/docs/inspect-json.md`).
+    #[arg(long, value_enum)]
+    pub profile: Option<ProfileArg>,
+    /// The input is a postcopy recovery channel (no header): the main channel's sections and
+    /// blocks come from `--main` (default: `stream.bin` next to the input).
+    #[arg(long)]
+    pub resume: bool,
+    /// The main channel preceding a `--resume` input.
+    #[arg(long, value_name = "FILE")]
+    pub main: Option<PathBuf>,
+    /// A VM description (JSON) for device layouts (default: the trailing one of a seekable
+    /// precopy file).
+    #[arg(long, value_name = "FILE")]
+    pub vmdesc: Option<PathBuf>,
+}
+
+/// Reads a VM description file: the model and the JSON text.
+pub fn load_vmdesc(path: &Path) -> anyhow::Result<(VmDesc, Vec<u8>)> {
+    let json = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let d = VmDesc::parse(&json, 0, &Limits::DEFAULT)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((d, json))
+}
+
+/// A decoder for `channel` under `version` with the VM description.
+pub fn decoder(version: Version, vmdesc: Option<&Arc<VmDesc>>) -> StreamDecoder {
+    let mut d = StreamDecoder::new(
+        Channel::Main,
+        Profile::for_version(version),
+        Limits::DEFAULT,
+    );
+    if let Some(v) = vmdesc {
+        d.set_vmdesc((**v).clone());
+    }
+    d
+}
+
+/// One silent pass: how it ended, the detection, and the trailing VM description's bytes.
+fn probe(
+    path: &Path,
+    mut dec: StreamDecoder,
+) -> anyhow::Result<(End, Detect, Option<Vec<u8>>, StreamDecoder)> {
+    let mut det = Detect::default();
+    let mut desc = None;
+    let end = scan(open(path)?, &mut dec, |d| {
+        det.item(&d.item, d.dec);
+        if let Item::VmDescription(j) = d.item {
+            desc = Some(j.to_vec());
+        }
+        Ok(())
+    })?;
+    Ok((end, det, desc, dec))
+}
+
+/// The main channel preceding a recovery channel at `path`.
+pub fn main_for(path: &Path, opts: &StreamOpts) -> anyhow::Result<PathBuf> {
+    if let Some(m) = &opts.main {
+        return Ok(m.clone());
+    }
+    let sib = path.parent().unwrap_or(Path::new(".")).join("stream.bin");
+    anyhow::ensure!(
+        path != Path::new("-") && sib.is_file(),
+        "--resume needs the main channel: give --main FILE"
+    );
+    tracing::info!("main channel for {}: {}", path.display(), sib.display());
+    Ok(sib)
+}
+
+/// Chooses profile and VM description for the channel at `path` (a main channel, or with
+/// `--resume` a recovery channel), and returns a decoder ready for it.
+pub fn prepare(path: &Path, opts: &StreamOpts) -> anyhow::Result<(Prepared, StreamDecoder)> {
+    let mut vmdesc_json = None;
+    let mut vmdesc = match &opts.vmdesc {
+        Some(p) => {
+            let (d, j) = load_vmdesc(p)?;
+            vmdesc_json = Some(j);
+            Some(Arc::new(d))
+        }
+        None => None,
+    };
+    let mut vmdesc_source = if vmdesc.is_some() { "file" } else { "none" };
+    // The channel whose content decides the profile: the main one.
+    let main_path = if opts.resume {
+        main_for(path, opts)?
+    } else {
+        path.to_path_buf()
+    };
+    let (version, source) = match opts.profile {
+        Some(p) => (p.version(), "option"),
+        None if seekable(&main_path) => {
+            let (end, det, _, _) = probe(&main_path, decoder(Version::V10, vmdesc.as_ref()))?;
+            match (end, det.decided()) {
+                (_, Some(v)) => (v, "detected"),
+                (End::Invalid(v), None) if profile_rule(v.rule) => (Version::V7_2, "detected"),
+                _ => (Version::V10, "default"),
+            }
+        }
+        None => (Version::V10, "default"),
+    };
+    if vmdesc.is_none() && !opts.resume && seekable(path) {
+        let (_, _, desc, _) = probe(path, decoder(version, None))?;
+        if let Some(j) = desc {
+            if let Ok(d) = VmDesc::parse(&j, 0, &Limits::DEFAULT) {
+                vmdesc = Some(Arc::new(d));
+                vmdesc_json = Some(j);
+                vmdesc_source = "trailing";
+            }
+        }
+    }
+    let dec = if opts.resume {
+        let (_, _, _, main) = probe(&main_path, decoder(version, vmdesc.as_ref()))?;
+        main.resume_from()
+    } else {
+        decoder(version, vmdesc.as_ref())
+    };
+    Ok((
+        Prepared {
+            version,
+            source,
+            vmdesc,
+            vmdesc_source,
+            vmdesc_json,
+        },
+        dec,
+    ))
+}
