@@ -24,6 +24,15 @@ fn precopy_small_guest_ends_identical() {
     assert_eq!(w.dst.devices().len(), 2);
     assert_eq!(w.dst.devices()[0].idstr, b"timer");
     assert_eq!(w.dst.devices()[0].data, (0u8..24).collect::<Vec<_>>());
+    // The stream ends with EOF and the VM description.
+    let main = &w.main_bytes[0];
+    let tail = [
+        &[0u8, 6][..],
+        &(harness::VMDESC_JSON.len() as u32).to_be_bytes(),
+        harness::VMDESC_JSON,
+    ]
+    .concat();
+    assert!(main.ends_with(&tail));
 }
 
 #[test]

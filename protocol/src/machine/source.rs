@@ -72,6 +72,9 @@ pub struct SourceConfig {
     pub devices: Vec<DeviceState>,
     /// Most page records per RAM SECTION_PART.
     pub pages_per_section: usize,
+    /// A VM description (JSON) written after EOF at the end of a precopy migration (QEMU
+    /// writes none in postcopy); `None`: none.
+    pub vmdesc: Option<Vec<u8>>,
     /// A return path silent for longer than this many nanoseconds while an answer is awaited
     /// counts as a lost channel (SM-TIMEOUT), checked by [`Source::handle_timeout`].
     pub silence_timeout: Option<u64>,
@@ -96,6 +99,7 @@ impl SourceConfig {
             devices: Vec::new(),
             pages_per_section: 32,
             silence_timeout: None,
+            vmdesc: None,
         }
     }
 }
@@ -878,6 +882,9 @@ impl Source {
                 self.eos_footer(o);
                 self.write_devices(o);
                 Item::Eof.encode(o);
+                if let Some(json) = &self.cfg.vmdesc {
+                    Item::VmDescription(json).encode(o);
+                }
                 self.finish_stream();
                 return;
             };

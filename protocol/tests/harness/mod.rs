@@ -252,14 +252,16 @@ pub struct World {
 
 /// The VM description of [`devices`], so that the destination delimits their payloads.
 pub fn vmdesc() -> qmig_protocol::vmdesc::VmDesc {
-    let json = br#"{"page_size": 4096, "devices": [
+    qmig_protocol::vmdesc::VmDesc::parse(VMDESC_JSON, 0, &qmig_protocol::limits::Limits::DEFAULT)
+        .expect("valid vmdesc")
+}
+
+/// The JSON of [`vmdesc`]; the source also sends it after EOF in precopy.
+pub const VMDESC_JSON: &[u8] = br#"{"page_size": 4096, "devices": [
         {"name": "timer", "instance_id": 0, "vmsd_name": "timer", "version": 2,
          "fields": [{"name": "data", "type": "buffer", "size": 24}]},
         {"name": "globalstate", "instance_id": 0, "vmsd_name": "globalstate", "version": 1,
          "fields": [{"name": "data", "type": "buffer", "size": 104}]}]}"#;
-    qmig_protocol::vmdesc::VmDesc::parse(json, 0, &qmig_protocol::limits::Limits::DEFAULT)
-        .expect("valid vmdesc")
-}
 
 /// Builds the device states the source sends (opaque payloads, like `-M none`'s).
 pub fn devices() -> Vec<DeviceState> {
@@ -311,6 +313,7 @@ impl World {
         scfg.return_path = true;
         scfg.devices = devices();
         scfg.pages_per_section = sc.pages_per_section;
+        scfg.vmdesc = Some(VMDESC_JSON.to_vec());
         let mut dcfg = DestinationConfig::new(sc.profile, "none", sc.blocks.clone(), sc.postcopy);
         dcfg.vmdesc = Some(vmdesc());
         let dst_mem = Mem::new(&sc.blocks, tps);
