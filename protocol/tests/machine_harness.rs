@@ -135,6 +135,36 @@ fn postcopy_recovers_from_one_cut() {
             S::Completed
         ]
     );
+    // The recovery connection: RECV_BITMAP for every block, POSTCOPY_RESUME, then pages whose
+    // first record names its block.
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_7_2, Default::default());
+    d.set_vmdesc(harness::vmdesc());
+    let first = &w.main_bytes[0];
+    let mut pos = 0;
+    while let Ok((_, n)) = d.decode(&first[pos..]) {
+        pos += n;
+    }
+    let mut r = d.resume_from();
+    let resume = &w.main_bytes[1];
+    let mut pos = 0;
+    let mut items = Vec::new();
+    while pos < resume.len() {
+        let (item, n) = r
+            .decode_final(&resume[pos..])
+            .expect("recovery stream decodes");
+        let kind = match item {
+            Item::Command(Command::RecvBitmap { .. }) => "bitmap",
+            Item::Command(Command::PostcopyResume) => "resume",
+            Item::Ram(rec) if rec.is_page() && rec.name.is_some() => "named-page",
+            Item::Ram(rec) if rec.is_page() => "page",
+            _ => "other",
+        };
+        items.push(kind);
+        pos += n;
+    }
+    assert_eq!(items[..2], ["bitmap", "resume"]);
+    let first_page = items.iter().find(|k| k.ends_with("page")).unwrap();
+    assert_eq!(*first_page, "named-page");
 }
 
 // ---- targeted behaviours ---------------------------------------------------------------------
