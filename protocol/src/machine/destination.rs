@@ -586,7 +586,8 @@ impl Destination {
             let at = dec.offset();
             // A rewind point before every item that may start a host page (only for huge-page
             // configurations; LISTEN may come within this call).
-            let before = (self.has_huge && !asm.is_partial()).then(|| dec.clone());
+            let before = (self.has_huge && self.pc >= Pc::Listening && !asm.is_partial())
+                .then(|| dec.clone());
             match dec.decode(&input[pos..]) {
                 Ok((item, n)) => {
                     let start = pos;
@@ -604,10 +605,12 @@ impl Destination {
                 }
                 Err(WireError::Incomplete { .. }) => {
                     if asm.is_partial() {
-                        if let Some((start, d)) = mark.take() {
-                            self.decoder = Some(d);
-                            break Ok(start);
-                        }
+                        let Some((start, d)) = mark.take() else {
+                            // Unreachable by construction; never drop a partial page silently.
+                            break Err(Stop::Local(Violation::new(at, Rule::SmPartialHostPage, 0)));
+                        };
+                        self.decoder = Some(d);
+                        break Ok(start);
                     }
                     break Ok(pos);
                 }
