@@ -548,6 +548,10 @@ impl Destination {
     /// many were consumed (whole items; keep the rest and call again with more), or the
     /// violation that stopped the channel (the status has then changed to failed or paused, and
     /// the channel must be closed).
+    ///
+    /// Page data is placed straight from `input`. The caller's buffer must be able to hold the
+    /// largest item plus, for huge-page blocks in postcopy, one whole host page of records: a
+    /// host page not complete in `input` is left unconsumed.
     pub fn handle_stream(
         &mut self,
         now: Instant,
