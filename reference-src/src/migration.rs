@@ -32,6 +32,7 @@ use qmig_protocol::machine::{
     SourceConfig,
 };
 use qmig_protocol::rp::{RpDecoder, RpMessage};
+use qmig_protocol::stream::Item;
 
 use crate::devices::RAM_SECTION_ID;
 use crate::state::{Msg, Shared};
@@ -40,6 +41,9 @@ use crate::state::{Msg, Shared};
 const CHUNK: usize = 32 * 1024;
 /// Pages per RAM section part.
 const PAGES_PER_SECTION: usize = 16;
+
+/// The VM description appended after a precopy EOF (see `Driver::transmit`).
+const VMDESC: &[u8] = br#"{"page_size": 4096, "devices": []}"#;
 
 /// What a migration needs besides the shared state.
 pub struct Plan {
@@ -99,6 +103,8 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
         iter_bytes: 0,
         stopped_at: None,
         we_stopped_guest: false,
+        completing: false,
+        vmdesc_sent: false,
     };
     std::thread::Builder::new()
         .name("migration".into())
@@ -124,6 +130,8 @@ struct Driver {
     iter_bytes: u64,
     stopped_at: Option<Instant>,
     we_stopped_guest: bool,
+    completing: bool,
+    vmdesc_sent: bool,
 }
 
 fn reader(mut r: ConnReader, conn: u64, tx: Sender<Msg>) {
@@ -261,7 +269,16 @@ impl Driver {
     fn transmit(&mut self, budget: usize) {
         self.out.clear();
         let ram = self.shared.guest.ram.clone();
-        let n = self.src.poll_transmit(&*ram, &mut self.out, budget);
+        let mut n = self.src.poll_transmit(&*ram, &mut self.out, budget);
+        if self.completing && !self.vmdesc_sent && !self.src.wants_transmit() {
+            // The precopy EOF was just written. A QEMU destination reads one more byte after
+            // EOF (the VM description) before it answers with SHUT; the machine does not write
+            // one yet, so the driver appends a minimal description (QEMU ignores its content).
+            let before = self.out.len();
+            Item::VmDescription(VMDESC).encode(&mut self.out);
+            n += self.out.len() - before;
+            self.vmdesc_sent = true;
+        }
         let c = &self.shared.recorder.counters;
         for (b, p) in self.src.take_sent_pages() {
             let mut page = [0u8; PAGE_SIZE];
@@ -484,8 +501,9 @@ impl Driver {
             self.stop_guest();
             self.sync_dirty();
             let now = self.now();
-            if let Err(e) = self.src.handle_control(now, Control::Complete) {
-                self.shared.set_error(e.to_string());
+            match self.src.handle_control(now, Control::Complete) {
+                Ok(()) => self.completing = true,
+                Err(e) => self.shared.set_error(e.to_string()),
             }
         }
         self.iter_start = Instant::now();
