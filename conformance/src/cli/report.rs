@@ -101,12 +101,12 @@ pub struct Field {
 /// return-path message, or the final `TRUNCATED` / `INVALID` line.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Record {
-    /// `main`, `resume`, `rp` or `multifd`.
+    /// `main`, `resume` or `rp`.
     pub channel: &'static str,
     /// Absolute channel offset of the record's first byte.
     pub offset: u64,
     /// Record type: `HEADER`, `CONFIGURATION`, `SECTION_START`/`PART`/`END`/`FULL`, `COMMAND`,
-    /// `EOF`, `VMDESCRIPTION`, `RAM` (a page record), `MIG_RP_MSG_*`, `MULTIFD_*`, `TRUNCATED`,
+    /// `EOF`, `VMDESCRIPTION`, `RAM` (a page record), `MIG_RP_MSG_*`, `TRUNCATED`,
     /// `INVALID`.
     #[serde(rename = "type")]
     pub ty: String,
@@ -157,7 +157,7 @@ pub struct Record {
     /// COMMAND: `MIG_CMD_*` name.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd: Option<String>,
-    /// COMMAND: code.
+    /// COMMAND: the command code; return path: the message type.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cmd_id: Option<u16>,
     /// COMMAND / return path: payload length field.
@@ -206,15 +206,6 @@ pub struct Record {
     /// Page records: offset in the block.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<u64>,
-    /// Multifd packets: fields.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub packet_num: Option<u64>,
-    /// Multifd packets: normal pages.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub normal_pages: Option<u64>,
-    /// Multifd packets: zero pages.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub zero_pages: Option<u64>,
     /// TRUNCATED: bytes after `offset`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_left: Option<u64>,
@@ -289,8 +280,9 @@ impl Record {
         self.in_package.is_some() || self.in_section.is_some()
     }
 
-    /// The text line: `OFFSET TYPE key=value...`, channel-prefixed for `rp`/`resume`/`multifd`,
-    /// indented when nested. Device fields follow on their own indented lines.
+    /// The text line: `OFFSET TYPE key=value...`, channel-prefixed for `rp`/`resume`,
+    /// indented when nested (so a top-level record is exactly a line that does not start with a
+    /// space). Device fields follow on their own indented lines.
     pub fn text(&self) -> String {
         let mut s = String::new();
         if self.in_package.is_some() {
@@ -302,7 +294,7 @@ impl Record {
         if self.channel != "main" {
             let _ = write!(s, "{} ", self.channel);
         }
-        let _ = write!(s, "{:>10} {}", self.offset, self.ty);
+        let _ = write!(s, "{:<10} {}", self.offset, self.ty);
         if let Some(c) = &self.cmd {
             let _ = write!(s, " {c}");
         }
@@ -345,9 +337,6 @@ impl Record {
         put(&mut s, "bitmap_size", &self.bitmap_size);
         put(&mut s, "bits_set", &self.bitmap_bits_set);
         put(&mut s, "sha256", &self.bitmap_sha256);
-        put(&mut s, "packet_num", &self.packet_num);
-        put(&mut s, "normal_pages", &self.normal_pages);
-        put(&mut s, "zero_pages", &self.zero_pages);
         if let Some(r) = &self.ram {
             s.push_str(&r.text());
         }
@@ -373,7 +362,7 @@ impl Record {
             for f in fields {
                 let _ = write!(
                     s,
-                    "\n{pad}      {:>10} {} ({}, {}) = {}",
+                    "\n{pad}    {:<10} {} ({}, {}) = {}",
                     f.offset, f.path, f.ty, f.size, f.hex
                 );
                 if let Some(v) = f.value {
