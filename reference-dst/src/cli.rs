@@ -1,0 +1,249 @@
+//! The command line, shaped like QEMU's where it can be.
+//!
+//! This module owns [`Args`] (clap) and the parsing of its values: sizes (`256M`), extra RAM
+//! blocks (`NAME:SIZE`), the workload spec (`random|sequential[,threads=N][,rate=P][,working-set=S][,write]`),
+//! capability lists, the version profile, and [`Args::blocks`], the RAM block list a machine
+//! type implies.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use qmig_host::uri::MigrationUri;
+use qmig_host::workload::{Access, Pattern, Rate};
+use qmig_protocol::profile::Profile;
+
+/// `qmig-dst`: the reference destination of a QEMU live migration.
+#[derive(Debug, Parser)]
+#[command(name = "qmig-dst", version, about)]
+pub struct Args {
+    /// Guest RAM size of the main block (`256M`, `1G`, bytes without suffix).
+    #[arg(long, short = 'm', default_value = "128M", value_parser = parse_size)]
+    pub ram: u64,
+    /// QMP control socket: `unix:PATH` (a server socket, like QEMU's `-qmp unix:PATH,server=on`).
+    #[arg(long)]
+    pub qmp: String,
+    /// Where to listen for the migration: `tcp:HOST:PORT`, `unix:PATH` or `defer` (wait for
+    /// `migrate-incoming`). Without it, like `defer`.
+    #[arg(long, default_value = "defer", value_parser = parse_uri)]
+    pub incoming: MigrationUri,
+    /// Machine type; decides the RAM block names and must match the source's (CFG-MACHINE).
+    #[arg(long, short = 'M', default_value = "none", value_parser = ["none", "microvm"])]
+    pub machine: String,
+    /// Extra RAM block `NAME:SIZE` (repeatable), after the machine's own blocks.
+    #[arg(long = "block", value_parser = parse_block)]
+    pub blocks: Vec<(String, u64)>,
+    /// Wire profile of the source: `7.2` or `10`.
+    #[arg(long, default_value = "10", value_parser = parse_profile)]
+    pub profile: Profile,
+    /// VM description JSON used to delimit (and decode) device sections.
+    #[arg(long)]
+    pub vmdesc: Option<PathBuf>,
+    /// Guest workload started when the guest runs (postcopy or completion).
+    #[arg(long, value_parser = parse_workload)]
+    pub workload: Option<WorkloadSpec>,
+    /// Migration capabilities to turn on (`postcopy-ram,return-path,...`).
+    #[arg(long, value_delimiter = ',')]
+    pub capabilities: Vec<String>,
+    /// Bound within which a silently dropped TCP peer is detected (`2s`, `1500ms`).
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    pub drop_timeout: Duration,
+    /// Write the received device sections as JSON to this file when the migration completes.
+    #[arg(long)]
+    pub dump_devices: Option<PathBuf>,
+}
+
+/// A parsed `--workload` value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Visiting order.
+    pub pattern: Pattern,
+    /// Threads.
+    pub threads: usize,
+    /// Per-thread rate.
+    pub rate: Rate,
+    /// Working set in bytes from the start of the main block (`None`: the whole block).
+    pub working_set: Option<u64>,
+    /// Whether the threads also write (the default only reads).
+    pub access: Access,
+}
+
+impl Args {
+    /// The RAM blocks `(name, bytes)` in migration order: the machine's, then `--block`s.
+    pub fn blocks(&self) -> Vec<(String, u64)> {
+        let mut v = match self.machine.as_str() {
+            "microvm" => vec![
+                ("microvm.ram".to_string(), self.ram),
+                ("/rom@etc/acpi/tables".to_string(), 4096),
+                ("pc.bios".to_string(), 131072),
+                ("/rom@etc/table-loader".to_string(), 4096),
+                ("/rom@etc/acpi/rsdp".to_string(), 4096),
+            ],
+            _ => vec![("ram".to_string(), self.ram)],
+        };
+        v.extend(self.blocks.iter().cloned());
+        v
+    }
+
+    /// The QMP socket path.
+    pub fn qmp_path(&self) -> Result<PathBuf, String> {
+        match MigrationUri::parse(&self.qmp) {
+            Ok(MigrationUri::Unix { path }) => Ok(path),
+            _ => Err(format!("--qmp {}: expected unix:PATH", self.qmp)),
+        }
+    }
+}
+
+/// `256M`, `1G`, `4096`, `64k`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("bad size suffix in {s:?}")),
+            };
+            (&s[..i], m)
+        }
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    n.checked_mul(mult)
+        .filter(|&b| b > 0)
+        .ok_or_else(|| format!("size {s:?} out of range"))
+}
+
+fn parse_uri(s: &str) -> Result<MigrationUri, String> {
+    MigrationUri::parse(s).map_err(|e| format!("{s}: {e}"))
+}
+
+fn parse_block(s: &str) -> Result<(String, u64), String> {
+    let (name, size) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("--block {s:?}: expected NAME:SIZE"))?;
+    if name.is_empty() || name.len() > 255 {
+        return Err(format!("--block {s:?}: name must be 1..=255 bytes"));
+    }
+    Ok((name.to_string(), parse_size(size)?))
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    match s {
+        "7.2" => Ok(Profile::QEMU_7_2),
+        "10" | "10.0" | "10.1" | "10.2" => Ok(Profile::QEMU_10),
+        _ => Err(format!("unknown profile {s:?} (7.2 or 10)")),
+    }
+}
+
+/// `2s`, `1500ms`, `2` (seconds).
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("bad duration {s:?}");
+    if let Some(ms) = s.strip_suffix("ms") {
+        return ms.parse().map(Duration::from_millis).map_err(|_| bad());
+    }
+    let secs = s.strip_suffix('s').unwrap_or(s);
+    secs.parse::<f64>()
+        .ok()
+        .filter(|v| v.is_finite() && *v > 0.0)
+        .map(Duration::from_secs_f64)
+        .ok_or_else(bad)
+}
+
+/// `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE][,write]`.
+pub fn parse_workload(s: &str) -> Result<WorkloadSpec, String> {
+    let mut parts = s.split(',');
+    let pattern = match parts.next() {
+        Some("random") => Pattern::Random,
+        Some("sequential") => Pattern::Sequential,
+        other => return Err(format!("workload pattern {other:?}: random or sequential")),
+    };
+    let mut w = WorkloadSpec {
+        pattern,
+        threads: 1,
+        rate: Rate::Unlimited,
+        working_set: None,
+        access: Access::Read,
+    };
+    for p in parts {
+        match p.split_once('=') {
+            Some(("threads", v)) => {
+                w.threads = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=256).contains(n))
+                    .ok_or_else(|| format!("threads={v}: 1..=256"))?;
+            }
+            Some(("rate", v)) => {
+                let r: u64 = v.parse().map_err(|_| format!("rate={v}"))?;
+                w.rate = if r == 0 {
+                    Rate::Unlimited
+                } else {
+                    Rate::PagesPerSec(r)
+                };
+            }
+            Some(("working-set", v)) => w.working_set = Some(parse_size(v)?),
+            None if p == "write" => w.access = Access::ReadWrite,
+            _ => return Err(format!("unknown workload option {p:?}")),
+        }
+    }
+    Ok(w)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("256M"), Ok(256 << 20));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert_eq!(parse_size("1g"), Ok(1 << 30));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("12Q").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn workloads() {
+        let w = parse_workload("sequential,threads=3,rate=100,working-set=1M,write").unwrap();
+        assert_eq!(w.pattern, Pattern::Sequential);
+        assert_eq!(w.threads, 3);
+        assert_eq!(w.rate, Rate::PagesPerSec(100));
+        assert_eq!(w.working_set, Some(1 << 20));
+        assert_eq!(w.access, Access::ReadWrite);
+        assert_eq!(parse_workload("random").unwrap().access, Access::Read);
+        assert!(parse_workload("linear").is_err());
+        assert!(parse_workload("random,threads=0").is_err());
+    }
+
+    #[test]
+    fn microvm_blocks() {
+        let a = Args::parse_from([
+            "qmig-dst",
+            "--qmp",
+            "unix:/tmp/x",
+            "--machine",
+            "microvm",
+            "--ram",
+            "64M",
+            "--block",
+            "extra:8K",
+        ]);
+        let b = a.blocks();
+        assert_eq!(b[0], ("microvm.ram".to_string(), 64 << 20));
+        assert_eq!(b[2], ("pc.bios".to_string(), 131072));
+        assert_eq!(b[5], ("extra".to_string(), 8192));
+        assert_eq!(a.incoming, MigrationUri::Defer);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_duration("1500ms"), Ok(Duration::from_millis(1500)));
+        assert!(parse_duration("-1").is_err());
+    }
+}

@@ -1,0 +1,486 @@
+//! The migration thread: one `poll` loop around the `Destination` machine.
+//!
+//! This module owns [`run`]: the thread that polls the wake-up eventfd, the listening socket
+//! (main or recovery channel) and the migration connection. It feeds received bytes to
+//! `Destination::handle_stream` with a [`Placer`] over userfaultfd memory, writes the
+//! machine's return-path bytes on the same socket, turns forwarded guest faults into
+//! `handle_fault` calls (page requests) and QMP requests into `handle_control`, and turns the
+//! machine's events into QMP `MIGRATION` events, counters and the `error-desc`. Every protocol
+//! decision is the machine's; this loop only moves bytes, pages and events.
+//!
+//! A silently dropped peer is detected by the transport (keepalive + `TCP_USER_TIMEOUT` within
+//! `--drop-timeout`): the read fails and the channel counts as closed. After completion the
+//! connection is read until the source closes it (so nothing unread makes the kernel reset it
+//! before the source has read `SHUT`).
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::PathBuf;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::{Duration, Instant as StdInstant};
+
+use qmig_host::qmp_server::EventSink;
+use qmig_host::transport::{Connection, ListenStopper, Listener, Socket};
+use qmig_host::workload::Workload;
+use qmig_protocol::machine::{
+    Control, Destination, DestinationConfig, Event, FaultOutcome, Instant, MigrationStatus,
+    RamBlockSpec,
+};
+use qmig_protocol::profile::Profile;
+use qmig_protocol::vmdesc::VmDesc;
+use rustix::event::{poll, PollFd, PollFlags};
+use serde_json::Value;
+
+use crate::cli::WorkloadSpec;
+use crate::control::{Ctl, Waker};
+use crate::devices;
+use crate::memory::Placer;
+use crate::state::Shared;
+
+/// Bytes read from the socket per `read`.
+const CHUNK: usize = 256 << 10;
+/// Most unconsumed bytes kept: beyond every item the decoder accepts under its limits.
+const MAX_BUFFERED: usize = 64 << 20;
+/// Bound on one return-path write.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the migration thread is configured with.
+pub struct Config {
+    /// Wire profile.
+    pub profile: Profile,
+    /// Machine type name (CFG-MACHINE).
+    pub machine: String,
+    /// RAM blocks, in order.
+    pub blocks: Vec<(String, u64)>,
+    /// VM description for device sections.
+    pub vmdesc: Option<VmDesc>,
+    /// Guest workload.
+    pub workload: Option<WorkloadSpec>,
+    /// Where to write device state at completion.
+    pub dump_devices: Option<PathBuf>,
+}
+
+struct Loop {
+    sh: Arc<Shared>,
+    rx: Receiver<Ctl>,
+    waker: Arc<Waker>,
+    events: EventSink,
+    cfg: Config,
+    t0: StdInstant,
+    machine: Option<Destination>,
+    listening: Option<ListenStopper>,
+    conn: Option<Connection>,
+    buf: Vec<u8>,
+    pos: usize,
+    out: Vec<u8>,
+    workload: Option<Workload>,
+    released: bool,
+    finished: bool,
+}
+
+fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
+    match c.socket() {
+        Socket::Tcp(s) => s.as_fd(),
+        Socket::Unix(s) => s.as_fd(),
+    }
+}
+
+/// Accepts one connection on `l` in a thread of its own and hands it to the migration thread
+/// ([`Ctl::Accepted`]); a [`ListenStopper`] ends the wait (cancel, a new `migrate-recover`).
+fn spawn_acceptor(l: Listener, sh: &Shared) -> Option<ListenStopper> {
+    let stopper = l.stopper();
+    let ctl = sh.ctl.clone();
+    let r = std::thread::Builder::new()
+        .name("accept".into())
+        .spawn(move || match l.accept() {
+            Ok(c) => {
+                ctl.send(Ctl::Accepted(c));
+            }
+            Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
+            Err(e) => tracing::warn!("accept failed: {e}"),
+        });
+    match r {
+        Ok(_) => Some(stopper),
+        Err(e) => {
+            tracing::error!("cannot start the accept thread: {e}");
+            None
+        }
+    }
+}
+
+/// Runs the migration thread until [`Ctl::Quit`].
+pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventSink, cfg: Config) {
+    let mut l = Loop {
+        sh,
+        rx,
+        waker,
+        events,
+        cfg,
+        t0: StdInstant::now(),
+        machine: None,
+        listening: None,
+        conn: None,
+        buf: Vec::new(),
+        pos: 0,
+        out: Vec::new(),
+        workload: None,
+        released: false,
+        finished: false,
+    };
+    l.run();
+}
+
+impl Loop {
+    fn now(&self) -> Instant {
+        Instant(self.t0.elapsed().as_nanos() as u64)
+    }
+
+    fn run(&mut self) {
+        loop {
+            let (wake, readable) = {
+                let waker = self.waker.clone();
+                let mut fds = vec![PollFd::new(&*waker, PollFlags::IN)];
+                let ci = self.conn.as_ref().map(|c| {
+                    fds.push(PollFd::from_borrowed_fd(sock_fd(c), PollFlags::IN));
+                    fds.len() - 1
+                });
+                match poll(&mut fds, -1) {
+                    Ok(_) => {}
+                    Err(rustix::io::Errno::INTR) => continue,
+                    Err(e) => {
+                        tracing::error!("poll failed: {e}");
+                        return;
+                    }
+                }
+                let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
+                (ready(Some(0)), ready(ci))
+            };
+            if wake {
+                self.waker.drain();
+                while let Ok(c) = self.rx.try_recv() {
+                    if !self.on_ctl(c) {
+                        return;
+                    }
+                }
+            }
+            if readable {
+                self.read();
+            }
+            self.settle();
+        }
+    }
+
+    /// Handles one request; false to stop the thread.
+    fn on_ctl(&mut self, c: Ctl) -> bool {
+        let now = self.now();
+        match c {
+            Ctl::Incoming(l, reply) => {
+                let r = if self.machine.is_some() || self.listening.is_some() {
+                    Err("The incoming migration has already been started".into())
+                } else {
+                    self.listening = spawn_acceptor(l, &self.sh);
+                    Ok(())
+                };
+                let _ = reply.send(r);
+            }
+            Ctl::Recover(l, reply) => {
+                let r = match self.machine.as_mut() {
+                    None => Err("No incoming migration to recover".into()),
+                    Some(m) => match m.handle_control(now, Control::Recover) {
+                        Ok(()) => {
+                            if let Some(old) = self.listening.take() {
+                                old.stop();
+                            }
+                            self.listening = spawn_acceptor(l, &self.sh);
+                            Ok(())
+                        }
+                        Err(e) => Err(format!(
+                            "Migrate recover can only be run when postcopy is paused ({e})"
+                        )),
+                    },
+                };
+                let _ = reply.send(r);
+            }
+            Ctl::Pause(reply) => {
+                let r = match self.machine.as_mut() {
+                    None => Err("No migration in progress".into()),
+                    Some(m) => m
+                        .handle_control(now, Control::Pause)
+                        .map_err(|e| e.to_string()),
+                };
+                let _ = reply.send(r);
+            }
+            Ctl::Cancel(reply) => {
+                let r = match self.machine.as_mut() {
+                    None => Ok(()),
+                    Some(m) => m
+                        .handle_control(now, Control::Cancel)
+                        .map_err(|e| e.to_string()),
+                };
+                if r.is_ok() {
+                    if let Some(old) = self.listening.take() {
+                        old.stop();
+                    }
+                    self.conn = None;
+                }
+                let _ = reply.send(r);
+            }
+            Ctl::DumpDevices(reply) => {
+                let _ = reply.send(Ok(self.devices_json()));
+            }
+            Ctl::Fault(f) => {
+                self.sh.recorder.counters.add_fault();
+                if let Some(m) = self.machine.as_mut() {
+                    match m.handle_fault(f.block, f.offset) {
+                        FaultOutcome::Released => self.release(),
+                        FaultOutcome::OutOfRange => {
+                            tracing::warn!("fault outside the blocks: {f:?}")
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            Ctl::Accepted(c) => self.accept(c),
+            Ctl::Quit => {
+                if let Some(old) = self.listening.take() {
+                    old.stop();
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    fn devices_json(&self) -> Value {
+        let Some(m) = self.machine.as_ref() else {
+            return Value::Array(Vec::new());
+        };
+        devices::to_json(m.devices(), self.cfg.vmdesc.as_ref(), &m.config().limits)
+    }
+
+    fn new_machine(&self) -> Result<Destination, String> {
+        let caps = self.sh.view().caps.clone();
+        let postcopy = caps.get("postcopy-ram").copied().unwrap_or(false);
+        let tps = self.cfg.profile.target_page_size as u64;
+        let blocks = self
+            .cfg
+            .blocks
+            .iter()
+            .map(|(n, l)| RamBlockSpec::new(n, *l, tps))
+            .collect();
+        let mut dc = DestinationConfig::new(self.cfg.profile, &self.cfg.machine, blocks, postcopy);
+        dc.vmdesc = self.cfg.vmdesc.clone();
+        Destination::new(dc).map_err(|e| format!("bad configuration: {e:?}"))
+    }
+
+    fn accept(&mut self, conn: Connection) {
+        self.listening = None;
+        tracing::info!("channel from {}", conn.socket().peer());
+        let _ = conn.socket().set_write_timeout(Some(WRITE_TIMEOUT));
+        if self.machine.is_none() {
+            match self.new_machine() {
+                Ok(m) => {
+                    self.machine = Some(m);
+                    self.sh.recorder.start(StdInstant::now());
+                }
+                Err(e) => {
+                    tracing::error!("{e}");
+                    self.sh.view().error_desc = Some(e);
+                    return;
+                }
+            }
+        }
+        let now = self.now();
+        let m = self.machine.as_mut().expect("created above");
+        match m.handle_channel_opened(now) {
+            Ok(()) => {
+                self.conn = Some(conn);
+                self.buf.clear();
+                self.pos = 0;
+            }
+            Err(e) => tracing::warn!("channel refused: {e}"),
+        }
+    }
+
+    fn read(&mut self) {
+        let Some(conn) = self.conn.as_mut() else {
+            return;
+        };
+        let len = self.buf.len();
+        self.buf.resize(len + CHUNK, 0);
+        let r = conn.read(&mut self.buf[len..]);
+        let n = match r {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::WouldBlock => {
+                self.buf.truncate(len);
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("channel read failed: {e}");
+                0
+            }
+        };
+        self.buf.truncate(len + n);
+        if n == 0 {
+            self.close_channel();
+            return;
+        }
+        self.sh.recorder.counters.add_bytes(n as u64);
+        self.feed();
+    }
+
+    fn close_channel(&mut self) {
+        self.conn = None;
+        let now = self.now();
+        if let Some(m) = self.machine.as_mut() {
+            m.handle_channel_closed(now);
+        }
+    }
+
+    fn feed(&mut self) {
+        let now = self.now();
+        let Some(m) = self.machine.as_mut() else {
+            return;
+        };
+        let uffd = self.sh.uffd.clone();
+        let mut placer = Placer::new(&uffd);
+        let r = m.handle_stream(now, &self.buf[self.pos..], &mut placer);
+        if let Err(e) = placer.finish() {
+            tracing::error!("placing staged pages failed: {e}");
+            self.sh.view().error_desc = Some(format!("guest memory: {e}"));
+            let _ = m.handle_control(now, Control::Cancel);
+        }
+        match r {
+            Ok(n) => self.pos += n,
+            Err(v) => {
+                tracing::error!("migration stream rejected: {v}");
+                self.conn = None;
+                self.buf.clear();
+                self.pos = 0;
+                return;
+            }
+        }
+        if self.pos == self.buf.len() {
+            self.buf.clear();
+            self.pos = 0;
+        } else if self.pos > self.buf.len() / 2 || self.buf.len() > MAX_BUFFERED {
+            self.buf.drain(..self.pos);
+            self.pos = 0;
+            if self.buf.len() > MAX_BUFFERED {
+                tracing::error!("an item larger than {MAX_BUFFERED} bytes: closing the channel");
+                self.close_channel();
+            }
+        }
+    }
+
+    /// After every loop turn: return-path bytes out, machine events handled, latencies taken.
+    fn settle(&mut self) {
+        let Some(m) = self.machine.as_mut() else {
+            return;
+        };
+        self.out.clear();
+        m.poll_transmit(&mut self.out);
+        if !self.out.is_empty() {
+            if let Some(c) = self.conn.as_mut() {
+                if let Err(e) = c.write_all(&self.out).and_then(|_| c.flush()) {
+                    tracing::warn!("return path write failed: {e}");
+                    self.close_channel();
+                }
+            }
+        }
+        while let Some(ev) = self.machine.as_mut().and_then(Destination::poll_event) {
+            self.on_event(ev);
+        }
+        for d in self.sh.uffd.take_fault_latencies() {
+            self.sh.recorder.fault_latency.record_duration(d);
+        }
+    }
+
+    fn release(&mut self) {
+        if !self.released {
+            self.released = true;
+            if let Err(e) = self.sh.uffd.cancel() {
+                tracing::warn!("releasing fault waits: {e}");
+            }
+        }
+    }
+
+    fn start_guest(&mut self) {
+        if self.workload.is_some() {
+            return;
+        }
+        self.sh.view().guest_running = true;
+        self.events.resume();
+        if let Some(spec) = &self.cfg.workload {
+            match crate::workload::start(self.sh.ram.clone(), spec) {
+                Ok(w) => self.workload = Some(w),
+                Err(e) => tracing::error!("workload did not start: {e}"),
+            }
+        }
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Status { from, to } => {
+                tracing::info!("migration status {from} -> {to}");
+                self.sh.view().status = to;
+                self.events.migration(to);
+                match to {
+                    MigrationStatus::PostcopyActive => {
+                        if from == MigrationStatus::PostcopyRecover {
+                            self.sh.recorder.counters.add_recovery();
+                        }
+                        self.start_guest();
+                    }
+                    MigrationStatus::Completed => self.complete(),
+                    MigrationStatus::Failed | MigrationStatus::Cancelled => {
+                        self.conn = None;
+                        self.release();
+                    }
+                    MigrationStatus::PostcopyPaused => self.conn = None,
+                    _ => {}
+                }
+            }
+            Event::Error { channel, violation } => {
+                tracing::error!("{channel:?}: {violation}");
+                self.sh.view().error_desc = Some(violation.to_string());
+            }
+            Event::ChannelLost { rule } => {
+                tracing::warn!("channel lost ({rule})");
+                self.sh.view().error_desc =
+                    Some(format!("channel lost: {}: {}", rule.id(), rule.summary()));
+                self.conn = None;
+            }
+            Event::PageRequested { .. } => self.sh.recorder.counters.add_request(),
+            Event::PagesPlaced { count } => {
+                self.sh
+                    .recorder
+                    .counters
+                    .pages
+                    .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+            }
+            Event::WaitsReleased { .. } => self.release(),
+            Event::IllegalTransition(t) => tracing::error!("machine: {t:?}"),
+            _ => {}
+        }
+    }
+
+    fn complete(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        if let Err(e) = self.sh.uffd.finish() {
+            tracing::warn!("unregistering guest RAM: {e}");
+        }
+        self.start_guest();
+        if let Some(path) = self.cfg.dump_devices.clone() {
+            let json = self.devices_json();
+            let text = serde_json::to_string_pretty(&json).unwrap_or_default();
+            if let Err(e) = std::fs::write(&path, text) {
+                tracing::error!("--dump-devices {}: {e}", path.display());
+            }
+        }
+    }
+}
