@@ -187,21 +187,37 @@ pub fn decoder(version: Version, vmdesc: Option<&Arc<VmDesc>>) -> StreamDecoder 
     d
 }
 
-/// One silent pass: how it ended, the detection, and the trailing VM description's bytes.
-fn probe(
-    path: &Path,
-    mut dec: StreamDecoder,
-) -> anyhow::Result<(End, Detect, Option<Vec<u8>>, StreamDecoder)> {
+/// One silent pass: how it ended, the profile detection, and the decoder at the end.
+fn probe(path: &Path, mut dec: StreamDecoder) -> anyhow::Result<(End, Detect, StreamDecoder)> {
     let mut det = Detect::default();
-    let mut desc = None;
     let end = scan(open(path)?, &mut dec, |d| {
         det.item(&d.item, d.dec);
-        if let Item::VmDescription(j) = d.item {
-            desc = Some(j.to_vec());
-        }
         Ok(())
     })?;
-    Ok((end, det, desc, dec))
+    Ok((end, det, dec))
+}
+
+/// The JSON of the VM description at the end of a seekable file: the last position `p` where
+/// `EOF (0x00), 0x06, be32 n` is followed by exactly `n` bytes to the end of the file. Only the
+/// tail (at most the VM description cap) is read; the JSON is validated by the caller.
+pub fn trailing_vmdesc(path: &Path) -> anyhow::Result<Option<Vec<u8>>> {
+    use std::io::{Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
+    let size = f.metadata()?.len();
+    let tail = size.min(Limits::DEFAULT.max_vmdesc as u64 + 6);
+    f.seek(SeekFrom::Start(size - tail))?;
+    let mut buf = Vec::with_capacity(tail as usize);
+    f.take(tail).read_to_end(&mut buf)?;
+    for p in 1..buf.len().saturating_sub(4) {
+        if buf[p - 1] != 0 || buf[p] != 0x06 {
+            continue;
+        }
+        let n = u32::from_be_bytes([buf[p + 1], buf[p + 2], buf[p + 3], buf[p + 4]]) as usize;
+        if p + 5 + n == buf.len() && buf.get(p + 5) == Some(&b'{') {
+            return Ok(Some(buf[p + 5..].to_vec()));
+        }
+    }
+    Ok(None)
 }
 
 /// The main channel preceding a recovery channel at `path`.
@@ -231,6 +247,15 @@ pub fn prepare(path: &Path, opts: &StreamOpts) -> anyhow::Result<(Prepared, Stre
         None => None,
     };
     let mut vmdesc_source = if vmdesc.is_some() { "file" } else { "none" };
+    if vmdesc.is_none() && !opts.resume && seekable(path) {
+        if let Some(j) = trailing_vmdesc(path)? {
+            if let Ok(d) = VmDesc::parse(&j, 0, &Limits::DEFAULT) {
+                vmdesc = Some(Arc::new(d));
+                vmdesc_json = Some(j);
+                vmdesc_source = "trailing";
+            }
+        }
+    }
     // The channel whose content decides the profile: the main one.
     let main_path = if opts.resume {
         main_for(path, opts)?
@@ -240,7 +265,7 @@ pub fn prepare(path: &Path, opts: &StreamOpts) -> anyhow::Result<(Prepared, Stre
     let (version, source) = match opts.profile {
         Some(p) => (p.version(), "option"),
         None if seekable(&main_path) => {
-            let (end, det, _, _) = probe(&main_path, decoder(Version::V10, vmdesc.as_ref()))?;
+            let (end, det, _) = probe(&main_path, decoder(Version::V10, vmdesc.as_ref()))?;
             match (end, det.decided()) {
                 (_, Some(v)) => (v, "detected"),
                 (End::Invalid(v), None) if profile_rule(v.rule) => (Version::V7_2, "detected"),
@@ -249,18 +274,8 @@ pub fn prepare(path: &Path, opts: &StreamOpts) -> anyhow::Result<(Prepared, Stre
         }
         None => (Version::V10, "default"),
     };
-    if vmdesc.is_none() && !opts.resume && seekable(path) {
-        let (_, _, desc, _) = probe(path, decoder(version, None))?;
-        if let Some(j) = desc {
-            if let Ok(d) = VmDesc::parse(&j, 0, &Limits::DEFAULT) {
-                vmdesc = Some(Arc::new(d));
-                vmdesc_json = Some(j);
-                vmdesc_source = "trailing";
-            }
-        }
-    }
     let dec = if opts.resume {
-        let (_, _, _, main) = probe(&main_path, decoder(version, vmdesc.as_ref()))?;
+        let (_, _, main) = probe(&main_path, decoder(version, vmdesc.as_ref()))?;
         main.resume_from()
     } else {
         decoder(version, vmdesc.as_ref())

@@ -99,14 +99,15 @@ pub fn check_stream(path: &Path, opts: &StreamOpts) -> anyhow::Result<Verdict> {
 
 /// Checks one return-path capture.
 pub fn check_rp(path: &Path, opts: &StreamOpts) -> anyhow::Result<Verdict> {
-    let version = opts.profile.map(|p| p.version()).unwrap_or(Version::V10);
+    let mut version = opts.profile.map(|p| p.version()).unwrap_or(Version::V10);
     let main = match &opts.main {
         Some(m) => {
             let mo = StreamOpts {
                 profile: opts.profile,
                 ..StreamOpts::default()
             };
-            let (_, mut dec) = prepare(m, &mo)?;
+            let (prep, mut dec) = prepare(m, &mo)?;
+            version = prep.version;
             scan(open(m)?, &mut dec, |_| Ok(()))?;
             dec
         }
