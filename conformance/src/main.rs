@@ -60,6 +60,12 @@ fn main() {
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            let pipe = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+            if pipe {
+                std::process::exit(0);
+            }
             eprintln!("qmig: {e:#}");
             std::process::exit(2);
         }

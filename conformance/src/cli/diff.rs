@@ -102,28 +102,14 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     let sb = load(&a.b, &opts)?;
     let desc = sa.vmdesc.clone().or(sb.vmdesc.clone());
     let mut lines = Vec::new();
-    // Commands, header, configuration, EOF: in order.
-    for i in 0..sa.others.len().max(sb.others.len()) {
-        match (sa.others.get(i), sb.others.get(i)) {
-            (Some(x), Some(y)) if key(x) == key(y) => {}
-            (Some(x), Some(y)) => lines.push(format!(
-                "record {i}: A offset {}: {} | B offset {}: {}",
-                x.offset,
-                x.text().trim(),
-                y.offset,
-                y.text().trim()
-            )),
-            (Some(x), None) => lines.push(format!(
-                "only in A: offset {}: {}",
-                x.offset,
-                x.text().trim()
-            )),
-            (None, Some(y)) => lines.push(format!(
-                "only in B: offset {}: {}",
-                y.offset,
-                y.text().trim()
-            )),
-            (None, None) => {}
+    // Commands, header, configuration, EOF: aligned by longest common subsequence.
+    let ka: Vec<String> = sa.others.iter().map(key).collect();
+    let kb: Vec<String> = sb.others.iter().map(key).collect();
+    for step in align(&ka, &kb) {
+        match step {
+            (Some(i), None) => lines.push(format!("only in A: {}", sa.others[i].text().trim())),
+            (None, Some(j)) => lines.push(format!("only in B: {}", sb.others[j].text().trim())),
+            _ => {}
         }
     }
     // Device sections.
@@ -166,6 +152,52 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     } else {
         Ok(1)
     }
+}
+
+/// Aligns two sequences: pairs of equal elements `(Some(i), Some(j))` and unmatched ones, in
+/// order (longest common subsequence; plain index pairing when the table would be too large).
+fn align(a: &[String], b: &[String]) -> Vec<(Option<usize>, Option<usize>)> {
+    let (n, m) = (a.len(), b.len());
+    if n.saturating_mul(m) > 16_000_000 {
+        return (0..n.max(m))
+            .flat_map(|i| {
+                let (x, y) = ((i < n).then_some(i), (i < m).then_some(i));
+                if x.is_some() && y.is_some() && a[i] == b[i] {
+                    vec![(x, y)]
+                } else {
+                    vec![(x, None), (None, y)]
+                }
+            })
+            .filter(|p| *p != (None, None))
+            .collect();
+    }
+    // t[i][j]: LCS length of a[i..] and b[j..].
+    let w = m + 1;
+    let mut t = vec![0u32; (n + 1) * w];
+    for i in (0..n).rev() {
+        for j in (0..m).rev() {
+            t[i * w + j] = if a[i] == b[j] {
+                t[(i + 1) * w + j + 1] + 1
+            } else {
+                t[(i + 1) * w + j].max(t[i * w + j + 1])
+            };
+        }
+    }
+    let (mut i, mut j, mut out) = (0, 0, Vec::new());
+    while i < n || j < m {
+        if i < n && j < m && a[i] == b[j] {
+            out.push((Some(i), Some(j)));
+            i += 1;
+            j += 1;
+        } else if j == m || (i < n && t[(i + 1) * w + j] >= t[i * w + j + 1]) {
+            out.push((Some(i), None));
+            i += 1;
+        } else {
+            out.push((None, Some(j)));
+            j += 1;
+        }
+    }
+    out
 }
 
 fn device_diff(what: &str, da: &Dev, db: &Dev, desc: Option<&VmDesc>) -> Vec<String> {
