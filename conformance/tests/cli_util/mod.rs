@@ -27,12 +27,16 @@ pub fn vectors() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors")
 }
 
-/// Every vector directory (`qemu-*/<name>/` with a manifest), sorted.
+/// Every captured vector directory (`qemu-*/<name>/` with a manifest), sorted.
 pub fn vector_dirs() -> Vec<PathBuf> {
     let mut out = Vec::new();
     for v in std::fs::read_dir(vectors()).expect("vectors dir") {
         let v = v.expect("entry").path();
-        if !v.is_dir() {
+        let captured = v
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("qemu-"));
+        if !v.is_dir() || !captured {
             continue;
         }
         for d in std::fs::read_dir(&v).expect("version dir") {
