@@ -6,7 +6,7 @@
 //! `migrate_cancel`, `migrate-set-capabilities` / `-parameters` and their queries,
 //! `query-migrate` (status, RAM figures, `error-desc`, `socket-address`, `x-qmig` with the
 //! fault latency histogram), `query-status`, `pmemsave` (guest-physical 0 is the first RAM
-//! block), and `x-qmig-dump-devices`. `qmp_capabilities`, `query-version` and `quit` are the
+//! block), `x-qmig-ramsave` (one whole block by name) and `x-qmig-dump-devices`. `qmp_capabilities`, `query-version` and `quit` are the
 //! server's own. Handlers never wait on guest memory except `pmemsave`, which reads pages and
 //! so may wait for a missing page in postcopy; other clients are served meanwhile.
 
@@ -165,6 +165,21 @@ impl Handler {
         Ok(json!({}))
     }
 
+    /// `x-qmig-ramsave {block, filename}`: one whole RAM block, raw, to a file.
+    fn ramsave(&self, args: &Value) -> Result<Value, QmpError> {
+        let name = args
+            .get("block")
+            .and_then(Value::as_str)
+            .ok_or_else(|| generic("x-qmig-ramsave needs 'block'"))?;
+        let file = args
+            .get("filename")
+            .and_then(Value::as_str)
+            .ok_or_else(|| generic("x-qmig-ramsave needs 'filename'"))?;
+        let (_, block) = self.sh.ram.by_name(name.as_bytes()).map_err(generic)?;
+        block.dump(std::path::Path::new(file)).map_err(generic)?;
+        Ok(json!({}))
+    }
+
     fn query_status(&self) -> Value {
         let v = self.sh.view();
         let (status, running) = if v.guest_running {
@@ -223,6 +238,7 @@ impl QmpHandler for Handler {
             "query-migrate" => self.query_migrate(),
             "query-status" => Ok(self.query_status()),
             "pmemsave" => self.pmemsave(args),
+            "x-qmig-ramsave" => self.ramsave(args),
             "x-qmig-dump-devices" => self.sh.ctl.request(Ctl::DumpDevices).map_err(generic),
             "stop" | "cont" => Ok(json!({})),
             _ => Err(QmpError::command_not_found(cmd)),
