@@ -192,6 +192,15 @@ impl Driver {
             if self.src.status().is_final() {
                 break;
             }
+            if self.writer.is_some()
+                && self.src.status() == MigrationStatus::Active
+                && !self.src.wants_transmit()
+            {
+                // Every page is sent: `poll_transmit` is where the machine asks for the next
+                // dirty sync (`NeedDirtySync`); it writes nothing here.
+                self.transmit(CHUNK);
+                self.pump();
+            }
             if self.writer.is_some() && self.src.wants_transmit() {
                 let rate = self.rate();
                 let avail = self.bucket.available(Instant::now(), rate);
