@@ -10,7 +10,11 @@ use qmig_conformance::cli;
 
 /// QEMU live-migration stream tool: inspect, extract, verify, diff.
 #[derive(Debug, Parser)]
-#[command(name = "qmig", version, about, long_about = None)]
+#[command(
+    name = "qmig",
+    version,
+    about = "QEMU live-migration streams: inspect, extract, verify, diff (see conformance/docs/)"
+)]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]

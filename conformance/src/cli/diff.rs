@@ -332,3 +332,36 @@ fn differing_pages(a: &Path, b: &Path, tps: usize) -> anyhow::Result<Vec<u64>> {
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::align;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn align_pairs_the_longest_common_subsequence() {
+        let a = s(&["h", "c", "o", "p", "e"]);
+        let b = s(&["h", "o", "x", "e"]);
+        assert_eq!(
+            align(&a, &b),
+            vec![
+                (Some(0), Some(0)),
+                (Some(1), None),
+                (Some(2), Some(1)),
+                (Some(3), None),
+                (None, Some(2)),
+                (Some(4), Some(3)),
+            ]
+        );
+        assert_eq!(
+            align(&a, &a)
+                .iter()
+                .filter(|p| p.0.is_none() || p.1.is_none())
+                .count(),
+            0
+        );
+    }
+}

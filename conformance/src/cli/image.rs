@@ -231,3 +231,34 @@ pub fn file_sha256(path: &Path) -> anyhow::Result<String> {
     }
     Ok(super::record::hex(&h.finalize()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_file_names_stay_inside_the_directory() {
+        assert_eq!(file_name("/rom@etc/acpi/tables"), "rom@etc_acpi_tables");
+        assert_eq!(file_name("pc.bios"), "pc.bios");
+        assert_eq!(file_name(".."), "block_2");
+        assert_eq!(file_name("/"), "block_0");
+    }
+
+    #[test]
+    fn zero_after_data_clears_and_discard_zeroes() {
+        let dir = std::env::temp_dir().join(format!("qmig-cli-image-{}", std::process::id()));
+        let mut img = Image::new(&dir, 4096).unwrap();
+        img.announce(b"ram", 3 * 4096).unwrap();
+        img.write(b"ram", 4096, &[7u8; 4096]).unwrap();
+        img.write(b"ram", 8192, &[9u8; 4096]).unwrap();
+        img.fill(b"ram", 4096, 0).unwrap();
+        img.discard(b"ram", 8192, 4096).unwrap();
+        assert!(img.write(b"ram", 3 * 4096, &[1u8; 4096]).is_err());
+        let b = std::fs::read(dir.join("ram")).unwrap();
+        assert_eq!(b, vec![0u8; 3 * 4096]);
+        img.fill(b"ram", 0, 0x5a).unwrap();
+        let b = std::fs::read(dir.join("ram")).unwrap();
+        assert_eq!(&b[..4096], &[0x5a; 4096][..]);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

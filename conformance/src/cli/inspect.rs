@@ -45,6 +45,7 @@ pub struct Args {
     /// Output shaped like analyze-migration.py's `-d state` / `-d desc`.
     #[arg(long, value_enum)]
     pub compat: Option<Compat>,
+    /// Profile, recovery channel and VM description options.
     #[command(flatten)]
     pub stream: StreamOpts,
 }

@@ -291,3 +291,41 @@ pub fn prepare(path: &Path, opts: &StreamOpts) -> anyhow::Result<(Prepared, Stre
         dec,
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trailing_vmdesc_is_found_from_the_tail_only_when_it_ends_the_file() {
+        let dir = std::env::temp_dir().join(format!("qmig-cli-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("s.bin");
+        let json = br#"{"page_size":4096,"devices":[]}"#;
+        let mut b = b"QEVM\0\0\0\x03 ... \x00".to_vec();
+        b.push(0x06);
+        b.extend((json.len() as u32).to_be_bytes());
+        b.extend(json);
+        std::fs::write(&f, &b).unwrap();
+        assert_eq!(trailing_vmdesc(&f).unwrap().as_deref(), Some(&json[..]));
+        b.push(0);
+        std::fs::write(&f, &b).unwrap();
+        assert_eq!(trailing_vmdesc(&f).unwrap(), None);
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn detection_on_the_vectors() {
+        let v = Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors");
+        for (name, want) in [
+            ("qemu-7.2/precopy-compress", Version::V7_2),
+            ("qemu-7.2/precopy-file-zero", Version::V7_2),
+            ("qemu-7.2/postcopy", Version::V7_2),
+            ("qemu-10.0/precopy-multifd", Version::V10),
+            ("qemu-10.0/postcopy", Version::V10),
+        ] {
+            let (p, _) = prepare(&v.join(name).join("stream.bin"), &StreamOpts::default()).unwrap();
+            assert_eq!((p.version, p.source), (want, "detected"), "{name}");
+        }
+    }
+}

@@ -132,3 +132,94 @@ fn fill<R: Read>(
     buf.truncate(old + got);
     Ok(got)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use qmig_protocol::limits::Limits;
+    use qmig_protocol::stream::Channel;
+    use qmig_protocol::Profile;
+
+    /// A reader that hands out at most `n` bytes per call.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.len().min(self.1).min(buf.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    fn items(input: impl Read) -> (Vec<(u64, usize)>, End) {
+        let mut dec = StreamDecoder::new(Channel::Main, Profile::QEMU_7_2, Limits::DEFAULT);
+        let mut v = Vec::new();
+        let end = scan(input, &mut dec, |d| {
+            v.push((d.at, d.len));
+            Ok(())
+        })
+        .unwrap();
+        (v, end)
+    }
+
+    fn vector() -> Vec<u8> {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/vectors/qemu-7.2/precopy-file-zero/stream.bin"
+        );
+        std::fs::read(p).unwrap()
+    }
+
+    #[test]
+    fn any_read_size_gives_the_same_items() {
+        let b = vector();
+        let (whole, end) = items(&b[..]);
+        assert_eq!(
+            end,
+            End::Complete {
+                total: b.len() as u64
+            }
+        );
+        assert_eq!(
+            whole.iter().map(|x| x.1 as u64).sum::<u64>(),
+            b.len() as u64
+        );
+        for n in [1, 7, 4096, 5000] {
+            assert_eq!(items(Trickle(&b, n)), (whole.clone(), end), "reads of {n}");
+        }
+    }
+
+    #[test]
+    fn a_cut_ends_truncated_at_the_cut_item() {
+        let b = vector();
+        let (whole, _) = items(&b[..]);
+        let (at, len) = whole[whole.len() / 2];
+        let cut = &b[..at as usize + len / 2];
+        let (got, end) = items(cut);
+        assert_eq!(got, whole[..whole.len() / 2]);
+        match end {
+            End::Truncated {
+                at: a, left, total, ..
+            } => {
+                assert_eq!(a, at);
+                assert_eq!(left, (len / 2) as u64);
+                assert_eq!(total, cut.len() as u64);
+            }
+            e => panic!("{e:?}"),
+        }
+        // Cut between items: truncated with nothing left, before EOF.
+        let (_, end) = items(&b[..at as usize]);
+        assert!(
+            matches!(
+                end,
+                End::Truncated {
+                    left: 0,
+                    needed: 0,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
+    }
+}

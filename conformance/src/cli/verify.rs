@@ -25,6 +25,7 @@ pub struct Args {
     /// The files are return-path captures (bitmap sizes from `--main` when given).
     #[arg(long)]
     pub rp: bool,
+    /// Profile, recovery channel and VM description options.
     #[command(flatten)]
     pub stream: StreamOpts,
 }
