@@ -1,0 +1,298 @@
+//! Real QEMU 7.2 as the source, qmig-dst as the destination.
+//!
+//! QEMU runs `-M none -cpu qemu64,apic-id=0 -m 64M` (guest RAM written through qtest with the
+//! vectors' pattern); qmig-dst runs `--ram 64M --machine none --profile 7.2`. Every scenario
+//! ends with QEMU's RAM (`pmemsave` after the source stopped) byte-identical to qmig-dst's.
+//! QEMU is found by `qmig_conformance::qemu::find_qemu`: a missing QEMU skips the tests, or
+//! fails them when `CI` or `QMIG_REQUIRE_QEMU` is set. Waits are on QMP events (timeouts are
+//! failure guards only).
+
+mod common;
+
+use std::net::SocketAddr;
+
+use common::{Dst, GUARD};
+use qmig_conformance::qemu::driver::{first_diff_page, pattern};
+use qmig_conformance::qemu::pattern::{random_page, PAGE};
+use qmig_conformance::qemu::{find_qemu, Machine, Proxy, Qemu, QemuVersion};
+use serde_json::{json, Value};
+
+const RAM_MB: u64 = 64;
+const RAM: u64 = RAM_MB << 20;
+
+fn vmdesc() -> String {
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../conformance/vectors/qemu-7.2/postcopy/vmdesc.json"
+    )
+    .to_string()
+}
+
+/// A QEMU 7.2 source with the pattern of `seed` written, and a qmig-dst.
+struct Pair {
+    src: Qemu,
+    dst: Dst,
+}
+
+fn caps(postcopy: bool, extra: &[&str]) -> Value {
+    let mut v = vec![json!({"capability": "return-path", "state": true})];
+    if postcopy {
+        v.push(json!({"capability": "postcopy-ram", "state": true}));
+    }
+    for c in extra {
+        v.push(json!({"capability": c, "state": true}));
+    }
+    json!({ "capabilities": v })
+}
+
+/// Starts both sides, or `None` when QEMU 7.2 is not installed (and not required).
+fn start(seed: u64, random_pages: u64, postcopy: bool, workload: Option<&str>) -> Option<Pair> {
+    let bin = find_qemu(QemuVersion::V7_2).expect("QEMU 7.2 is required")?;
+    let mut src = Qemu::launch(&bin, Machine::NoneCpu, RAM_MB, false, &[]).expect("launch QEMU");
+    let q = src.qtest().expect("qtest");
+    for w in pattern(seed, Machine::NoneCpu, RAM_MB, random_pages) {
+        q.write(w.page * PAGE as u64, &w.data).expect("qtest write");
+    }
+    let vd = vmdesc();
+    let mut args = vec![
+        "--ram",
+        "64M",
+        "--machine",
+        "none",
+        "--profile",
+        "7.2",
+        "--vmdesc",
+        &vd,
+    ];
+    if let Some(w) = workload {
+        args.extend(["--workload", w]);
+    }
+    let mut dst = Dst::spawn(&args);
+    src.qmp("migrate-set-capabilities", caps(postcopy, &[]))
+        .expect("source capabilities");
+    dst.cmd("migrate-set-capabilities", caps(postcopy, &[]));
+    Some(Pair { src, dst })
+}
+
+impl Pair {
+    fn src_wait(&mut self, status: &str) {
+        if let Err(e) = self.src.qmp.wait_status(status, GUARD) {
+            panic!(
+                "QEMU never reached {status}: {e}\nQEMU log: {}\nqmig-dst log:\n{}",
+                self.src.log(),
+                self.dst.log()
+            );
+        }
+    }
+
+    fn migrate(&mut self, to: SocketAddr, resume: bool) {
+        let mut a = json!({"uri": format!("tcp:{to}")});
+        if resume {
+            a["resume"] = json!(true);
+        }
+        self.src.qmp("migrate", a).expect("migrate");
+    }
+
+    fn params(&mut self, p: Value) {
+        self.src
+            .qmp("migrate-set-parameters", p)
+            .expect("set parameters");
+    }
+
+    /// Both sides completed; QEMU's RAM equals qmig-dst's, byte for byte.
+    fn finish(&mut self) {
+        self.src_wait("completed");
+        self.dst.wait_status("completed");
+        let a = self.src.dump_ram().expect("QEMU pmemsave");
+        let b = self.dst.pmemsave(RAM);
+        assert_eq!(a.len(), b.len());
+        if let Some(p) = first_diff_page(&a, &b) {
+            panic!(
+                "RAM differs first at page {p}; qmig-dst log:\n{}",
+                self.dst.log()
+            );
+        }
+        // Not a trivially equal (all-zero) guest.
+        assert!(a.chunks(PAGE).filter(|p| p.iter().any(|&x| x != 0)).count() > 10);
+        let status = self.dst.cmd("query-status", json!({}));
+        assert_eq!(status["status"], "running", "{status}");
+    }
+
+    /// Starts postcopy once precopy is active; waits for postcopy-active on both sides.
+    fn to_postcopy(&mut self) {
+        self.src_wait("active");
+        self.src
+            .qmp("migrate-start-postcopy", json!({}))
+            .expect("start postcopy");
+        self.dst.wait_status("postcopy-active");
+        self.src_wait("postcopy-active");
+    }
+
+    /// Both sides paused.
+    fn paused(&mut self) {
+        self.dst.wait_status("postcopy-paused");
+        self.src_wait("postcopy-paused");
+        let info = self.dst.info();
+        assert_eq!(info["status"], "postcopy-paused", "{info}");
+        let desc = info["error-desc"].as_str().unwrap_or_default();
+        assert!(desc.contains("SM-PAUSE-AFTER-RUN"), "error-desc: {info}");
+    }
+
+    /// `migrate-recover` on qmig-dst (a new port), `migrate resume=true` on QEMU.
+    fn recover(&mut self) {
+        let addr = self.dst.listen("migrate-recover");
+        self.migrate(addr, true);
+        self.dst.wait_status("postcopy-recover");
+        self.dst.wait_status("postcopy-active");
+    }
+
+    fn requests(&mut self) -> u64 {
+        self.dst.info()["ram"]["postcopy-requests"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+#[test]
+fn precopy_static_guest() {
+    let Some(mut p) = start(101, 150, false, None) else {
+        return;
+    };
+    let addr = p.dst.listen("migrate-incoming");
+    p.migrate(addr, false);
+    p.finish();
+    let info = p.dst.info();
+    assert_eq!(info["status"], "completed");
+    assert!(
+        info["ram"]["transferred"].as_u64().unwrap() > 150 * 4096,
+        "{info}"
+    );
+}
+
+#[test]
+fn precopy_while_guest_writes() {
+    let Some(mut p) = start(102, 100, false, None) else {
+        return;
+    };
+    p.src
+        .qmp(
+            "migrate-set-capabilities",
+            caps(false, &["pause-before-switchover"]),
+        )
+        .expect("caps");
+    p.params(json!({"max-bandwidth": 256 << 10, "downtime-limit": 1}));
+    let addr = p.dst.listen("migrate-incoming");
+    p.migrate(addr, false);
+    p.src_wait("active");
+    // Write batches of pages while the source is still in its active phase.
+    let mut during = 0;
+    for gen in 1..=12u32 {
+        let q = p.src.qtest().expect("qtest");
+        for k in 0..8u64 {
+            let page = (u64::from(gen) * 97 + k * 1031) % (RAM / PAGE as u64);
+            q.write(page * PAGE as u64, &random_page(7, page, gen))
+                .expect("qtest write");
+        }
+        let st = p.src.qmp.migration_status().expect("status");
+        if st == "active" {
+            during += 1;
+        } else {
+            break;
+        }
+    }
+    assert!(during > 0, "no write happened while precopy was active");
+    p.params(json!({"max-bandwidth": 1u64 << 30}));
+    p.src_wait("pre-switchover");
+    p.src
+        .qmp("migrate-continue", json!({"state": "pre-switchover"}))
+        .expect("continue");
+    p.finish();
+}
+
+#[test]
+fn postcopy_with_faulting_workload() {
+    let Some(mut p) = start(103, 150, true, Some("random,threads=2,rate=2000")) else {
+        return;
+    };
+    p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 256 << 10}));
+    let addr = p.dst.listen("migrate-incoming");
+    p.migrate(addr, false);
+    p.to_postcopy();
+    p.finish();
+    let info = p.dst.info();
+    let req = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+    assert!(req > 0, "no page request: {info}");
+    let x = &info["x-qmig"];
+    assert!(x["faults"].as_u64().unwrap_or(0) > 0, "{info}");
+    let lat = &x["fault-latency-us"];
+    assert!(lat["count"].as_u64().unwrap_or(0) > 0, "{info}");
+    assert!(lat["p50"].as_f64().unwrap() <= lat["p99"].as_f64().unwrap());
+    assert!(lat["p99"].as_f64().unwrap() <= lat["max"].as_f64().unwrap());
+}
+
+/// Postcopy through a recording proxy, the link cut once both sides are in postcopy.
+#[test]
+fn postcopy_link_cut_then_recover() {
+    let Some(mut p) = start(104, 150, true, Some("random,threads=2,rate=500")) else {
+        return;
+    };
+    p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 64 << 10}));
+    let addr = p.dst.listen("migrate-incoming");
+    let proxy = Proxy::start(addr).expect("proxy");
+    p.migrate(proxy.addr(), false);
+    p.to_postcopy();
+    proxy.cut();
+    p.paused();
+    let rec = &proxy.recordings()[0];
+    assert!(rec.cut);
+    p.params(json!({"max-postcopy-bandwidth": 0}));
+    p.recover();
+    p.finish();
+    let info = p.dst.info();
+    assert_eq!(info["x-qmig"]["recoveries"], 1, "{info}");
+}
+
+/// The same, with `migrate-pause` on qmig-dst as the failure.
+#[test]
+fn postcopy_pause_then_recover() {
+    let Some(mut p) = start(105, 150, true, Some("random,threads=2,rate=500")) else {
+        return;
+    };
+    p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 64 << 10}));
+    let addr = p.dst.listen("migrate-incoming");
+    p.migrate(addr, false);
+    p.to_postcopy();
+    p.dst.cmd("migrate-pause", json!({}));
+    p.paused();
+    p.params(json!({"max-postcopy-bandwidth": 0}));
+    p.recover();
+    p.finish();
+    let info = p.dst.info();
+    assert_eq!(info["x-qmig"]["recoveries"], 1, "{info}");
+}
+
+/// Two failures in a row: a cut of the first channel, then `migrate-pause` on QEMU during the
+/// recovered postcopy; two recoveries, then completion.
+#[test]
+fn postcopy_two_failures_in_a_row() {
+    let Some(mut p) = start(106, 150, true, Some("random,threads=2,rate=500")) else {
+        return;
+    };
+    p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 32 << 10}));
+    let addr = p.dst.listen("migrate-incoming");
+    let proxy = Proxy::start(addr).expect("proxy");
+    p.migrate(proxy.addr(), false);
+    p.to_postcopy();
+    proxy.cut();
+    p.paused();
+    let before = p.requests();
+    p.recover();
+    p.src.qmp("migrate-pause", json!({})).expect("pause");
+    p.paused();
+    p.params(json!({"max-postcopy-bandwidth": 0}));
+    p.recover();
+    p.finish();
+    let info = p.dst.info();
+    assert_eq!(info["x-qmig"]["recoveries"], 2, "{info}");
+    assert!(p.requests() >= before);
+}
