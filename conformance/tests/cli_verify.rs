@@ -143,3 +143,61 @@ fn unreadable_file_exits_2() {
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("unreadable"));
 }
+
+/// A return path holding one RECV_BITMAP for block `ram` with `bitmap` as its body.
+fn recv_bitmap_rp(name: &str, bitmap: &[u8]) -> PathBuf {
+    let mut b = Vec::new();
+    b.extend(5u16.to_be_bytes());
+    b.extend((1 + 3u16).to_be_bytes());
+    b.push(3);
+    b.extend(b"ram");
+    b.extend((bitmap.len() as u64).to_be_bytes());
+    b.extend(bitmap);
+    b.extend(0x0123_4567_89ab_cdefu64.to_be_bytes());
+    let f = tmp(name);
+    std::fs::write(&f, b).unwrap();
+    f
+}
+
+#[test]
+fn return_path_bitmaps_are_checked_against_block_sizes() {
+    // 100 pages: 16 bitmap bytes, bits 100..127 are padding. The bitmap starts at offset 16.
+    let mut bm = vec![0u8; 16];
+    bm[0] = 0xff;
+    let ok = recv_bitmap_rp("rp-ok.bin", &bm);
+    let (code, out, _) = run(&["verify", "--rp", "--block", "ram:409600", &p(&ok)]);
+    assert_eq!(
+        (code, out.ends_with(": valid (profile 10)\n")),
+        (0, true),
+        "{out}"
+    );
+    let (code, out, _) = run(&[
+        "inspect",
+        "--json",
+        "--block",
+        "ram:409600",
+        "--rp",
+        &p(&ok),
+        &p(&vectors().join("qemu-10.0/precopy-file-zero/stream.bin")),
+    ]);
+    assert_eq!(code, 0);
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(
+        (last["type"].as_str(), last["bitmap_bits_set"].as_u64()),
+        (Some("MIG_RP_MSG_RECV_BITMAP"), Some(8))
+    );
+
+    bm[12] = 0x10; // page 100
+    let pad = recv_bitmap_rp("rp-pad.bin", &bm);
+    let (code, out, _) = run(&["verify", "--rp", "--block", "ram:409600", &p(&pad)]);
+    assert_eq!(code, 1);
+    assert!(out.contains(": offset 28: BITMAP-PADDING: "), "{out}");
+
+    let size = recv_bitmap_rp("rp-size.bin", &[0u8; 24]);
+    let (code, out, _) = run(&["verify", "--rp", "--block", "ram:409600", &p(&size)]);
+    assert_eq!(code, 1);
+    assert!(out.contains(": RP-BITMAP-SIZE: "), "{out}");
+    // Without the block's size only the framing is checked.
+    let (code, _, _) = run(&["verify", "--rp", &p(&pad)]);
+    assert_eq!(code, 0);
+}

@@ -33,6 +33,9 @@ pub struct Args {
     /// A return-path capture to list after the stream.
     #[arg(long, value_name = "FILE")]
     pub rp: Option<PathBuf>,
+    /// A RAM block `NAME:BYTES` the return path names (sizes its bitmaps when no stream says).
+    #[arg(long, value_name = "NAME:BYTES")]
+    pub block: Vec<BlockArg>,
     /// Newline-delimited JSON (`qmig-inspect/1`) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -107,7 +110,7 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     }
     if let Some(rp) = &a.rp {
         let profile = Profile::for_version(prep.version);
-        for r in rp_records(rp, profile, &dec)? {
+        for r in rp_records(rp, profile, &known_blocks(&dec, &a.block))? {
             if r.ty == "INVALID" {
                 code = 1;
             }
@@ -123,20 +126,49 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     Ok(code)
 }
 
-/// Decodes a return-path capture into records; the main decoder's blocks size the bitmaps.
+/// The RAM blocks `(idstr, used length)` the main decoder learned from MEM_SIZE, plus `extra`.
+pub fn known_blocks(main: &StreamDecoder, extra: &[BlockArg]) -> Vec<(Vec<u8>, u64)> {
+    let mut v: Vec<(Vec<u8>, u64)> = main
+        .blocks()
+        .iter()
+        .map(|b| (b.name().to_vec(), b.used_length))
+        .collect();
+    v.extend(extra.iter().map(|b| (b.name.as_bytes().to_vec(), b.bytes)));
+    v
+}
+
+/// A `--block NAME:BYTES` value: a RAM block the return path may name, when no main channel
+/// tells its size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockArg {
+    /// Block idstr.
+    pub name: String,
+    /// Used length in bytes.
+    pub bytes: u64,
+}
+
+impl std::str::FromStr for BlockArg {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (n, b) = s.rsplit_once(':').ok_or("expected NAME:BYTES")?;
+        let bytes = b.parse().map_err(|e| format!("{b}: {e}"))?;
+        Ok(BlockArg {
+            name: n.to_string(),
+            bytes,
+        })
+    }
+}
+
+/// Decodes a return-path capture into records; `blocks` (idstr, used length) size the bitmaps
+/// (RECV_BITMAP of a known block: `RP-BITMAP-SIZE`, `BITMAP-PADDING` are checked).
 pub fn rp_records(
     path: &PathBuf,
     profile: Profile,
-    main: &StreamDecoder,
+    blocks: &[(Vec<u8>, u64)],
 ) -> anyhow::Result<Vec<Record>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
     let tps = profile.target_page_size as u64;
-    let pages_of = |n: &[u8]| {
-        main.blocks()
-            .iter()
-            .find(|b| b.name() == n)
-            .map(|b| b.used_length.div_ceil(tps))
-    };
+    let pages_of = |n: &[u8]| blocks.iter().find(|b| b.0 == n).map(|b| b.1.div_ceil(tps));
     let expected = |n: &[u8]| pages_of(n).map(qmig_protocol::bitmap::wire_size);
     let mut d = RpDecoder::new(profile, Limits::DEFAULT);
     let mut pos = 0usize;
@@ -175,11 +207,30 @@ pub fn rp_records(
                         r.block = Some(name(b));
                         r.bitmap_size = Some(bitmap.len() as u64);
                         r.bitmap_sha256 = Some(sha256_hex(bitmap));
-                        let pages = pages_of(b).unwrap_or(bitmap.len() as u64 * 8);
-                        r.bitmap_bits_set = Some(match BitmapView::new(bitmap, pages, 0) {
-                            Ok(v) => v.count_ones(),
-                            Err(_) => bitmap.iter().map(|x| x.count_ones() as u64).sum(),
-                        });
+                        match pages_of(b) {
+                            // The block is known: size and padding are checked.
+                            Some(pages) => {
+                                match BitmapView::new(bitmap, pages, d.last_bitmap_offset()) {
+                                    Ok(v) => r.bitmap_bits_set = Some(v.count_ones()),
+                                    Err(v) => {
+                                        out.push(r);
+                                        let mut bad = Record::new("rp", v.offset, "INVALID", 0);
+                                        bad.rule = Some(v.rule.id().into());
+                                        bad.detail = Some(format!(
+                                            "{} (value {})",
+                                            v.rule.summary(),
+                                            v.value
+                                        ));
+                                        out.push(bad);
+                                        break;
+                                    }
+                                }
+                            }
+                            None => {
+                                r.bitmap_bits_set =
+                                    Some(bitmap.iter().map(|x| x.count_ones() as u64).sum())
+                            }
+                        }
                     }
                     _ => {}
                 }

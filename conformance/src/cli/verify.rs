@@ -6,7 +6,7 @@
 //! device payload decodes through it. Input that ends inside a record, or before EOF, is
 //! invalid with [`super::TRUNCATED_RULE`]. With `--rp` the files are return-path captures.
 
-use super::inspect::rp_records;
+use super::inspect::{known_blocks, rp_records, BlockArg};
 use super::scan::{scan, End};
 use super::{open, prepare, version_name, StreamOpts};
 use qmig_protocol::device::decode_device;
@@ -25,6 +25,9 @@ pub struct Args {
     /// The files are return-path captures (bitmap sizes from `--main` when given).
     #[arg(long)]
     pub rp: bool,
+    /// With `--rp`: a RAM block `NAME:BYTES` (sizes its bitmaps when `--main` is not given).
+    #[arg(long, value_name = "NAME:BYTES")]
+    pub block: Vec<BlockArg>,
     /// Profile, recovery channel and VM description options.
     #[command(flatten)]
     pub stream: StreamOpts,
@@ -99,7 +102,7 @@ pub fn check_stream(path: &Path, opts: &StreamOpts) -> anyhow::Result<Verdict> {
 }
 
 /// Checks one return-path capture.
-pub fn check_rp(path: &Path, opts: &StreamOpts) -> anyhow::Result<Verdict> {
+pub fn check_rp(path: &Path, opts: &StreamOpts, block: &[BlockArg]) -> anyhow::Result<Verdict> {
     let mut version = opts.profile.map(|p| p.version()).unwrap_or(Version::V10);
     let main = match &opts.main {
         Some(m) => {
@@ -114,7 +117,11 @@ pub fn check_rp(path: &Path, opts: &StreamOpts) -> anyhow::Result<Verdict> {
         }
         None => super::decoder(version, None),
     };
-    let recs = rp_records(&path.to_path_buf(), Profile::for_version(version), &main)?;
+    let recs = rp_records(
+        &path.to_path_buf(),
+        Profile::for_version(version),
+        &known_blocks(&main, block),
+    )?;
     for r in recs {
         if r.ty == "INVALID" || r.ty == "TRUNCATED" {
             return Ok(Verdict::Invalid(
@@ -132,7 +139,7 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     let mut code = 0;
     for f in &a.files {
         let r = if a.rp {
-            check_rp(f, &a.stream)
+            check_rp(f, &a.stream, &a.block)
         } else {
             check_stream(f, &a.stream)
         };
