@@ -394,6 +394,8 @@ impl Driver {
     }
 
     fn resume(&mut self, uri: MigrationUri) {
+        // A new attempt: error-desc reports what happens to this one.
+        self.shared.lock().error = None;
         let now = self.now();
         if let Err(e) = self.src.handle_control(now, Control::Resume) {
             self.shared.set_error(e.to_string());
@@ -403,6 +405,11 @@ impl Driver {
         if let Err(e) = self.connect(&uri) {
             self.shared
                 .set_error(format!("connecting the recovery channel to {uri}: {e}"));
+            // 10.x waits in postcopy-recover-setup: back to postcopy-paused, as a lost channel.
+            if self.src.status() == MigrationStatus::PostcopyRecoverSetup {
+                let now = self.now();
+                let _ = self.src.handle_control(now, Control::Pause);
+            }
             return;
         }
         self.shared.recorder.counters.add_recovery();

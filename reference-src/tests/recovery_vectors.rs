@@ -10,14 +10,14 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener};
 use std::time::Duration;
 
-use common::{workspace, Src, PHASE};
+use common::{decode_main, workspace, Src, PHASE};
 use qmig_protocol::bitmap::PageBitmap;
 use qmig_protocol::command::Command;
 use qmig_protocol::limits::Limits;
 use qmig_protocol::profile::Profile;
 use qmig_protocol::ram::RamBody;
 use qmig_protocol::rp::{RpDecoder, RpMessage};
-use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+use qmig_protocol::stream::Item;
 use serde_json::{json, Value};
 
 /// One return-path message: its kind and its exact bytes.
@@ -70,23 +70,6 @@ fn split_rp(bytes: &[u8], profile: Profile, blocks: &Blocks) -> Vec<RpMsg> {
 
 fn cat(msgs: &[&RpMsg]) -> Vec<u8> {
     msgs.iter().flat_map(|m| m.bytes.iter().copied()).collect()
-}
-
-/// Decodes the whole items of a (possibly cut) main stream; the decoder is left after the
-/// last whole item.
-fn decode_main(stream: &[u8], profile: Profile) -> StreamDecoder {
-    let mut d = StreamDecoder::new(Channel::Main, profile, Limits::DEFAULT);
-    let mut pos = 0;
-    while pos < stream.len() {
-        match d.decode(&stream[pos..]) {
-            Ok((_, n)) => pos += n,
-            Err(e) => {
-                assert!(e.is_incomplete(), "main stream at {pos}: {e:?}");
-                break;
-            }
-        }
-    }
-    d
 }
 
 fn recover_from_vector(vector: &str, profile_arg: &str, profile: Profile) {

@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use qmig_conformance::qemu::{find_qemu, Qemu, QemuBinary, QemuVersion};
 use qmig_host::qmp_client::QmpClient;
+use qmig_protocol::limits::Limits;
+use qmig_protocol::profile::Profile;
+use qmig_protocol::stream::{Channel, StreamDecoder};
 use serde_json::{json, Value};
 
 /// Guard against hangs only; every wait is on an event.
@@ -150,4 +153,21 @@ pub fn workspace() -> PathBuf {
         .parent()
         .unwrap()
         .to_path_buf()
+}
+
+/// Decodes the whole items of a (possibly cut) main stream; the decoder is left after the
+/// last whole item (ready for `resume_from`).
+pub fn decode_main(stream: &[u8], profile: Profile) -> StreamDecoder {
+    let mut d = StreamDecoder::new(Channel::Main, profile, Limits::DEFAULT);
+    let mut pos = 0;
+    while pos < stream.len() {
+        match d.decode(&stream[pos..]) {
+            Ok((_, n)) => pos += n,
+            Err(e) => {
+                assert!(e.is_incomplete(), "main stream at {pos}: {e:?}");
+                break;
+            }
+        }
+    }
+    d
 }
