@@ -14,6 +14,7 @@ fn inspect_lists_every_manifest_record_of_every_vector() {
     let mut channels = 0;
     let mut rp_files = 0;
     let mut truncated = 0;
+    let mut multifd_conns = 0;
     for dir in vector_dirs() {
         let m = manifest(&dir);
         for ch in m["channels"].as_array().expect("channels") {
@@ -84,11 +85,47 @@ fn inspect_lists_every_manifest_record_of_every_vector() {
                 }
                 rp_files += 1;
             }
+            if let Some(conns) = ch["multifd_channels"].as_array() {
+                for (i, c) in conns.iter().enumerate() {
+                    let got: Vec<(u64, u64)> = recs
+                        .iter()
+                        .filter(|r| r["type"] == "MULTIFD_PACKET" && r["conn"] == i as u64)
+                        .map(|r| {
+                            (
+                                r["offset"].as_u64().unwrap(),
+                                r["packet_num"].as_u64().unwrap(),
+                            )
+                        })
+                        .collect();
+                    let want: Vec<(u64, u64)> = c["packets"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|r| {
+                            (
+                                r["offset"].as_u64().unwrap(),
+                                r["packet_num"].as_u64().unwrap(),
+                            )
+                        })
+                        .collect();
+                    assert_eq!(got, want, "{} conn {i}", dir.display());
+                    let init = recs
+                        .iter()
+                        .find(|r| r["type"] == "MULTIFD_INIT" && r["conn"] == i as u64)
+                        .unwrap();
+                    assert_eq!(init["channel_id"], c["init"]["channel_id"]);
+                    multifd_conns += 1;
+                }
+            }
         }
     }
     assert_eq!(channels, 35, "channels with manifest records");
     assert_eq!(rp_files, 24, "return-path captures with manifest messages");
     assert_eq!(truncated, 4, "the four cut reference streams");
+    assert_eq!(
+        multifd_conns, 4,
+        "two multifd vectors, two connections each"
+    );
 }
 
 #[test]

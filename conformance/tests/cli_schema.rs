@@ -154,6 +154,8 @@ fn json_output_of_every_vector_matches_the_schema() {
         "TRUNCATED",
         "MIG_RP_MSG_RECV_BITMAP",
         "MIG_RP_MSG_REQ_PAGES_ID",
+        "MULTIFD_INIT",
+        "MULTIFD_PACKET",
     ] {
         assert!(types.contains(t), "no {t} record validated");
     }

@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use qmig_protocol::bitmap::BitmapView;
 use qmig_protocol::device::{decode_device, Node, NodeKind};
 use qmig_protocol::limits::Limits;
+use qmig_protocol::multifd::{MultifdDecoder, MultifdItem};
 use qmig_protocol::rp::{RpDecoder, RpMessage};
 use qmig_protocol::stream::{Item, StreamDecoder};
 use qmig_protocol::{Profile, WireError};
@@ -36,6 +37,9 @@ pub struct Args {
     /// A RAM block `NAME:BYTES` the return path names (sizes its bitmaps when no stream says).
     #[arg(long, value_name = "NAME:BYTES")]
     pub block: Vec<BlockArg>,
+    /// Multifd connection captures to list after the stream (and return path), in order.
+    #[arg(long, value_name = "FILE", num_args = 1..)]
+    pub multifd: Vec<PathBuf>,
     /// Newline-delimited JSON (`qmig-inspect/1`) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -111,6 +115,15 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     if let Some(rp) = &a.rp {
         let profile = Profile::for_version(prep.version);
         for r in rp_records(rp, profile, &known_blocks(&dec, &a.block))? {
+            if r.ty == "INVALID" {
+                code = 1;
+            }
+            emit(&r, &mut out);
+        }
+    }
+    for (i, m) in a.multifd.iter().enumerate() {
+        for mut r in multifd_records(m, Profile::for_version(prep.version))? {
+            r.conn = Some(i as u64);
             if r.ty == "INVALID" {
                 code = 1;
             }
@@ -249,6 +262,66 @@ pub fn rp_records(
             }
             Err(WireError::Invalid(v)) => {
                 let mut r = Record::new("rp", v.offset, "INVALID", 0);
+                r.rule = Some(v.rule.id().into());
+                r.detail = Some(format!("{} (value {})", v.rule.summary(), v.value));
+                out.push(r);
+                break;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Decodes a multifd connection capture into records (init packet, then packets).
+pub fn multifd_records(path: &PathBuf, profile: Profile) -> anyhow::Result<Vec<Record>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}", path.display()))?;
+    let mut d = MultifdDecoder::new(profile, Limits::DEFAULT);
+    let mut pos = 0usize;
+    let mut out = Vec::new();
+    loop {
+        let at = d.offset();
+        match d.decode(&bytes[pos..]) {
+            Ok((item, n)) => {
+                let r = match item {
+                    MultifdItem::Init(p) => {
+                        let mut r = Record::new("multifd", at, "MULTIFD_INIT", n as u64);
+                        r.version = Some(p.version.get() as u64);
+                        r.channel_id = Some(p.id as u64);
+                        r
+                    }
+                    MultifdItem::Ram(p) => {
+                        let mut r = Record::new("multifd", at, "MULTIFD_PACKET", n as u64);
+                        r.packet_num = Some(p.header.packet_num.get());
+                        r.packet_flags = Some(p.flags() as u64);
+                        r.normal_pages = Some(p.normal_pages() as u64);
+                        r.zero_pages = Some(p.zero_pages() as u64);
+                        if !p.ramblock().is_empty() {
+                            r.block = Some(name(p.ramblock()));
+                        }
+                        r
+                    }
+                    MultifdItem::DeviceState { data, .. } => {
+                        let mut r = Record::new("multifd", at, "MULTIFD_DEVICE_STATE", n as u64);
+                        r.payload_length = Some(data.len() as u64);
+                        r.payload_sha256 = Some(sha256_hex(data));
+                        r
+                    }
+                };
+                out.push(r);
+                pos += n;
+            }
+            Err(WireError::Incomplete { needed }) => {
+                if pos < bytes.len() {
+                    let mut r = Record::new("multifd", at, "TRUNCATED", 0);
+                    r.bytes_left = Some((bytes.len() - pos) as u64);
+                    r.rule = Some(super::TRUNCATED_RULE.into());
+                    r.detail = Some(format!("at least {needed} more bytes needed"));
+                    out.push(r);
+                }
+                break;
+            }
+            Err(WireError::Invalid(v)) => {
+                let mut r = Record::new("multifd", v.offset, "INVALID", 0);
                 r.rule = Some(v.rule.id().into());
                 r.detail = Some(format!("{} (value {})", v.rule.summary(), v.value));
                 out.push(r);

@@ -101,12 +101,13 @@ pub struct Field {
 /// return-path message, or the final `TRUNCATED` / `INVALID` line.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Record {
-    /// `main`, `resume` or `rp`.
+    /// `main`, `resume`, `rp` or `multifd`.
     pub channel: &'static str,
     /// Absolute channel offset of the record's first byte.
     pub offset: u64,
     /// Record type: `HEADER`, `CONFIGURATION`, `SECTION_START`/`PART`/`END`/`FULL`, `COMMAND`,
-    /// `EOF`, `VMDESCRIPTION`, `RAM` (a page record), `MIG_RP_MSG_*`, `TRUNCATED`,
+    /// `EOF`, `VMDESCRIPTION`, `RAM` (a page record), `MIG_RP_MSG_*`, `MULTIFD_INIT`,
+    /// `MULTIFD_PACKET`, `MULTIFD_DEVICE_STATE`, `TRUNCATED`,
     /// `INVALID`.
     #[serde(rename = "type")]
     pub ty: String,
@@ -206,6 +207,24 @@ pub struct Record {
     /// Page records: offset in the block.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub addr: Option<u64>,
+    /// Multifd records: index of the connection among the `--multifd` files (0-based).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conn: Option<u64>,
+    /// MULTIFD_INIT: the channel id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<u64>,
+    /// MULTIFD_PACKET: the packet's flags word.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_flags: Option<u64>,
+    /// MULTIFD_PACKET: sequence number across all channels.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub packet_num: Option<u64>,
+    /// MULTIFD_PACKET: pages with data.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub normal_pages: Option<u64>,
+    /// MULTIFD_PACKET: zero pages (10.x).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub zero_pages: Option<u64>,
     /// TRUNCATED: bytes after `offset`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bytes_left: Option<u64>,
@@ -280,7 +299,7 @@ impl Record {
         self.in_package.is_some() || self.in_section.is_some()
     }
 
-    /// The text line: `OFFSET TYPE key=value...`, channel-prefixed for `rp`/`resume`,
+    /// The text line: `OFFSET TYPE key=value...`, channel-prefixed for `rp`/`resume`/`multifd`,
     /// indented when nested (so a top-level record is exactly a line that does not start with a
     /// space). Device fields follow on their own indented lines.
     pub fn text(&self) -> String {
@@ -332,6 +351,16 @@ impl Record {
             }
             s.push_str(if r.len() > 4 { ",...]" } else { "]" });
         }
+        put(&mut s, "conn", &self.conn);
+        put(&mut s, "channel_id", &self.channel_id);
+        put(&mut s, "packet_num", &self.packet_num);
+        put(
+            &mut s,
+            "flags",
+            &self.packet_flags.map(|f| format!("{f:#x}")),
+        );
+        put(&mut s, "normal_pages", &self.normal_pages);
+        put(&mut s, "zero_pages", &self.zero_pages);
         put(&mut s, "package_length", &self.package_length);
         put(&mut s, "json_length", &self.json_length);
         put(&mut s, "bitmap_size", &self.bitmap_size);

@@ -78,6 +78,12 @@ pub fn inspect_args(dir: &Path, ch: &Value) -> Vec<String> {
         a.push("--vmdesc".into());
         a.push(p(&dir.join("vmdesc.json")));
     }
+    if let Some(m) = ch["multifd_channels"].as_array() {
+        a.push("--multifd".into());
+        for c in m {
+            a.push(p(&dir.join(c["file"].as_str().expect("multifd file"))));
+        }
+    }
     a
 }
 
@@ -91,11 +97,13 @@ pub fn parse_json_lines(out: &str) -> (Value, Vec<Value>) {
     (header, recs)
 }
 
-/// Top-level records of the stream (not return path, not nested).
+/// Top-level records of the stream (not return path or multifd, not nested).
 pub fn top_level(recs: &[Value]) -> Vec<&Value> {
     recs.iter()
         .filter(|r| {
-            r["channel"] != "rp" && r.get("in_package").is_none() && r.get("in_section").is_none()
+            (r["channel"] == "main" || r["channel"] == "resume")
+                && r.get("in_package").is_none()
+                && r.get("in_section").is_none()
         })
         .collect()
 }
