@@ -97,7 +97,9 @@ pub fn parse_block(s: &str) -> Result<(String, u64), String> {
     }
     let size = parse_size(size)?;
     if size == 0 || size % 4096 != 0 {
-        return Err(format!("block size must be a non-zero multiple of 4096: '{s}'"));
+        return Err(format!(
+            "block size must be a non-zero multiple of 4096: '{s}'"
+        ));
     }
     Ok((name.to_owned(), size))
 }

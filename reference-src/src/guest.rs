@@ -75,7 +75,9 @@ impl Guest {
                 pages,
                 pattern: spec.pattern,
                 access: Access::Write,
-                seed: self.seed.wrapping_add(r.generation.wrapping_mul(0x9E37_79B9)),
+                seed: self
+                    .seed
+                    .wrapping_add(r.generation.wrapping_mul(0x9E37_79B9)),
                 max_ops_per_thread: None,
             };
             r.workload = Some(Workload::start(self.ram.clone(), cfg)?);

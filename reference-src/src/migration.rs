@@ -291,7 +291,9 @@ impl Driver {
         let c = &self.shared.recorder.counters;
         for (b, p) in self.src.take_sent_pages() {
             let mut page = [0u8; PAGE_SIZE];
-            let zero = ram.blocks()[b].read(p * PAGE_SIZE as u64, &mut page).is_ok()
+            let zero = ram.blocks()[b]
+                .read(p * PAGE_SIZE as u64, &mut page)
+                .is_ok()
                 && page.iter().all(|&x| x == 0);
             if zero {
                 c.add_zero_page();

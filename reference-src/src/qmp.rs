@@ -221,13 +221,17 @@ impl QmpHandler for SourceQmp {
             "migrate" => self.migrate(parse_args(args)?),
             "migrate-start-postcopy" => {
                 if !self.shared.cap("postcopy-ram") {
-                    return Err(err("Enable postcopy with migrate_set_capability before the start of migration"));
+                    return Err(err(
+                        "Enable postcopy with migrate_set_capability before the start of migration",
+                    ));
                 }
                 if !matches!(
                     self.shared.status(),
                     MigrationStatus::Setup | MigrationStatus::Active
                 ) {
-                    return Err(err("Postcopy must be started after migration has been started"));
+                    return Err(err(
+                        "Postcopy must be started after migration has been started",
+                    ));
                 }
                 self.send(Msg::StartPostcopy)?;
                 Ok(json!({}))

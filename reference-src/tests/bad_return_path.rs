@@ -27,7 +27,14 @@ fn rp(m: RpMessage<'_>) -> Vec<u8> {
 /// A qmig-src migrating 16 MiB (postcopy-ram, return-path) to a fake destination, slowly.
 fn start(profile: &str) -> (Src, TcpStream, JoinHandle<Vec<u8>>) {
     let mut src = Src::spawn(&[
-        "--ram", "16M", "--profile", profile, "--fill", "random", "--seed", "5",
+        "--ram",
+        "16M",
+        "--profile",
+        profile,
+        "--fill",
+        "random",
+        "--seed",
+        "5",
     ]);
     src.cmd(
         "migrate-set-capabilities",
@@ -62,7 +69,12 @@ fn error_desc(src: &mut Src) -> String {
 }
 
 /// Reads a recovery channel until `want` matches an item.
-fn read_until(s: &mut TcpStream, dec: &mut StreamDecoder, buf: &mut Vec<u8>, want: &dyn Fn(&Item) -> bool) {
+fn read_until(
+    s: &mut TcpStream,
+    dec: &mut StreamDecoder,
+    buf: &mut Vec<u8>,
+    want: &dyn Fn(&Item) -> bool,
+) {
     let mut chunk = vec![0u8; 1 << 16];
     loop {
         let mut pos = 0;
@@ -180,7 +192,8 @@ fn postcopy_bad_inputs_pause_and_recovery_still_completes() {
     src.wait("postcopy-active");
     let pages = std::cell::Cell::new(0u32);
     read_until(&mut s4, &mut dec, &mut buf, &|i| {
-        if matches!(i, Item::Ram(r) if r.addr % 4096 == 0 && !matches!(r.body, qmig_protocol::ram::RamBody::Eos)) {
+        if matches!(i, Item::Ram(r) if r.addr % 4096 == 0 && !matches!(r.body, qmig_protocol::ram::RamBody::Eos))
+        {
             pages.set(pages.get() + 1);
         }
         matches!(i, Item::Eof)

@@ -12,8 +12,8 @@
 
 mod common;
 
-use common::scenario::{run, Case, Dest, Mode, RAM_MB};
 use common::qemu;
+use common::scenario::{run, Case, Dest, Mode, RAM_MB};
 use qmig_conformance::qemu::{Machine, Qemu, QemuVersion};
 use serde_json::{json, Value};
 

@@ -8,7 +8,12 @@ mod common;
 use common::scenario::{run, Case, Dest, Mode, QmigDst};
 use serde_json::{json, Value};
 
-fn go(mode: Mode, workload: Option<&'static str>, dst_workload: Option<&str>, params: Value) -> Value {
+fn go(
+    mode: Mode,
+    workload: Option<&'static str>,
+    dst_workload: Option<&str>,
+    params: Value,
+) -> Value {
     let mut args = vec!["--ram", "64M", "--profile", "10"];
     if let Some(w) = dst_workload {
         args.extend(["--workload", w]);

@@ -79,9 +79,18 @@ fn recover_from_vector(vector: &str, profile_arg: &str, profile: Profile) {
     let blocks: Blocks = vector_dec
         .blocks()
         .iter()
-        .map(|b| (String::from_utf8_lossy(b.name()).into_owned(), b.used_length))
+        .map(|b| {
+            (
+                String::from_utf8_lossy(b.name()).into_owned(),
+                b.used_length,
+            )
+        })
         .collect();
-    let rp1 = split_rp(&std::fs::read(dir.join("rp.bin")).unwrap(), profile, &blocks);
+    let rp1 = split_rp(
+        &std::fs::read(dir.join("rp.bin")).unwrap(),
+        profile,
+        &blocks,
+    );
     let rp2 = split_rp(
         &std::fs::read(dir.join("resume-rp.bin")).unwrap(),
         profile,
@@ -102,15 +111,27 @@ fn recover_from_vector(vector: &str, profile_arg: &str, profile: Profile) {
 
     let (main_name, main_len) = blocks[0].clone();
     let ram = format!("{main_len}");
-    let machine = if main_name == "ram" { "none" } else { "microvm" };
+    let machine = if main_name == "ram" {
+        "none"
+    } else {
+        "microvm"
+    };
     let template = template.display().to_string();
     let extra: Vec<String> = blocks[1..]
         .iter()
         .map(|(n, l)| format!("{n}:{l}"))
         .collect();
     let mut args: Vec<&str> = vec![
-        "--ram", &ram, "--machine", machine, "--profile", profile_arg, "--fill", "random",
-        "--seed", "3",
+        "--ram",
+        &ram,
+        "--machine",
+        machine,
+        "--profile",
+        profile_arg,
+        "--fill",
+        "random",
+        "--seed",
+        "3",
     ];
     if machine != "none" {
         args.extend(["--device-template", &template]);

@@ -199,7 +199,14 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
         .template
         .map(|t| workspace().join(t).display().to_string());
     let mut args = vec![
-        "--ram", "64M", "--profile", case.profile, "--fill", "mixed", "--seed", "7",
+        "--ram",
+        "64M",
+        "--profile",
+        case.profile,
+        "--fill",
+        "mixed",
+        "--seed",
+        "7",
     ];
     if let Some(t) = &template {
         args.extend(["--device-template", t]);
