@@ -205,3 +205,37 @@ fn pages_lists_every_ram_record() {
     assert_eq!(zero_pages, summed);
     assert_eq!(zero_pages, 4096, "16 MiB of ZERO records");
 }
+
+#[test]
+fn compat_state_and_desc_have_analyze_migration_shapes() {
+    let file = vectors().join("qemu-7.2/precopy-file-zero/stream.bin");
+    let (code, out, _) = run(&["inspect", "--compat", "state", &p(&file)]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
+    assert_eq!(keys, ["globalstate (0)", "ram (0)", "timer (0)"]);
+    // timer: FULL header of 19 bytes at the manifest's offset, then be64 cpu_ticks_offset.
+    let m = manifest(&vectors().join("qemu-7.2/precopy-file-zero"));
+    let t = m["channels"][0]["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["idstr"] == "timer")
+        .unwrap()["offset"]
+        .as_u64()
+        .unwrap() as usize
+        + 19;
+    let b = std::fs::read(&file).unwrap();
+    let want: String = b[t..t + 8].iter().map(|x| format!("{x:02x}")).collect();
+    assert_eq!(v["timer (0)"]["cpu_ticks_offset"], format!("0x{want}"));
+    assert_eq!(v["globalstate (0)"]["size"], "0x00000008");
+
+    let (code, out, _) = run(&["inspect", "--compat", "desc", &p(&file)]);
+    assert_eq!(code, 0);
+    let desc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    // The trailing VM description: the last `json_length` bytes of the file.
+    let (_, recs) = parse_json_lines(&run(&["inspect", "--json", &p(&file)]).1);
+    let n = recs.last().unwrap()["json_length"].as_u64().unwrap() as usize;
+    let tail: serde_json::Value = serde_json::from_slice(&b[b.len() - n..]).unwrap();
+    assert_eq!(desc, tail);
+}
