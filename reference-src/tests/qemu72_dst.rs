@@ -34,6 +34,7 @@ fn go(mode: Mode, with_cpu: bool, workload: Option<&'static str>, params: Value)
             template: with_cpu.then_some(TEMPLATE),
             workload,
             params,
+            ..Case::default()
         },
         Dest::Qemu(Box::new(dst)),
     ))

@@ -26,6 +26,7 @@ fn go(
             template: None,
             workload,
             params,
+            ..Case::default()
         },
         Dest::Qmig(dst),
     )
