@@ -97,10 +97,19 @@ fn a_changed_page_is_reported_by_block_and_index() {
         )),
         "{out}"
     );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
     assert!(
-        out.trim_end()
-            .ends_with(&format!("1 differing pages: {}", addr / 4096)),
+        lines[0].ends_with(&format!("1 differing pages: {}", addr / 4096)),
         "{out}"
+    );
+    // The page record that wrote it, at the same offset in both files.
+    assert_eq!(
+        lines[1],
+        format!(
+            "RAM block \"{block}\" page {}: last written A offset {rec_at} | B offset {rec_at}",
+            addr / 4096
+        )
     );
     std::fs::remove_file(copy).unwrap();
 }

@@ -9,10 +9,12 @@ use super::record::{flatten, hex, Recorder};
 use super::report::Record;
 use super::scan::scan;
 use super::{open, prepare, StreamOpts};
+use qmig_protocol::command::Command;
 use qmig_protocol::device::decode_device;
 use qmig_protocol::limits::Limits;
+use qmig_protocol::stream::Item;
 use qmig_protocol::vmdesc::VmDesc;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -297,6 +299,28 @@ fn ram_diff(
             shown.join(","),
             if pages.len() > 16 { ",..." } else { "" }
         ));
+        let wanted: BTreeSet<(String, u64)> = pages
+            .iter()
+            .take(16)
+            .map(|p| (x.name.clone(), *p))
+            .collect();
+        let (wa, wb) = (
+            last_writers(a, opts, &wanted)?,
+            last_writers(b, opts, &wanted)?,
+        );
+        let at = |m: &BTreeMap<(String, u64), u64>, k: &(String, u64)| {
+            m.get(k)
+                .map_or("never written".to_string(), |o| format!("offset {o}"))
+        };
+        for k in &wanted {
+            lines.push(format!(
+                "RAM block \"{}\" page {}: last written A {} | B {}",
+                k.0,
+                k.1,
+                at(&wa, k),
+                at(&wb, k)
+            ));
+        }
     }
     for y in &ib.blocks {
         if !ia.blocks.iter().any(|x| x.name == y.name) {
@@ -304,6 +328,44 @@ fn ram_diff(
         }
     }
     Ok(())
+}
+
+/// For each wanted (block, page), the offset of the last record that wrote it (a page record,
+/// or a RAM_DISCARD covering it).
+fn last_writers(
+    path: &Path,
+    opts: &StreamOpts,
+    wanted: &BTreeSet<(String, u64)>,
+) -> anyhow::Result<BTreeMap<(String, u64), u64>> {
+    let (prep, mut dec) = prepare(path, opts)?;
+    let tps = qmig_protocol::Profile::for_version(prep.version).target_page_size as u64;
+    let mut out = BTreeMap::new();
+    scan(open(path)?, &mut dec, |d| {
+        match &d.item {
+            Item::Ram(r) if r.is_page() => {
+                if let Some(b) = r.block(d.dec.ram()) {
+                    let k = (String::from_utf8_lossy(b).into_owned(), r.addr / tps);
+                    if wanted.contains(&k) {
+                        out.insert(k, d.at);
+                    }
+                }
+            }
+            Item::Command(Command::RamDiscard(dc)) => {
+                let name = String::from_utf8_lossy(dc.name).into_owned();
+                for (start, len) in dc.ranges() {
+                    for k in wanted.iter().filter(|k| k.0 == name) {
+                        let a = k.1 * tps;
+                        if a >= start && a < start.saturating_add(len) {
+                            out.insert(k.clone(), d.at);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 fn differing_pages(a: &Path, b: &Path, tps: usize) -> anyhow::Result<Vec<u64>> {
