@@ -389,7 +389,16 @@ impl Loop {
                 }
             }
         }
+        let mut evs = Vec::new();
         while let Some(ev) = self.machine.as_mut().and_then(Destination::poll_event) {
+            evs.push(ev);
+        }
+        // Errors first: whoever sees the MIGRATION event that follows them finds the
+        // error-desc already in query-migrate.
+        let (errs, rest): (Vec<Event>, Vec<Event>) = evs
+            .into_iter()
+            .partition(|e| matches!(e, Event::Error { .. }));
+        for ev in errs.into_iter().chain(rest) {
             self.on_event(ev);
         }
         for d in self.sh.uffd.take_fault_latencies() {

@@ -119,7 +119,7 @@ impl Pair {
     }
 
     /// Starts postcopy once precopy is active; waits for postcopy-active on both sides.
-    fn to_postcopy(&mut self) {
+    fn start_postcopy(&mut self) {
         self.src_wait("active");
         self.src
             .qmp("migrate-start-postcopy", json!({}))
@@ -217,7 +217,7 @@ fn postcopy_with_faulting_workload() {
     p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 256 << 10}));
     let addr = p.dst.listen("migrate-incoming");
     p.migrate(addr, false);
-    p.to_postcopy();
+    p.start_postcopy();
     p.finish();
     let info = p.dst.info();
     let req = info["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
@@ -240,7 +240,7 @@ fn postcopy_link_cut_then_recover() {
     let addr = p.dst.listen("migrate-incoming");
     let proxy = Proxy::start(addr).expect("proxy");
     p.migrate(proxy.addr(), false);
-    p.to_postcopy();
+    p.start_postcopy();
     proxy.cut();
     p.paused();
     let rec = &proxy.recordings()[0];
@@ -261,7 +261,7 @@ fn postcopy_pause_then_recover() {
     p.params(json!({"max-bandwidth": 128 << 10, "max-postcopy-bandwidth": 64 << 10}));
     let addr = p.dst.listen("migrate-incoming");
     p.migrate(addr, false);
-    p.to_postcopy();
+    p.start_postcopy();
     p.dst.cmd("migrate-pause", json!({}));
     p.paused();
     p.params(json!({"max-postcopy-bandwidth": 0}));
@@ -282,7 +282,7 @@ fn postcopy_two_failures_in_a_row() {
     let addr = p.dst.listen("migrate-incoming");
     let proxy = Proxy::start(addr).expect("proxy");
     p.migrate(proxy.addr(), false);
-    p.to_postcopy();
+    p.start_postcopy();
     proxy.cut();
     p.paused();
     let before = p.requests();
