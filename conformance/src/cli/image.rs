@@ -64,10 +64,18 @@ impl Image {
         self.blocks.iter_mut().find(|b| b.name.as_bytes() == name)
     }
 
-    /// Creates the block files announced by MEM_SIZE (sparse, all zero).
+    /// Creates the block files announced by MEM_SIZE (sparse, all zero). A block longer than
+    /// `Limits::max_block_bytes` (1 TiB) is refused before anything is sized by it.
     pub fn announce(&mut self, name: &[u8], len: u64) -> anyhow::Result<()> {
         if self.block(name).is_some() {
             return Ok(());
+        }
+        let cap = qmig_protocol::limits::Limits::DEFAULT.max_block_bytes;
+        if len > cap {
+            bail!(
+                "block {} announces {len} bytes, more than the cap ({cap})",
+                String::from_utf8_lossy(name)
+            );
         }
         let name = String::from_utf8_lossy(name).into_owned();
         let path = self.dir.join(file_name(&name));
