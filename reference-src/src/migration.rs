@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use qmig_host::dirty::{Choice, DirtyTracker, PageBitmap};
 use qmig_host::memory::PAGE_SIZE;
 use qmig_host::qmp_types::MigrationStatus as QmpStatus;
-use qmig_host::transport::{self, ConnReader, ConnWriter, TransportConfig};
+use qmig_host::transport::{self, ConnReader, ConnWriter, Socket, TransportConfig};
 use qmig_host::uri::MigrationUri;
 use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::{
@@ -39,6 +39,8 @@ use crate::state::{Msg, Shared};
 
 /// Most bytes asked of `poll_transmit` per call.
 const CHUNK: usize = 32 * 1024;
+/// Kernel send buffer of a TCP main channel (the kernel doubles it).
+const SEND_BUFFER: usize = 256 * 1024;
 /// Pages per RAM section part.
 const PAGES_PER_SECTION: usize = 16;
 
@@ -261,6 +263,10 @@ impl Driver {
 
     fn connect(&mut self, uri: &MigrationUri) -> std::io::Result<()> {
         let c = transport::connect(uri, &TransportConfig::default())?;
+        if let Socket::Tcp(t) = c.socket() {
+            // Keep little bulk data queued in the kernel ahead of a requested page.
+            rustix::net::sockopt::set_socket_send_buffer_size(t, SEND_BUFFER)?;
+        }
         self.conn += 1;
         self.shared.lock().cutter = Some(c.cutter());
         let (r, w) = c.split();

@@ -55,7 +55,7 @@ fn precopy_dirtying_guest_converges_over_iterations() {
     let Some(info) = go(
         Mode::Precopy,
         false,
-        Some("random,threads=1,rate=4000,working-set=4M"),
+        Some("random,threads=1,rate=1000,working-set=4M"),
         json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 50}),
     ) else {
         return;

@@ -41,7 +41,7 @@ fn precopy_static_guest() {
 fn precopy_dirtying_guest_converges_over_iterations() {
     let info = go(
         Mode::Precopy,
-        Some("random,threads=1,rate=4000,working-set=4M"),
+        Some("random,threads=1,rate=1000,working-set=4M"),
         None,
         json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 50}),
     );

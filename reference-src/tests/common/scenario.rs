@@ -329,6 +329,30 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
     if matches!(case.mode, Mode::PostcopyCut | Mode::PostcopyPause) {
         assert_eq!(info["x-qmig"]["recoveries"], 1, "{info}");
     }
+    // The exact status sequence qmig-src announced (QEMU's names and order for the profile).
+    let seen: Vec<String> = src
+        .qmp
+        .event_log()
+        .iter()
+        .filter_map(|e| e.status().map(str::to_owned))
+        .collect();
+    let v10 = case.profile == "10";
+    let mut want = vec!["setup", "active"];
+    if v10 {
+        want.push("device");
+    }
+    if postcopy {
+        want.push("postcopy-active");
+    }
+    if matches!(case.mode, Mode::PostcopyCut | Mode::PostcopyPause) {
+        want.push("postcopy-paused");
+        if v10 {
+            want.push("postcopy-recover-setup");
+        }
+        want.extend(["postcopy-recover", "postcopy-active"]);
+    }
+    want.push("completed");
+    assert_eq!(seen, want, "qmig-src MIGRATION events");
     eprintln!("qmig-src query-migrate: {info}");
     let st = dst.cmd("query-status", Value::Null);
     let want = if case.dst_runs { "running" } else { "paused" };
