@@ -1,3 +1,4 @@
 //! qmig conformance library.
 pub mod cli;
+pub mod demo;
 pub mod qemu;

@@ -34,6 +34,8 @@ enum Cmd {
     Verify(cli::verify::Args),
     /// Compare two streams section by section and field by field.
     Diff(cli::diff::Args),
+    /// Postcopy migration between qmig-src and qmig-dst surviving a network cut; memories compared.
+    Demo(qmig_conformance::demo::Args),
 }
 
 fn init_logs(verbose: u8) {
@@ -60,6 +62,7 @@ fn main() {
         Cmd::Extract(a) => cli::extract::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Diff(a) => cli::diff::run(a),
+        Cmd::Demo(a) => qmig_conformance::demo::run(a),
     };
     match res {
         Ok(code) => std::process::exit(code),
