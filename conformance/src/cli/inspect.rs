@@ -106,6 +106,13 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
         Ok(())
     })?;
     let mut code = 0;
+    if let End::Invalid(v) = end {
+        if prep.source == "default" && super::profile_rule(v.rule) {
+            tracing::warn!(
+                "decoded under the default 10.x profile; a 7.2 stream needs --profile 7.2"
+            );
+        }
+    }
     if let Some(r) = rec.finish(&end) {
         if matches!(end, End::Invalid(_)) {
             code = 1;

@@ -120,7 +120,7 @@ impl Detect {
 }
 
 /// Rules whose violation may only mean that the stream is of the other version.
-fn profile_rule(r: Rule) -> bool {
+pub fn profile_rule(r: Rule) -> bool {
     matches!(
         r,
         Rule::RamFlagProfile
