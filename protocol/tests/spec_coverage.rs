@@ -11,9 +11,11 @@
 //!   item of a workspace crate's `src/`), or by a conformance vector (an id string in a text file
 //!   under `conformance/vectors/`, e.g. a synthetic vector's `manifest.json`).
 //!
-//! A test or vector citation counts as a *valid case* when the id is on a line (or, in JSON,
-//! under a key) carrying the word `valid` (`// valid: RAM-CONTINUE`, `"valid_rules": [...]`),
-//! and as an *invalid case* otherwise (the usual `assert_eq!(v.rule, Rule::RamContinue)`).
+//! A test or vector citation counts as a *valid case* when the id is on a line carrying the word
+//! `valid` (`// valid: RAM-CONTINUE`), or, in a vector, in a folder named `valid-…`, under a JSON
+//! key carrying the word (`"valid_rules": [...]`) or in a JSON object with a value `"valid"`
+//! (`{"class": "valid", "rule": "SM-PONG"}`); otherwise it counts as an *invalid case* (the usual
+//! `assert_eq!(v.rule, Rule::RamContinue)`, an object with `"class": "invalid"`).
 //! The convention is stated in `spec/README.md`. The test prints a coverage table (code, valid
 //! case, invalid case, vector, per id) and lists every id that no code, test or vector cites.
 //! Two more tests keep the spec's tables in step with the code: the caps table of
@@ -400,6 +402,17 @@ fn walk_json(v: &serde_json::Value, valid: bool, file: &str, cites: &mut Citatio
         }
         serde_json::Value::Array(a) => a.iter().for_each(|x| walk_json(x, valid, file, cites)),
         serde_json::Value::Object(o) => {
+            // An object that says `"class": "valid"` (any key) is a valid case, one that says
+            // "invalid" an invalid case; otherwise it inherits from its parent.
+            let said = |word: &str| {
+                o.values()
+                    .any(|x| x.as_str().is_some_and(|t| t.eq_ignore_ascii_case(word)))
+            };
+            let valid = if said("invalid") {
+                false
+            } else {
+                valid || said("valid")
+            };
             for (k, x) in o {
                 walk_json(
                     x,
@@ -421,15 +434,21 @@ fn scan_vector(path: &Path, cites: &mut Citations) {
         return;
     };
     let file = rel(path);
+    // A vector folder named `valid-…` holds a valid case, `invalid-…` an invalid one.
+    let folder_valid = path
+        .parent()
+        .and_then(|d| d.file_name())
+        .and_then(|n| n.to_str())
+        .is_some_and(|n| n.starts_with("valid-") || n.starts_with("valid_"));
     if path.extension().is_some_and(|e| e == "json") {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            walk_json(&v, false, &file, cites);
+            walk_json(&v, folder_valid, &file, cites);
             return;
         }
     }
     for &rule in Rule::ALL {
         for at in find_id(&text, rule.id()) {
-            let kind = if has_valid_marker(line_text(&text, at)) {
+            let kind = if folder_valid || has_valid_marker(line_text(&text, at)) {
                 Kind::ValidCase
             } else {
                 Kind::InvalidCase
@@ -706,6 +725,29 @@ fn scanner_separates_test_items_from_code() {
         1
     );
     assert!(has_valid_marker("// valid: RAM-CONTINUE"));
+    let mut c = Citations::new();
+    let v: serde_json::Value = serde_json::from_str(
+        r#"{"cases": [{"class": "valid", "rule": "SM-PONG"}, {"class": "invalid", "rule": "CMD-LEN"}],
+            "valid_rules": ["RAM-EOS"]}"#,
+    )
+    .expect("json");
+    walk_json(&v, false, "x.json", &mut c);
+    let kinds = |r: Rule| {
+        c.get(&r)
+            .map(|l| l.iter().map(|x| x.kind).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        kinds(Rule::SmPong),
+        Some(vec![Kind::Vector, Kind::ValidCase])
+    );
+    assert_eq!(
+        kinds(Rule::CmdLen),
+        Some(vec![Kind::Vector, Kind::InvalidCase])
+    );
+    assert_eq!(
+        kinds(Rule::RamEos),
+        Some(vec![Kind::Vector, Kind::ValidCase])
+    );
     assert!(!has_valid_marker(
         "assert!(matches!(e, WireError::Invalid(_))); // validates"
     ));
