@@ -9,9 +9,13 @@
 //! * a page with a forwarded fault still pending is not forwarded again (several threads may
 //!   fault on one page);
 //! * otherwise the fault is recorded as pending with the time it was read and sent to the driver.
+//!
+//! [`FaultSource`] applies the same rules without a thread: a driver that polls the userfaultfd
+//! itself (next to its sockets) reads faults straight into its own loop, with no thread hop
+//! between the kernel's message and the page request.
 
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::Arc;
@@ -120,12 +124,14 @@ fn run(sh: Arc<Shared>, stop_fd: i32, tx: Sender<Fault>) {
                 tracing::debug!("uffd fault reader: ignoring event {:#x}", m.event);
                 continue;
             }
-            handle(&sh, m, at, &tx);
+            handle(&sh, m, at, &mut |f| {
+                let _ = tx.send(f);
+            });
         }
     }
 }
 
-fn handle(sh: &Shared, m: &UffdMsg, at: Instant, tx: &Sender<Fault>) {
+fn handle(sh: &Shared, m: &UffdMsg, at: Instant, out: &mut dyn FnMut(Fault)) {
     let addr = (m.address as usize) & !(PAGE_SIZE - 1);
     let Some((block, offset)) = sh.ram.locate(addr) else {
         tracing::warn!("uffd fault at {addr:#x} outside every block");
@@ -159,10 +165,53 @@ fn handle(sh: &Shared, m: &UffdMsg, at: Instant, tx: &Sender<Fault>) {
     sh.pending_count.store(pending.len(), Ordering::SeqCst);
     drop(pending);
     sh.counters.faults_forwarded.fetch_add(1, Ordering::Relaxed);
-    let _ = tx.send(Fault {
+    out(Fault {
         block,
         offset,
         write: m.flags & PAGEFAULT_FLAG_WRITE != 0,
         at,
     });
+}
+
+/// Faults read by the caller's thread (see the module doc): poll its descriptor for
+/// readability, then [`FaultSource::read`].
+pub struct FaultSource {
+    shared: Arc<Shared>,
+    msgs: Vec<UffdMsg>,
+}
+
+impl FaultSource {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            msgs: vec![UffdMsg::default(); 64],
+        }
+    }
+
+    /// Reads every waiting fault message (never blocks) and appends the faults to forward to
+    /// `out`, after the same local resolution as the reader thread (lazy zero pages, pages
+    /// already received, faults already forwarded).
+    pub fn read(&mut self, out: &mut Vec<Fault>) -> io::Result<()> {
+        loop {
+            let n = self.shared.fd.read_msgs(&mut self.msgs)?;
+            if n == 0 {
+                return Ok(());
+            }
+            let at = Instant::now();
+            for m in &self.msgs[..n] {
+                if m.event == EVENT_PAGEFAULT {
+                    handle(&self.shared, m, at, &mut |f| out.push(f));
+                }
+            }
+            if n < self.msgs.len() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl AsFd for FaultSource {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.shared.fd.as_fd()
+    }
 }

@@ -5,8 +5,9 @@
 //! atomically with `UFFDIO_COPY` / `UFFDIO_ZEROPAGE`, keeps each block's *received* bitmap (what
 //! `MIG_RP_MSG_RECV_BITMAP` reports on recovery), and runs a fault-reader thread
 //! ([`faults`]) that turns the kernel's page-fault messages into [`Fault`]s on a channel so the
-//! driver can send page requests. [`batch::Batcher`] groups contiguous incoming pages into
-//! large copies and zero runs into ranged zero-fills.
+//! driver can send page requests (or, with [`UffdRam::register_polled`], hands the descriptor
+//! to the driver's own poll loop as a [`FaultSource`]). [`batch::Batcher`] groups contiguous
+//! incoming pages into large copies and zero runs into ranged zero-fills.
 //!
 //! # Rules
 //!
@@ -65,7 +66,7 @@ use qmig_protocol::machine::memory::{GuestMemory, MemoryError};
 use sys::{Fill, UffdFd};
 
 pub use batch::{Batcher, ZeroPolicy};
-pub use faults::Fault;
+pub use faults::{Fault, FaultSource};
 
 /// Errors of page placement.
 #[derive(Debug, thiserror::Error)]
@@ -343,6 +344,35 @@ impl UffdRam {
         ram: Arc<GuestRam>,
         cfg: PlaceConfig,
     ) -> Result<(Self, Receiver<Fault>), UffdError> {
+        let shared = Self::register_blocks(ram, cfg)?;
+        let (reader, rx) = faults::spawn(shared.clone()).map_err(os("start fault reader"))?;
+        Ok((
+            Self {
+                shared,
+                reader: Some(reader),
+            },
+            rx,
+        ))
+    }
+
+    /// Registers every block of `ram` in MISSING mode without a reader thread: the caller polls
+    /// the returned [`FaultSource`] in its own loop (see [`faults`]).
+    pub fn register_polled(
+        ram: Arc<GuestRam>,
+        cfg: PlaceConfig,
+    ) -> Result<(Self, FaultSource), UffdError> {
+        let shared = Self::register_blocks(ram, cfg)?;
+        let source = FaultSource::new(shared.clone());
+        Ok((
+            Self {
+                shared,
+                reader: None,
+            },
+            source,
+        ))
+    }
+
+    fn register_blocks(ram: Arc<GuestRam>, cfg: PlaceConfig) -> Result<Arc<Shared>, UffdError> {
         let fd = UffdFd::open(0).map_err(os("userfaultfd open/UFFDIO_API"))?;
         for b in ram.blocks() {
             fd.register(b.as_ptr(), b.len() as usize, sys::mode::MISSING)
@@ -367,14 +397,7 @@ impl UffdRam {
             cancelled: AtomicBool::new(false),
             cfg,
         });
-        let (reader, rx) = faults::spawn(shared.clone()).map_err(os("start fault reader"))?;
-        Ok((
-            Self {
-                shared,
-                reader: Some(reader),
-            },
-            rx,
-        ))
+        Ok(shared)
     }
 
     /// The guest memory being filled.

@@ -347,6 +347,12 @@ impl AsRawFd for UffdFd {
     }
 }
 
+impl std::os::fd::AsFd for UffdFd {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(&self.fd)
+    }
+}
+
 /// `PAGEMAP_SCAN` ABI (`linux/fs.h`, Linux 6.7).
 pub mod pagemap {
     /// `PAGE_IS_WRITTEN`: written since last write-protected.
