@@ -41,6 +41,10 @@ pub struct Args {
     /// Precopy passes before `migrate-start-postcopy`.
     #[arg(long, default_value_t = 3)]
     pub precopy_passes: u64,
+    /// Bytes of guest RAM the source guest keeps writing (from the start of RAM); default a
+    /// quarter of `--ram`.
+    #[arg(long, value_parser = parse_size)]
+    pub working_set: Option<u64>,
     /// Source precopy bandwidth limit (`max-bandwidth`), bytes per second; without it,
     /// qmig-src's default (QEMU's 128 MiB/s).
     #[arg(long, value_parser = parse_size)]
@@ -61,6 +65,12 @@ pub struct Args {
 }
 
 impl Args {
+    /// The source workload's working set in bytes, a whole number of pages.
+    pub fn working_set(&self) -> u64 {
+        let ws = self.working_set.unwrap_or(self.ram / 4).min(self.ram);
+        (ws & !4095).max(4096)
+    }
+
     /// Whether the working directory (and the dumps in it) is kept.
     pub fn keep_dumps(&self) -> bool {
         self.keep.is_some()

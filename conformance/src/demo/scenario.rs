@@ -20,7 +20,7 @@ use super::procs::{find_binary, Peer};
 use super::session::{Session, Side};
 use super::summary::Stats;
 use super::Args;
-use crate::qemu::proxy::{Dir, Proxy};
+use crate::qemu::proxy::Proxy;
 
 /// What a completed run found.
 pub struct Outcome {
@@ -74,7 +74,7 @@ fn start_peers(args: &Args, dir: &Path) -> anyhow::Result<(Peer, Peer)> {
             "--seed".into(),
             args.seed.to_string(),
             "--workload".into(),
-            "random".into(),
+            format!("random,working-set={}", args.working_set()),
         ],
         dir.join("qmig-src.log"),
     )?;
@@ -94,10 +94,11 @@ pub fn run(args: &Args, dir: &Path) -> anyhow::Result<Outcome> {
     let out = Output::new(args.ram, !args.no_progress);
     let (mut src_proc, mut dst_proc) = start_peers(args, dir)?;
     out.line(format!(
-        "started qmig-src (pid {}) and qmig-dst (pid {}): {} MiB guest, seed {}, logs in {}",
+        "started qmig-src (pid {}) and qmig-dst (pid {}): {} MiB guest writing {} MiB of it, seed {}, logs in {}",
         src_proc.pid(),
         dst_proc.pid(),
         args.ram >> 20,
+        args.working_set() >> 20,
         args.seed,
         dir.display()
     ));
@@ -160,15 +161,22 @@ pub fn run(args: &Args, dir: &Path) -> anyhow::Result<Outcome> {
     loop {
         let pass = s.wait_pass()?;
         let info = s.query_migrate(Side::Src)?;
+        let sent = info
+            .pointer("/ram/transferred")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let rate = info
+            .pointer("/ram/dirty-pages-rate")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
         s.out.line(format!(
-            "source: precopy pass {pass}: {:.1} MiB sent, guest dirtying {} pages/s",
-            info.pointer("/ram/transferred")
-                .and_then(Value::as_u64)
-                .unwrap_or(0) as f64
-                / 1048576.0,
-            info.pointer("/ram/dirty-pages-rate")
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
+            "source: precopy pass {pass}: {:.1} MiB sent so far{}",
+            sent as f64 / 1048576.0,
+            if rate > 0 {
+                format!(", guest dirtying {rate} pages/s")
+            } else {
+                String::new()
+            }
         ));
         if pass >= args.precopy_passes {
             stats.precopy_passes = pass;
@@ -185,22 +193,25 @@ pub fn run(args: &Args, dir: &Path) -> anyhow::Result<Outcome> {
         "both sides: postcopy-active; the destination guest runs and faults on missing pages",
     );
 
-    // Some postcopy traffic and at least one fault before the cut.
+    // Some postcopy traffic and at least one destination fault before the cut.
     let (at_switch, _) = proxy.bytes_forwarded(0);
-    proxy
-        .wait_forwarded(0, Dir::SrcToDst, at_switch + (2 << 20), s.guard)
-        .context("waiting for postcopy traffic")?;
-    let info = s.poll_migrate(Side::Dst, "a destination page fault", |i| {
-        i.pointer("/x-qmig/faults")
-            .and_then(Value::as_u64)
-            .unwrap_or(0)
-            > 0
-    })?;
+    let info = s.poll_migrate(
+        Side::Dst,
+        "postcopy traffic and a destination page fault",
+        |i| {
+            i.pointer("/x-qmig/faults")
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+                > 0
+                && proxy.bytes_forwarded(0).0 >= at_switch + (2 << 20)
+        },
+    )?;
     s.out.line(format!(
-        "destination: {} page faults so far; cutting the link now",
+        "destination: {} page faults so far, {:.1} MiB sent in postcopy; cutting the link now",
         info.pointer("/x-qmig/faults")
             .and_then(Value::as_u64)
-            .unwrap_or(0)
+            .unwrap_or(0),
+        (proxy.bytes_forwarded(0).0 - at_switch) as f64 / 1048576.0
     ));
 
     let cut = Instant::now();
