@@ -376,8 +376,12 @@ impl Record {
         }
         put(&mut s, "rule", &self.rule);
         put(&mut s, "bytes_left", &self.bytes_left);
-        if let Some(r) = &self.partial_ram {
-            let _ = write!(s, " complete_records_of_cut_section:{}", r.text());
+        if let Some(r) = self
+            .partial_ram
+            .as_ref()
+            .filter(|r| **r != RamSummary::default())
+        {
+            let _ = write!(s, " cut_section_complete_records:{}", r.text());
         }
         if let Some(d) = &self.detail {
             let _ = write!(s, ": {d}");
