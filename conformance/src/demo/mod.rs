@@ -122,14 +122,21 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
             tmp.path().to_path_buf()
         }
     };
-    let outcome = scenario::run(args, &dir).map_err(|e| {
-        let logs = ["qmig-src.log", "qmig-dst.log"]
-            .iter()
-            .map(|l| tail(&dir.join(l), 15))
-            .collect::<Vec<_>>()
-            .join("\n");
-        e.context(format!("the demo failed; process logs:\n{logs}"))
-    })?;
+    let outcome = match scenario::run(args, &dir) {
+        Ok(o) => o,
+        Err(e) => {
+            // The processes' own account first, the demo's verdict last.
+            for l in ["qmig-src.log", "qmig-dst.log"] {
+                eprintln!("{}", tail(&dir.join(l), 15));
+            }
+            let keep = if args.keep.is_none() {
+                " (run with --keep DIR to keep the logs)"
+            } else {
+                ""
+            };
+            return Err(e.context(format!("qmig demo failed{keep}")));
+        }
+    };
     println!("statistics:");
     for l in outcome.stats.lines() {
         println!("{l}");

@@ -75,17 +75,9 @@ impl Peer {
     /// Fails when the process has already exited (with its status and the end of its log).
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(st) = self.child.try_wait()? {
-            bail!("{} exited early ({st}); {}", self.name, self.log_tail(20));
+            bail!("{} exited early ({st})", self.name);
         }
         Ok(())
-    }
-
-    /// The last `lines` lines of the process's log, for error messages.
-    pub fn log_tail(&self, lines: usize) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let all: Vec<&str> = text.lines().collect();
-        let tail = all[all.len().saturating_sub(lines)..].join("\n  ");
-        format!("last lines of {}:\n  {tail}", self.log.display())
     }
 
     /// The process id.
