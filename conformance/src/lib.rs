@@ -1,4 +1,5 @@
 //! qmig conformance library.
+pub mod bench;
 pub mod cli;
 pub mod demo;
 pub mod qemu;
