@@ -10,7 +10,11 @@ use qmig_conformance::cli;
 
 /// QEMU live-migration stream tool: inspect, extract, verify, diff.
 #[derive(Debug, Parser)]
-#[command(name = "qmig", version, about, long_about = None)]
+#[command(
+    name = "qmig",
+    version,
+    about = "QEMU live-migration streams: inspect, extract, verify, diff (see conformance/docs/)"
+)]
 struct Cli {
     /// More log output on stderr (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short = 'v', long = "verbose", action = clap::ArgAction::Count)]
@@ -30,6 +34,8 @@ enum Cmd {
     Verify(cli::verify::Args),
     /// Compare two streams section by section and field by field.
     Diff(cli::diff::Args),
+    /// Postcopy migration between qmig-src and qmig-dst surviving a network cut; memories compared.
+    Demo(qmig_conformance::demo::Args),
     /// Benchmark migrations end to end against QEMU and an ideal pipeline.
     Bench(qmig_conformance::bench::Args),
 }
@@ -46,6 +52,7 @@ fn init_logs(verbose: u8) {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }
 
@@ -57,11 +64,18 @@ fn main() {
         Cmd::Extract(a) => cli::extract::run(a),
         Cmd::Verify(a) => cli::verify::run(a),
         Cmd::Diff(a) => cli::diff::run(a),
+        Cmd::Demo(a) => qmig_conformance::demo::run(a),
         Cmd::Bench(a) => qmig_conformance::bench::run(a),
     };
     match res {
         Ok(code) => std::process::exit(code),
         Err(e) => {
+            let pipe = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe);
+            if pipe {
+                std::process::exit(0);
+            }
             eprintln!("qmig: {e:#}");
             std::process::exit(2);
         }
