@@ -317,6 +317,14 @@ impl Driver {
             Ok(()) => {
                 self.bucket.consume(n);
                 c.add_bytes(n as u64);
+                let phase = match self.src.status() {
+                    MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover => {
+                        &self.shared.postcopy_bytes
+                    }
+                    _ if self.stopped_at.is_some() => &self.shared.downtime_bytes,
+                    _ => &self.shared.precopy_bytes,
+                };
+                phase.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 self.iter_bytes += n as u64;
             }
             Err(e) => self.lost(format!("main channel write: {e}")),

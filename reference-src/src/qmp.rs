@@ -180,6 +180,9 @@ impl SourceQmp {
         let mut info = s.recorder.info(Instant::now(), status.clone(), ram);
         if let Some(r) = info.ram.as_mut() {
             r.dirty_pages_rate = Shared::get(&s.dirty_pages_rate);
+            r.precopy_bytes = Shared::get(&s.precopy_bytes);
+            r.downtime_bytes = Shared::get(&s.downtime_bytes);
+            r.postcopy_bytes = Shared::get(&s.postcopy_bytes);
         }
         let g = s.lock();
         info.error_desc = g.error.clone();

@@ -96,6 +96,12 @@ pub struct Shared {
     pub iterations: AtomicU64,
     /// Downtime of the completed precopy, ms.
     pub downtime_ms: AtomicU64,
+    /// Main-channel bytes sent while precopy ran with the guest running.
+    pub precopy_bytes: AtomicU64,
+    /// Main-channel bytes sent with the guest stopped before postcopy or completion.
+    pub downtime_bytes: AtomicU64,
+    /// Main-channel bytes sent in postcopy.
+    pub postcopy_bytes: AtomicU64,
 }
 
 impl Shared {
@@ -118,6 +124,9 @@ impl Shared {
             dirty_pages_rate: AtomicU64::new(0),
             iterations: AtomicU64::new(0),
             downtime_ms: AtomicU64::new(0),
+            precopy_bytes: AtomicU64::new(0),
+            downtime_bytes: AtomicU64::new(0),
+            postcopy_bytes: AtomicU64::new(0),
         }
     }
 

@@ -319,6 +319,17 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
     );
     assert_eq!(info["status"], "completed");
     assert_eq!(info["ram"]["remaining"], 0);
+    let phases: u64 = ["precopy-bytes", "downtime-bytes", "postcopy-bytes"]
+        .iter()
+        .map(|k| info["ram"][k].as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(phases), info["ram"]["transferred"].as_u64(), "{info}");
+    if postcopy {
+        assert!(
+            info["ram"]["postcopy-bytes"].as_u64().unwrap() > 0,
+            "{info}"
+        );
+    }
     assert!(info["x-qmig"]["dirty-tracking"].is_string(), "{info}");
     if requests_expected {
         assert!(
