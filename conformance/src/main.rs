@@ -38,6 +38,8 @@ enum Cmd {
     Demo(qmig_conformance::demo::Args),
     /// Benchmark migrations end to end against QEMU and an ideal pipeline.
     Bench(qmig_conformance::bench::Args),
+    /// Run the conformance suite: decode checks on vectors, replay against targets.
+    Conformance(qmig_conformance::runner::Args),
 }
 
 fn init_logs(verbose: u8) {
@@ -66,6 +68,7 @@ fn main() {
         Cmd::Diff(a) => cli::diff::run(a),
         Cmd::Demo(a) => qmig_conformance::demo::run(a),
         Cmd::Bench(a) => qmig_conformance::bench::run(a),
+        Cmd::Conformance(a) => qmig_conformance::runner::run(a),
     };
     match res {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,244 @@
+//! `qmig conformance`: the conformance runner.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`vector`] | finding and loading vectors (`manifest.json`, any directory) |
+//! | [`decode`] | decode checks with the protocol crate (captures and synthetic cases) |
+//! | [`shim`] | the shim contract: templates, placeholders, starting a target, exit code 89 |
+//! | [`replay_dst`] | replay of captured sources against a destination target |
+//! | [`skip`] | skip lists with a reason per entry |
+//! | [`report`] | results, text lines, JUnit and JSON |
+//!
+//! [`run_suite`] is the library entry (tests call it); [`run`] is the subcommand.
+
+pub mod decode;
+pub mod replay_dst;
+pub mod report;
+pub mod shim;
+pub mod skip;
+pub mod vector;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use crate::qemu::{find_qemu, QemuVersion};
+use replay_dst::{DstTarget, Verdict};
+use report::{CaseResult, Status};
+
+/// Arguments of `qmig conformance`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Args {
+    /// A directory of vectors (repeatable; searched recursively for manifest.json).
+    /// Default: the repository's conformance/vectors.
+    #[arg(long = "vectors", value_name = "DIR")]
+    pub vectors: Vec<PathBuf>,
+    /// Destination under test: `qmig` (qmig-dst next to this binary or on PATH; the default),
+    /// `qemu` (QEMU 7.2 or 10.0, matching each vector), `none` (no replay), or a command-line
+    /// template with placeholders (see conformance/README.md).
+    #[arg(long = "dst", value_name = "CMD")]
+    pub dst: Vec<String>,
+    /// Skip list: `PATTERN REASON` per line.
+    #[arg(long, value_name = "FILE")]
+    pub skip: Option<PathBuf>,
+    /// Write JUnit XML here.
+    #[arg(long, value_name = "FILE")]
+    pub junit: Option<PathBuf>,
+    /// Write JSON results here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Only cases whose name contains PATTERN (`*` globs allowed).
+    #[arg(long, value_name = "PATTERN")]
+    pub filter: Option<String>,
+    /// Write the synthetic vectors to DIR and exit.
+    #[arg(long, value_name = "DIR")]
+    pub generate: Option<PathBuf>,
+}
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// Vector directories.
+    pub vectors: Vec<PathBuf>,
+    /// Destination targets (empty: decode checks only).
+    pub dst: Vec<String>,
+    /// Skip entries.
+    pub skips: Vec<skip::Skip>,
+    /// Case-name filter.
+    pub filter: Option<String>,
+    /// Print each case line to stdout as it ends.
+    pub print: bool,
+}
+
+/// Directory of the running executable (where `qmig-dst` is looked for first).
+pub fn bin_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Finds a reference binary next to `qmig` (or `dir`), else on PATH.
+pub fn find_bin(name: &str, dir: &Path) -> Option<PathBuf> {
+    let mut dirs = vec![dir.to_path_buf()];
+    if dir.ends_with("deps") {
+        dirs.push(dir.parent()?.to_path_buf());
+    }
+    for d in dirs {
+        let p = d.join(name);
+        if p.is_file() {
+            return Some(p);
+        }
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Resolves a `--dst` value for vector QEMU version `ver`.
+fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
+    match spec {
+        "qemu" => {
+            let v = if ver == "7.2" { QemuVersion::V7_2 } else { QemuVersion::V10_0 };
+            match find_qemu(v) {
+                Ok(Some(b)) => Ok(DstTarget {
+                    label: "qemu".into(),
+                    template: shim::QEMU_DST_TEMPLATE.into(),
+                    extra: vec![("QEMU".into(), b.program.display().to_string())],
+                }),
+                Ok(None) => Err(format!("QEMU {ver} is not installed")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        "qmig" => match find_bin("qmig-dst", &bin_dir()) {
+            Some(p) => Ok(DstTarget {
+                label: "qmig".into(),
+                template: shim::QMIG_DST_TEMPLATE.into(),
+                extra: vec![(
+                    "BIN_DIR".into(),
+                    p.parent().unwrap_or(Path::new(".")).display().to_string(),
+                )],
+            }),
+            None => Err("qmig-dst not found next to qmig or on PATH".into()),
+        },
+        t => Ok(DstTarget {
+            label: "custom".into(),
+            template: t.into(),
+            extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
+        }),
+    }
+}
+
+fn selected(filter: &Option<String>, name: &str) -> bool {
+    match filter {
+        None => true,
+        Some(f) if f.contains('*') => skip::glob(f, name),
+        Some(f) => name.contains(f.as_str()),
+    }
+}
+
+fn push(out: &mut Vec<CaseResult>, opts: &Options, r: CaseResult) {
+    if opts.print {
+        println!("{}", report::line(&r));
+    }
+    out.push(r);
+}
+
+/// Runs every selected case.
+pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
+    let dirs = if opts.vectors.is_empty() {
+        vec![vector::default_dir()]
+    } else {
+        opts.vectors.clone()
+    };
+    let mut vectors = Vec::new();
+    for d in &dirs {
+        vectors.extend(vector::discover(d).with_context(|| format!("{}", d.display()))?);
+    }
+    let mut out = Vec::new();
+    for v in &vectors {
+        let name = format!("decode/{}", v.id);
+        if !selected(&opts.filter, &name) {
+            continue;
+        }
+        let t0 = Instant::now();
+        let status = match skip::reason(&opts.skips, &name) {
+            Some(r) => Status::Skip(r.to_string()),
+            None => match decode::check(v) {
+                Ok(m) => Status::Pass(m),
+                Err(m) => Status::Fail(m),
+            },
+        };
+        push(&mut out, opts, CaseResult { name, status, time: t0.elapsed() });
+    }
+    for spec in &opts.dst {
+        if spec == "none" {
+            continue;
+        }
+        for v in &vectors {
+            if v.replay_channels().is_empty() {
+                continue;
+            }
+            let label = match spec.as_str() {
+                "qemu" | "qmig" => spec.clone(),
+                _ => "custom".into(),
+            };
+            let name = format!("replay-dst[{label}]/{}", v.id);
+            if !selected(&opts.filter, &name) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let status = if let Some(r) = skip::reason(&opts.skips, &name) {
+                Status::Skip(r.to_string())
+            } else {
+                match dst_target(spec, v.qemu_version()) {
+                    Err(e) => Status::Fail(format!("no target: {e}")),
+                    Ok(t) => match replay_dst::replay(v, &t) {
+                        Verdict::Pass(m) => Status::Pass(m),
+                        Verdict::Fail(m) => Status::Fail(m),
+                        Verdict::Skip(m) => Status::Skip(m),
+                    },
+                }
+            };
+            push(&mut out, opts, CaseResult { name, status, time: t0.elapsed() });
+        }
+    }
+    Ok(out)
+}
+
+/// `qmig conformance`: prints one line per case and the summary; exit 0 when nothing failed.
+pub fn run(a: &Args) -> anyhow::Result<i32> {
+    if let Some(dir) = &a.generate {
+        let n = crate::synth::generate(dir)?;
+        println!("{n} files written to {}", dir.display());
+        return Ok(0);
+    }
+    let skips = match &a.skip {
+        Some(p) => skip::load(p)?,
+        None => Vec::new(),
+    };
+    let dst = if a.dst.is_empty() {
+        vec!["qmig".to_string()]
+    } else {
+        a.dst.clone()
+    };
+    let opts = Options {
+        vectors: a.vectors.clone(),
+        dst,
+        skips,
+        filter: a.filter.clone(),
+        print: true,
+    };
+    let results = run_suite(&opts)?;
+    if let Some(p) = &a.junit {
+        std::fs::write(p, report::junit("qmig-conformance", &results))?;
+    }
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_vec_pretty(&report::json("qmig-conformance", &results))?)?;
+    }
+    println!("{}", report::summary(&results));
+    Ok(if results.iter().any(CaseResult::failed) { 1 } else { 0 })
+}

@@ -1,0 +1,594 @@
+//! Replay against a destination: the runner plays the captured source byte for byte over TCP.
+//!
+//! Per vector: start the target (shim template), set `replay.destination_capabilities` and
+//! parameters over QMP, `migrate-incoming` (unless the template listens by itself), connect,
+//! write `feed_to_destination` while a reader thread collects the return path. A cut channel
+//! (`ends_mid_stream`) is then shut down (the cut); the target must reach `postcopy-paused`,
+//! accept `migrate-recover` on a new port, and take `resume-stream.bin` on a new connection.
+//! Checks: the return path per `return_path_rule` (`exact`, `postcopy`, `recovery`), the final
+//! status `completed`, and guest RAM read back with `pmemsave` against `final_ram`. A synthetic
+//! invalid vector must end the migration in `failed` instead.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::path::PathBuf;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use qmig_protocol::limits::Limits;
+use qmig_protocol::rp::RpDecoder;
+use serde_json::{json, Value};
+
+use super::shim::{self, free_port, scratch_dir, StartError, Target, Values};
+use super::vector::Vector;
+use crate::qemu::firmware::test_firmware;
+use crate::qemu::pattern::{hex, sha256_hex};
+
+/// Failure guard for one migration phase.
+const PHASE: Duration = Duration::from_secs(120);
+/// Target page size.
+const TPS: usize = 4096;
+
+/// What a destination target is.
+#[derive(Clone, Debug)]
+pub struct DstTarget {
+    /// Label in results (`qemu-7.2`, `qmig-dst`, or the template).
+    pub label: String,
+    /// The command-line template.
+    pub template: String,
+    /// Extra scalar placeholder values (`QEMU`, `BIN_DIR`).
+    pub extra: Vec<(String, String)>,
+}
+
+/// The result of one replay: `Ok(detail)`, `Err(Fail)` or `Err(Skip)`.
+pub enum Verdict {
+    /// Passed.
+    Pass(String),
+    /// Failed.
+    Fail(String),
+    /// Not applicable / unsupported.
+    Skip(String),
+}
+
+/// Why a vector cannot be replayed by this runner at all (`None`: it can).
+pub fn not_replayable(v: &Vector) -> Option<String> {
+    let chans = v.replay_channels();
+    if chans.is_empty() {
+        return Some("no replay section (not a main-channel vector)".into());
+    }
+    if chans
+        .iter()
+        .any(|c| c.get("multifd_connections_in_order").is_some())
+    {
+        return Some("multifd replay (extra connections) is not implemented by the runner".into());
+    }
+    if v.synthetic().is_none() && v.manifest["final_ram"]["sha256"].as_str().is_none() {
+        return Some("no final_ram".into());
+    }
+    None
+}
+
+fn caps_list(v: &Vector) -> Vec<String> {
+    v.manifest["replay"]["destination_capabilities"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, on)| on.as_bool() == Some(true) && k.as_str() != "events")
+                .map(|(k, _)| k.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The placeholder values for vector `v`.
+pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyhow::Result<Values> {
+    let m = &v.manifest["machine"];
+    let mut vals = Values::default();
+    let ram_bytes = m["ram_bytes"].as_u64().context("machine.ram_bytes")?;
+    vals.set("QMP", dir.join("qmp.sock").display().to_string());
+    vals.set("DIR", dir.display().to_string());
+    vals.set("RAM", format!("{}M", ram_bytes >> 20));
+    vals.set("RAM_BYTES", ram_bytes.to_string());
+    let machine = m["type"].as_str().unwrap_or("none");
+    vals.set("MACHINE", machine);
+    vals.set("BLOCKS", "");
+    vals.set(
+        "PROFILE",
+        if v.qemu_version() == "7.2" { "7.2" } else { "10" },
+    );
+    let caps = caps_list(v);
+    vals.set("CAPS", if caps.is_empty() { "events".to_string() } else { caps.join(",") });
+    vals.list(
+        "CPU",
+        match m["cpu"].as_str() {
+            Some(c) => vec!["-cpu".into(), c.into()],
+            None => vec![],
+        },
+    );
+    if machine == "microvm" {
+        let fw = dir.join("test-firmware.bin");
+        std::fs::write(&fw, test_firmware())?;
+        vals.list("BIOS", vec!["-bios".into(), fw.display().to_string()]);
+        // microvm is started with -S in the recordings.
+        vals.lists.get_mut("BIOS").expect("set").insert(0, "-S".into());
+    } else {
+        vals.list("BIOS", vec![]);
+    }
+    let vmdesc = if v.has("vmdesc.json") {
+        Some(v.dir.join("vmdesc.json"))
+    } else {
+        let s = v.read("stream.bin").ok();
+        match s.as_deref().and_then(crate::qemu::driver::vmdesc_of_stream) {
+            Some(j) => {
+                let p = dir.join("vmdesc.json");
+                std::fs::write(&p, j)?;
+                Some(p)
+            }
+            None => None,
+        }
+    };
+    vals.list(
+        "VMDESC",
+        vmdesc
+            .map(|p: PathBuf| vec!["--vmdesc".into(), p.display().to_string()])
+            .unwrap_or_default(),
+    );
+    for (k, x) in &target.extra {
+        vals.set(k, x.clone());
+    }
+    Ok(vals)
+}
+
+/// A connection to the target's migration port with a return-path reader thread.
+struct Conn {
+    sock: TcpStream,
+    reader: Option<JoinHandle<Vec<u8>>>,
+}
+
+impl Conn {
+    fn open(port: u16) -> anyhow::Result<Conn> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let sock = loop {
+            match TcpStream::connect(("127.0.0.1", port)) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => bail!("cannot connect to the target's migration port {port}: {e}"),
+            }
+        };
+        sock.set_nodelay(true)?;
+        let mut r = sock.try_clone()?;
+        r.set_read_timeout(Some(PHASE))?;
+        let reader = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let mut buf = [0u8; 65536];
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => out.extend_from_slice(&buf[..n]),
+                }
+            }
+            out
+        });
+        Ok(Conn {
+            sock,
+            reader: Some(reader),
+        })
+    }
+
+    /// Writes everything; a write error (the target closed) is reported, not fatal.
+    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+        self.sock
+            .write_all(bytes)
+            .err()
+            .map(|e| format!("write failed after the target closed: {e}"))
+    }
+
+    /// The cut: closes the sending side after the bytes written so far (the target sees the
+    /// channel end inside a record), then collects the return path until the target closes.
+    fn cut(mut self) -> Vec<u8> {
+        let _ = self.sock.shutdown(Shutdown::Write);
+        let out = self.reader.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let _ = self.sock.shutdown(Shutdown::Both);
+        out
+    }
+
+    /// Waits for the target to close, then returns the return path.
+    fn finish(mut self) -> Vec<u8> {
+        let out = self.reader.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
+        let _ = self.sock.shutdown(Shutdown::Both);
+        out
+    }
+}
+
+/// Return-path messages as (type, whole bytes).
+fn messages(v: &Vector, bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
+    let blocks: Vec<(String, u64)> = block_list(v);
+    let expect = |name: &[u8]| {
+        blocks
+            .iter()
+            .find(|(n, _)| n.as_bytes() == name)
+            .map(|(_, l)| qmig_protocol::bitmap::PageBitmap::wire_size(l / TPS as u64))
+    };
+    let mut d = RpDecoder::new(v.profile(), Limits::DEFAULT);
+    let mut pos = 0;
+    let mut out = Vec::new();
+    while pos < bytes.len() {
+        match d.decode(&bytes[pos..], &expect) {
+            Ok((m, n)) => {
+                out.push((m.ty().0, bytes[pos..pos + n].to_vec()));
+                pos += n;
+            }
+            Err(e) => {
+                return Err(format!(
+                    "return path from the target does not decode at {}: {e:?}",
+                    d.offset()
+                ))
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The vector's RAM blocks (name, bytes): the synthetic list, or main + `final_ram.other_blocks`.
+fn block_list(v: &Vector) -> Vec<(String, u64)> {
+    if let Some(s) = v.synthetic() {
+        return s["blocks"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|b| Some((b[0].as_str()?.to_string(), b[1].as_u64()?)))
+            .collect();
+    }
+    let fr = &v.manifest["final_ram"];
+    let mut out = vec![(
+        fr["block"]
+            .as_str()
+            .or(v.manifest["machine"]["ram_block"].as_str())
+            .unwrap_or("ram")
+            .to_string(),
+        fr["bytes"].as_u64().unwrap_or(0),
+    )];
+    for o in fr["other_blocks"].as_array().into_iter().flatten() {
+        if let (Some(n), Some(b)) = (o["block"].as_str(), o["bytes"].as_u64()) {
+            out.push((n.to_string(), b));
+        }
+    }
+    out
+}
+
+fn is_req(t: u16) -> bool {
+    t == 3 || t == 4
+}
+
+/// Compares a return path under `rule`.
+pub fn compare_rp(
+    v: &Vector,
+    rule: &str,
+    got: &[u8],
+    want: &[u8],
+) -> Result<(), String> {
+    if rule == "exact" {
+        if got == want {
+            return Ok(());
+        }
+        return Err(format!(
+            "return path differs (rule exact): got {} bytes {}, want {} bytes {}",
+            got.len(),
+            short_hex(got),
+            want.len(),
+            short_hex(want)
+        ));
+    }
+    let g = messages(v, got)?;
+    let w = messages(v, want).map_err(|e| format!("vector's own return path: {e}"))?;
+    let norm = |m: &[(u16, Vec<u8>)], keep_bitmaps: bool| {
+        let mut out: Vec<Vec<u8>> = m
+            .iter()
+            .filter(|(t, _)| !is_req(*t) && (keep_bitmaps || *t != 5))
+            .map(|(_, b)| b.clone())
+            .collect();
+        let p3 = vec![0u8, 2, 0, 4, 0, 0, 0, 3];
+        let p4 = vec![0u8, 2, 0, 4, 0, 0, 0, 4];
+        for i in 0..out.len().saturating_sub(1) {
+            if out[i] == p4 && out[i + 1] == p3 {
+                out.swap(i, i + 1);
+            }
+        }
+        out
+    };
+    if rule == "recovery" {
+        // RECV_BITMAPs first, byte for byte, in order.
+        let gb: Vec<&Vec<u8>> = g.iter().take_while(|(t, _)| *t == 5).map(|(_, b)| b).collect();
+        let wb: Vec<&Vec<u8>> = w.iter().take_while(|(t, _)| *t == 5).map(|(_, b)| b).collect();
+        if gb != wb {
+            let i = gb.iter().zip(&wb).position(|(a, b)| a != b);
+            let detail = match i {
+                Some(i) => {
+                    let (a, b) = (gb[i], wb[i]);
+                    let at = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(0);
+                    format!(
+                        "RECV_BITMAP #{i} differs from byte {at} of the message: got {} want {}",
+                        short_hex(&a[at..]),
+                        short_hex(&b[at..])
+                    )
+                }
+                None => format!("{} RECV_BITMAP messages, want {}", gb.len(), wb.len()),
+            };
+            return Err(format!("recovery return path: {detail}"));
+        }
+    }
+    let (gn, wn) = (norm(&g, rule != "recovery"), norm(&w, rule != "recovery"));
+    if gn != wn {
+        let show = |m: &[Vec<u8>]| m.iter().map(|b| hex(b)).collect::<Vec<_>>().join(" ");
+        return Err(format!(
+            "return path (rule {rule}, page requests ignored): got [{}], want [{}]",
+            show(&gn),
+            show(&wn)
+        ));
+    }
+    if g.last().map(|(t, b)| (*t, b.as_slice())) != Some((1, &[0u8, 1, 0, 4, 0, 0, 0, 0][..])) {
+        return Err("the return path does not end with SHUT(0)".into());
+    }
+    Ok(())
+}
+
+fn short_hex(b: &[u8]) -> String {
+    if b.len() <= 48 {
+        hex(b)
+    } else {
+        format!("{}…", hex(&b[..48]))
+    }
+}
+
+fn status_of(t: &mut Target) -> String {
+    t.qmp
+        .migration_status()
+        .unwrap_or_else(|e| format!("(query-migrate failed: {e})"))
+}
+
+fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
+    if status_of(t) == want {
+        return Ok(());
+    }
+    // MIGRATION events (the `events` capability is on); the timeout only guards against hangs.
+    t.qmp.wait_status(want, PHASE).map_err(|e| {
+        anyhow!("waiting for {want}: {e} (status now {})", status_of(t))
+    })?;
+    Ok(())
+}
+
+/// Waits for the migration to end (`failed`, `completed`, `postcopy-paused`, or the target
+/// gone); returns the last status seen.
+fn wait_end(t: &mut Target) -> String {
+    let ended = |s: &str| matches!(s, "failed" | "completed" | "postcopy-paused");
+    let s = status_of(t);
+    if ended(&s) || s.starts_with("(query-migrate failed") {
+        return s;
+    }
+    let _ = t.qmp.wait_event(
+        "MIGRATION",
+        |d| d["status"].as_str().is_some_and(ended),
+        PHASE,
+    );
+    status_of(t)
+}
+
+/// Replays `v` against `target`.
+pub fn replay(v: &Vector, target: &DstTarget) -> Verdict {
+    match replay_inner(v, target) {
+        Ok(v) => v,
+        Err(e) => Verdict::Fail(format!("{e:#}")),
+    }
+}
+
+fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
+    if let Some(why) = not_replayable(v) {
+        return Ok(Verdict::Skip(why));
+    }
+    let dir = scratch_dir("dst")?;
+    let result = (|| -> anyhow::Result<Verdict> {
+        let mut vals = values_for(v, &dir, target)?;
+        let port = free_port()?;
+        let uses_listen = target.template.contains("{LISTEN}");
+        vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
+        vals.set("CONNECT", format!("tcp:127.0.0.1:{port}"));
+        let argv = shim::expand(&target.template, &vals)?;
+        let mut t = match Target::start(argv, &dir, &dir.join("qmp.sock")) {
+            Ok(t) => t,
+            Err(StartError::Unsupported(m)) => {
+                return Ok(Verdict::Skip(format!("target reports unsupported (exit 89): {m}")))
+            }
+            Err(StartError::Failed(e)) => return Err(e),
+        };
+        let r = drive(v, &mut t, port, uses_listen);
+        match r {
+            Err(e) => {
+                if t.exit_code() == Some(shim::EXIT_UNSUPPORTED) {
+                    return Ok(Verdict::Skip(format!(
+                        "target reports unsupported (exit 89): {}",
+                        t.log_tail()
+                    )));
+                }
+                Err(e.context(format!("target log: {}", t.log_tail())))
+            }
+            ok => ok,
+        }
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn drive(v: &Vector, t: &mut Target, port: u16, uses_listen: bool) -> anyhow::Result<Verdict> {
+    let mut caps: Vec<Value> = vec![json!({"capability": "events", "state": true})];
+    for c in caps_list(v) {
+        caps.push(json!({"capability": c, "state": true}));
+    }
+    t.qmp
+        .execute("migrate-set-capabilities", json!({"capabilities": caps}))
+        .context("migrate-set-capabilities")?;
+    if let Some(p) = v.manifest["replay"]["destination_parameters"].as_object() {
+        if !p.is_empty() {
+            t.qmp
+                .execute("migrate-set-parameters", Value::Object(p.clone()))
+                .context("migrate-set-parameters")?;
+        }
+    }
+    if !uses_listen {
+        t.qmp
+            .execute(
+                "migrate-incoming",
+                json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+            )
+            .context("migrate-incoming")?;
+    }
+    let chans = v.replay_channels().to_vec();
+    let invalid = v.synthetic().is_some_and(|s| s["class"] == "invalid");
+    let mut notes = Vec::new();
+    let mut port = port;
+    for (i, ch) in chans.iter().enumerate() {
+        let feed = ch["feed_to_destination"].as_str().context("feed_to_destination")?;
+        let bytes = v.read(feed)?;
+        if i > 0 {
+            // Recovery: the target must be paused; migrate-recover on a new port.
+            wait_status(t, "postcopy-paused").context("before recovery")?;
+            port = free_port()?;
+            t.qmp
+                .execute(
+                    "migrate-recover",
+                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+                )
+                .context("migrate-recover")?;
+        }
+        let mut conn = Conn::open(port)?;
+        if let Some(w) = conn.feed(&bytes) {
+            if !invalid {
+                notes.push(w);
+            }
+        }
+        let cut = ch["ends_mid_stream"].as_bool() == Some(true);
+        let rp = if cut {
+            let rp = conn.cut();
+            wait_status(t, "postcopy-paused").context("after the cut")?;
+            rp
+        } else if invalid {
+            // End the channel after the bytes (a target waiting for more sees EOF), then the
+            // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
+            // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
+            let rp = conn.cut();
+            let s = wait_end(t);
+            let exit = if s.starts_with("(query-migrate failed") {
+                t.wait_exit(Duration::from_secs(10))
+            } else {
+                t.exit_code()
+            };
+            let why = match (s.as_str(), exit) {
+                ("failed", _) => Some("migration failed".to_string()),
+                ("postcopy-paused", _) => Some("postcopy paused (error after POSTCOPY_RUN)".to_string()),
+                (_, Some(c)) if c != 0 => Some(format!("target exited with code {c}")),
+                _ => None,
+            };
+            return Ok(match why {
+                Some(why) => Verdict::Pass(format!(
+                    "rejected: {why} ({} return-path bytes)",
+                    rp.len()
+                )),
+                None => Verdict::Fail(format!(
+                    "invalid stream accepted: target status {s} (expected a failed migration; {})",
+                    v.synthetic().map(|s| s["expected"].to_string()).unwrap_or_default()
+                )),
+            });
+        } else {
+            conn.finish()
+        };
+        if let (Some(want), Some(rule)) = (
+            ch["expected_return_path"].as_str(),
+            ch["return_path_rule"].as_str(),
+        ) {
+            let want = v.read(want)?;
+            let rule = if cut { "postcopy-cut" } else { rule };
+            match rule {
+                "postcopy-cut" => {
+                    // The first connection of a recovery vector: PONGs as captured (a prefix,
+                    // page requests aside), no SHUT.
+                    let g = messages(v, &rp).map_err(|e| anyhow!(e))?;
+                    let w = messages(v, &want).map_err(|e| anyhow!("vector: {e}"))?;
+                    let pongs = |m: &[(u16, Vec<u8>)]| {
+                        let mut p: Vec<Vec<u8>> =
+                            m.iter().filter(|(t, _)| *t == 2).map(|(_, b)| b.clone()).collect();
+                        p.sort();
+                        p
+                    };
+                    if pongs(&g) != pongs(&w) {
+                        return Ok(Verdict::Fail(format!(
+                            "first connection: PONGs {:?} differ from the capture's {:?}",
+                            pongs(&g).iter().map(|b| hex(b)).collect::<Vec<_>>(),
+                            pongs(&w).iter().map(|b| hex(b)).collect::<Vec<_>>()
+                        )));
+                    }
+                }
+                rule => {
+                    if let Err(e) = compare_rp(v, rule, &rp, &want) {
+                        return Ok(Verdict::Fail(format!("{}: {e}", ch["label"].as_str().unwrap_or("?"))));
+                    }
+                }
+            }
+        }
+    }
+    wait_status(t, "completed").context("at the end")?;
+    // Final RAM.
+    let fr = &v.manifest["final_ram"];
+    let bytes = fr["bytes"].as_u64().context("final_ram.bytes")?;
+    let base = v.manifest["machine"]["ram_guest_physical_base"].as_u64().unwrap_or(0);
+    let file = t.dir.join("pmemsave.bin");
+    t.qmp
+        .execute(
+            "pmemsave",
+            json!({"val": base, "size": bytes, "filename": file.display().to_string()}),
+        )
+        .context("pmemsave")?;
+    let ram = std::fs::read(&file).context("pmemsave output")?;
+    let _ = std::fs::remove_file(&file);
+    if ram.len() as u64 != bytes {
+        bail!("pmemsave wrote {} of {bytes} bytes", ram.len());
+    }
+    let microvm = v.manifest["machine"]["type"] == "microvm";
+    let sha = sha256_hex(&ram);
+    if sha != fr["sha256"].as_str().unwrap_or("") {
+        // Page by page (microvm: pages 192-255 are the firmware mapping, not the RAM block).
+        let zero = fr["zero_page_sha256"].as_str().unwrap_or("");
+        let nonzero: std::collections::BTreeMap<u64, String> = fr["nonzero_pages"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| Some((p[0].as_u64()?, p[1].as_str()?.to_string())))
+            .collect();
+        for (i, pg) in ram.chunks(TPS).enumerate() {
+            let i = i as u64;
+            if microvm && (192..256).contains(&i) {
+                continue;
+            }
+            let want = nonzero.get(&i).map(String::as_str).unwrap_or(zero);
+            if sha256_hex(pg) != want {
+                return Ok(Verdict::Fail(format!(
+                    "final RAM: page {i} differs (sha256 {} want {want})",
+                    sha256_hex(pg)
+                )));
+            }
+        }
+        notes.push("RAM equal page by page (microvm: firmware window 192-255 not compared)".into());
+    }
+    let mut s = format!(
+        "{} channel(s) replayed, return path per rule, completed, final RAM ({} MiB) equal",
+        chans.len(),
+        bytes >> 20
+    );
+    for n in notes {
+        s.push_str("; ");
+        s.push_str(&n);
+    }
+    Ok(Verdict::Pass(s))
+}

@@ -1,0 +1,237 @@
+//! The shim contract: how the runner starts an implementation under test.
+//!
+//! A target is a command-line template. The runner splits it into words (whitespace; single or
+//! double quotes group), then replaces placeholders inside each word. A word that is exactly a
+//! list placeholder (`{CPU}`, `{BIOS}`, `{VMDESC}`) expands to zero or more words.
+//!
+//! | placeholder | value |
+//! |---|---|
+//! | `{QMP}` | path of the unix socket the target must serve QMP on (server side) |
+//! | `{LISTEN}` | `tcp:127.0.0.1:PORT`: if the template uses it the target listens there from the start; otherwise the runner sends `migrate-incoming` with that URI |
+//! | `{CONNECT}` | `tcp:127.0.0.1:PORT` where the runner (playing the destination) listens; sources get it in `migrate` too |
+//! | `{RAM}` | main RAM block size, QEMU syntax (`64M`) |
+//! | `{RAM_BYTES}` | the same in bytes |
+//! | `{MACHINE}` | `none` or `microvm` |
+//! | `{BLOCKS}` | extra RAM blocks `NAME:BYTES,...` beyond the machine's own (usually empty) |
+//! | `{PROFILE}` | `7.2` or `10` |
+//! | `{CAPS}` | capabilities the vector needs, comma-separated (`postcopy-ram,return-path`) |
+//! | `{CPU}` | list: `-cpu MODEL` when the vector's machine had a CPU, else nothing |
+//! | `{BIOS}` | list: `-bios FILE` (the generated test firmware) on microvm, else nothing |
+//! | `{VMDESC}` | list: `--vmdesc FILE` when the vector has a VM description, else nothing |
+//! | `{DIR}` | a private scratch directory |
+//!
+//! Exit code [`EXIT_UNSUPPORTED`] (89) from the target at any point means "this case is not
+//! supported": the case is skipped, not failed.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use qmig_host::qmp_client::QmpClient;
+
+/// Exit status meaning "unsupported case".
+pub const EXIT_UNSUPPORTED: i32 = 89;
+
+/// The QEMU 7.2 destination template (proves the contract: QEMU itself is a valid target).
+pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} -nodefaults -nographic -display none {BIOS} -incoming defer -qmp unix:{QMP},server=on,wait=off";
+
+/// The qmig-dst destination template.
+pub const QMIG_DST_TEMPLATE: &str =
+    "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} -M {MACHINE} --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
+
+/// Values for one target start.
+#[derive(Clone, Debug, Default)]
+pub struct Values {
+    /// Scalar placeholders (`QMP`, `RAM`, ...), without braces.
+    pub scalars: BTreeMap<String, String>,
+    /// List placeholders (`CPU`, `BIOS`, `VMDESC`).
+    pub lists: BTreeMap<String, Vec<String>>,
+}
+
+impl Values {
+    /// Sets a scalar.
+    pub fn set(&mut self, k: &str, v: impl Into<String>) {
+        self.scalars.insert(k.into(), v.into());
+    }
+    /// Sets a list.
+    pub fn list(&mut self, k: &str, v: Vec<String>) {
+        self.lists.insert(k.into(), v);
+    }
+}
+
+/// Splits a template into words (whitespace, quotes group).
+pub fn split(template: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quote: Option<char> = None;
+    let mut any = false;
+    for c in template.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => quote = None,
+            (Some(_), c) => cur.push(c),
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                any = true;
+            }
+            (None, c) if c.is_whitespace() => {
+                if any || !cur.is_empty() {
+                    out.push(std::mem::take(&mut cur));
+                }
+                any = false;
+            }
+            (None, c) => cur.push(c),
+        }
+    }
+    if any || !cur.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
+/// Expands a template into argv.
+pub fn expand(template: &str, vals: &Values) -> anyhow::Result<Vec<String>> {
+    let mut argv = Vec::new();
+    for w in split(template) {
+        if let Some(k) = w.strip_prefix('{').and_then(|x| x.strip_suffix('}')) {
+            if let Some(l) = vals.lists.get(k) {
+                argv.extend(l.iter().cloned());
+                continue;
+            }
+        }
+        let mut s = w.clone();
+        for (k, v) in &vals.scalars {
+            s = s.replace(&format!("{{{k}}}"), v);
+        }
+        if let Some(i) = s.find('{') {
+            if let Some(j) = s[i..].find('}') {
+                bail!("unknown placeholder {} in `{template}`", &s[i..i + j + 1]);
+            }
+        }
+        argv.push(s);
+    }
+    if argv.is_empty() {
+        bail!("empty target template");
+    }
+    Ok(argv)
+}
+
+/// A running target; killed on drop.
+pub struct Target {
+    child: Child,
+    /// Its private directory (QMP socket, log).
+    pub dir: PathBuf,
+    /// The QMP session.
+    pub qmp: QmpClient,
+    /// The argv it runs.
+    pub argv: Vec<String>,
+}
+
+/// Why a target could not be used.
+#[derive(Debug)]
+pub enum StartError {
+    /// It exited with [`EXIT_UNSUPPORTED`].
+    Unsupported(String),
+    /// Anything else.
+    Failed(anyhow::Error),
+}
+
+impl Target {
+    /// Starts `argv` in `dir` (which holds the `{QMP}` socket) and connects to QMP.
+    pub fn start(argv: Vec<String>, dir: &Path, qmp_path: &Path) -> Result<Target, StartError> {
+        let log = File::create(dir.join("target.log"))
+            .and_then(|f| Ok((f.try_clone()?, f)))
+            .map_err(|e| StartError::Failed(e.into()));
+        let (out, err) = log?;
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {}", argv[0]))
+            .map_err(StartError::Failed)?;
+        match QmpClient::connect_retry(qmp_path, Duration::from_secs(30)) {
+            Ok(qmp) => Ok(Target {
+                child,
+                dir: dir.to_path_buf(),
+                qmp,
+                argv,
+            }),
+            Err(e) => {
+                let status = child.try_wait().ok().flatten();
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(dir.join("target.log")).unwrap_or_default();
+                if status.and_then(|s| s.code()) == Some(EXIT_UNSUPPORTED) {
+                    return Err(StartError::Unsupported(log.trim().to_string()));
+                }
+                Err(StartError::Failed(anyhow::anyhow!(
+                    "no QMP on {}: {e}; exit {status:?}; log: {}",
+                    qmp_path.display(),
+                    log.trim()
+                )))
+            }
+        }
+    }
+
+    /// The exit code, if the target has exited.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
+    /// Waits (at most `guard`) for the process to exit after its QMP socket closed; its code.
+    pub fn wait_exit(&mut self, guard: Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + guard;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return st.code().or(Some(128));
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The target's console output so far (last 2000 bytes).
+    pub fn log_tail(&self) -> String {
+        let s = std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default();
+        let n = s.len();
+        let mut i = n.saturating_sub(2000);
+        while !s.is_char_boundary(i) {
+            i += 1;
+        }
+        s[i..].trim().to_string()
+    }
+}
+
+impl Drop for Target {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A fresh private directory under the system temp dir.
+pub fn scratch_dir(tag: &str) -> anyhow::Result<PathBuf> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    let d = std::env::temp_dir().join(format!(
+        "qmig-conf-{tag}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d)?;
+    Ok(d)
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.port())
+}

@@ -1,0 +1,342 @@
+//! The three synthetic base channels every case starts from: a precopy main channel, a postcopy
+//! main channel (ADVISE, DISCARD, PACKAGED with LISTEN/RUN), and a return path; all for machine
+//! `none` with one RAM block `ram` of [`RAM_BYTES`]. Commands and return-path messages are
+//! encoded with the protocol crate's encoders; sections and RAM records byte by byte (their
+//! fields are what the cases patch).
+
+use super::build::{be32, be64, cat, Parts};
+use crate::qemu::pattern::random_page;
+use qmig_protocol::bitmap::PageBitmap;
+use qmig_protocol::codes::{RamFlags, RECV_BITMAP_END_MARK};
+use qmig_protocol::command::{Advise, Command, Discard};
+use qmig_protocol::rp::RpMessage;
+
+/// Guest RAM of every synthetic vector (block `ram`, 1 MiB: QEMU's `-m 1M` works for replay).
+pub const RAM_BYTES: u64 = 1 << 20;
+/// Target page size.
+pub const TPS: u64 = 4096;
+/// Section id of `ram`.
+pub const RAM_ID: u32 = 2;
+/// Section id of `globalstate`.
+pub const GS_ID: u32 = 4;
+/// Page content seed.
+pub const SEED: u64 = 0x5171;
+/// Fill byte of page 4.
+pub const FILL4: u8 = 0x5a;
+
+/// Encodes a command (type byte included).
+pub fn cmd(c: Command<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    c.encode(&mut v);
+    v
+}
+
+/// Encodes a return-path message.
+pub fn rp(m: RpMessage<'_>) -> Vec<u8> {
+    let mut v = Vec::new();
+    m.encode(&mut v);
+    v
+}
+
+/// A section header START/FULL: type, be32 id, counted idstr, be32 instance, be32 version.
+pub fn sec_start(ty: u8, id: u32, idstr: &str, version: u32) -> Vec<u8> {
+    cat(&[
+        &[ty],
+        &be32(id),
+        &[idstr.len() as u8],
+        idstr.as_bytes(),
+        &be32(0),
+        &be32(version),
+    ])
+}
+
+/// A section header PART/END.
+pub fn sec_part(ty: u8, id: u32) -> Vec<u8> {
+    cat(&[&[ty], &be32(id)])
+}
+
+/// A section footer.
+pub fn footer(id: u32) -> Vec<u8> {
+    cat(&[&[0x7e], &be32(id)])
+}
+
+/// A RAM header word.
+pub fn word(addr: u64, flags: RamFlags) -> Vec<u8> {
+    be64(addr | flags.0).to_vec()
+}
+
+/// A RAM record naming its block: word, counted name.
+pub fn named(addr: u64, flags: RamFlags, name: &str) -> Vec<u8> {
+    cat(&[&word(addr, flags), &[name.len() as u8], name.as_bytes()])
+}
+
+/// The MEM_SIZE record of the block list `[("ram", RAM_BYTES)]`.
+pub fn memsize() -> Vec<u8> {
+    cat(&[&word(RAM_BYTES, RamFlags::MEM_SIZE), &[3], b"ram", &be64(RAM_BYTES)])
+}
+
+/// The `globalstate` payload (be32 size 8, "running", zero padding to 104 bytes).
+pub fn globalstate() -> Vec<u8> {
+    let mut p = vec![0u8; 104];
+    p[..4].copy_from_slice(&be32(8));
+    p[4..11].copy_from_slice(b"running");
+    p
+}
+
+/// Page 0's content.
+pub fn page0() -> Vec<u8> {
+    random_page(SEED, 0, 0)
+}
+
+/// Page 2's content (postcopy: sent after the switch).
+pub fn page2() -> Vec<u8> {
+    random_page(SEED, 2, 0)
+}
+
+fn header_and_config(p: &mut Parts) {
+    p.push("header", cat(&[b"QEVM", &be32(3)]));
+    p.push("config", cat(&[&[0x07], &be32(4), b"none"]));
+}
+
+fn ram_start(p: &mut Parts) {
+    p.push("ram_start", sec_start(0x01, RAM_ID, "ram", 4));
+    p.push("memsize", memsize());
+    p.push("start_eos", word(0, RamFlags::EOS));
+    p.push("start_footer", footer(RAM_ID));
+}
+
+fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
+    if ten {
+        p.push("switchover", cmd(Command::SwitchoverStart));
+    }
+    p.push("end_hdr", sec_part(0x03, RAM_ID));
+    p.push("end_eos", word(0, RamFlags::EOS));
+    p.push("end_footer", footer(RAM_ID));
+    if devices {
+        p.push("gs_hdr", sec_start(0x04, GS_ID, "globalstate", 1));
+        p.push("gs_payload", globalstate());
+        p.push("gs_footer", footer(GS_ID));
+    }
+    p.push("eof", vec![0x00]);
+    if devices {
+        p.push("vmdesc", vmdesc());
+    }
+}
+
+/// The VM description a precopy stream ends with (`0x06`, be32 length, JSON): as QEMU does,
+/// and it lets the footer scan decide the last device section.
+pub fn vmdesc() -> Vec<u8> {
+    let j = br#"{"page_size":4096,"devices":[]}"#;
+    cat(&[&[0x06], &be32(j.len() as u32), j])
+}
+
+/// The precopy main channel: header, configuration, OPEN_RETURN_PATH, PING(1), `ram` START
+/// (MEM_SIZE, EOS), PART (page 0 as PAGE naming `ram`, pages 1-3 as ZERO|CONTINUE, page 4 as
+/// PAGE|CONTINUE filled with [`FILL4`], EOS), [SWITCHOVER_START on 10.x], END (EOS),
+/// `globalstate` FULL, EOF, VM description.
+pub fn precopy(ten: bool) -> Parts {
+    let mut p = Parts::default();
+    header_and_config(&mut p);
+    p.push("open_rp", cmd(Command::OpenReturnPath));
+    p.push("ping1", cmd(Command::Ping(1)));
+    ram_start(&mut p);
+    p.push("part_hdr", sec_part(0x02, RAM_ID));
+    p.push("page0", cat(&[&named(0, RamFlags::PAGE, "ram"), &page0()]));
+    for (name, pg) in [("zero1", 1u64), ("zero2", 2), ("zero3", 3)] {
+        p.push(
+            name,
+            cat(&[
+                &word(pg * TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)),
+                &[0],
+            ]),
+        );
+    }
+    p.push(
+        "page4",
+        cat(&[
+            &word(4 * TPS, RamFlags::PAGE.with(RamFlags::CONTINUE)),
+            &vec![FILL4; TPS as usize],
+        ]),
+    );
+    p.push("part_eos", word(0, RamFlags::EOS));
+    p.push("part_footer", footer(RAM_ID));
+    ram_tail_and_devices(&mut p, ten, true);
+    p
+}
+
+/// The return path a destination writes for [`precopy`]: PONG(1), SHUT(0).
+pub fn precopy_rp() -> Vec<u8> {
+    cat(&[&rp(RpMessage::Pong(1)), &rp(RpMessage::Shut(0))])
+}
+
+/// The final `ram` block of [`precopy`] (and [`postcopy`]).
+pub fn final_ram(postcopy: bool) -> Vec<u8> {
+    let mut ram = vec![0u8; RAM_BYTES as usize];
+    ram[..TPS as usize].copy_from_slice(&page0());
+    ram[4 * TPS as usize..5 * TPS as usize].fill(FILL4);
+    if postcopy {
+        ram[2 * TPS as usize..3 * TPS as usize].copy_from_slice(&page2());
+    }
+    ram
+}
+
+/// The postcopy main channel: header, configuration, OPEN_RETURN_PATH, PING(1),
+/// POSTCOPY_ADVISE(4096, 4096), `ram` START, PART (page 0, zero pages 1-3, page 4, EOS),
+/// [SWITCHOVER_START], POSTCOPY_RAM_DISCARD(`ram`, [2 pages from page 2]), PING(2),
+/// PACKAGED(LISTEN, `globalstate` FULL, PING(3), RUN), PING(4), PART (page 2 as PAGE|CONTINUE,
+/// page 3 as ZERO|CONTINUE, EOS), END, EOF.
+pub fn postcopy(ten: bool) -> Parts {
+    let mut p = Parts::default();
+    header_and_config(&mut p);
+    p.push("open_rp", cmd(Command::OpenReturnPath));
+    p.push("ping1", cmd(Command::Ping(1)));
+    p.push(
+        "advise",
+        cmd(Command::PostcopyAdvise(Some(Advise {
+            ram_pagesize_summary: TPS,
+            target_page_size: TPS,
+        }))),
+    );
+    ram_start(&mut p);
+    p.push("part_hdr", sec_part(0x02, RAM_ID));
+    p.push("page0", cat(&[&named(0, RamFlags::PAGE, "ram"), &page0()]));
+    for (name, pg) in [("zero1", 1u64), ("zero2", 2), ("zero3", 3)] {
+        p.push(
+            name,
+            cat(&[
+                &word(pg * TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)),
+                &[0],
+            ]),
+        );
+    }
+    p.push(
+        "page4",
+        cat(&[
+            &word(4 * TPS, RamFlags::PAGE.with(RamFlags::CONTINUE)),
+            &vec![FILL4; TPS as usize],
+        ]),
+    );
+    p.push("part_eos", word(0, RamFlags::EOS));
+    p.push("part_footer", footer(RAM_ID));
+    if ten {
+        p.push("switchover", cmd(Command::SwitchoverStart));
+    }
+    let ranges = cat(&[&be64(2 * TPS), &be64(2 * TPS)]);
+    p.push(
+        "discard",
+        cmd(Command::RamDiscard(
+            Discard::new(b"ram", &ranges).expect("16-byte ranges"),
+        )),
+    );
+    p.push("ping2", cmd(Command::Ping(2)));
+    let blob = postcopy_package();
+    p.push(
+        "packaged",
+        cmd(Command::Packaged {
+            len: blob.len() as u32,
+        }),
+    );
+    p.push("pkg_listen", cmd(Command::PostcopyListen));
+    p.push("pkg_gs_hdr", sec_start(0x04, GS_ID, "globalstate", 1));
+    p.push("pkg_gs_payload", globalstate());
+    p.push("pkg_gs_footer", footer(GS_ID));
+    p.push("pkg_ping3", cmd(Command::Ping(3)));
+    p.push("pkg_run", cmd(Command::PostcopyRun));
+    p.push("ping4", cmd(Command::Ping(4)));
+    p.push("pc_part_hdr", sec_part(0x02, RAM_ID));
+    p.push(
+        "pc_page2",
+        cat(&[
+            &word(2 * TPS, RamFlags::PAGE.with(RamFlags::CONTINUE)),
+            &page2(),
+        ]),
+    );
+    p.push(
+        "pc_zero3",
+        cat(&[
+            &word(3 * TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)),
+            &[0],
+        ]),
+    );
+    p.push("pc_part_eos", word(0, RamFlags::EOS));
+    p.push("pc_part_footer", footer(RAM_ID));
+    ram_tail_and_devices(&mut p, false, false);
+    p
+}
+
+/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument).
+fn postcopy_package() -> Vec<u8> {
+    cat(&[
+        &cmd(Command::PostcopyListen),
+        &sec_start(0x04, GS_ID, "globalstate", 1),
+        &globalstate(),
+        &footer(GS_ID),
+        &cmd(Command::Ping(3)),
+        &cmd(Command::PostcopyRun),
+    ])
+}
+
+/// Recomputes the PACKAGED length after a case changed a `pkg_*` part.
+pub fn fix_package_len(p: &mut Parts) {
+    let len: u64 = p
+        .parts
+        .iter()
+        .filter(|x| x.name.starts_with("pkg_"))
+        .map(|x| x.bytes.len() as u64)
+        .sum();
+    p.set("packaged", cmd(Command::Packaged { len: len as u32 }));
+}
+
+/// The return path of [`postcopy`]: PONG 1, 2, 3, 4, SHUT(0).
+pub fn postcopy_rp() -> Vec<u8> {
+    cat(&[
+        &rp(RpMessage::Pong(1)),
+        &rp(RpMessage::Pong(2)),
+        &rp(RpMessage::Pong(3)),
+        &rp(RpMessage::Pong(4)),
+        &rp(RpMessage::Shut(0)),
+    ])
+}
+
+/// A return path exercising every message a 7.2 source accepts: PONG(1), REQ_PAGES_ID(page 5,
+/// `ram`), REQ_PAGES(page 6), RECV_BITMAP(`ram`, pages 0-4 received), RESUME_ACK(1), SHUT(0).
+pub fn rp_channel() -> Parts {
+    let mut p = Parts::default();
+    p.push("pong1", rp(RpMessage::Pong(1)));
+    p.push(
+        "req_id",
+        rp(RpMessage::ReqPagesId {
+            start: 5 * TPS,
+            len: TPS as u32,
+            name: b"ram",
+        }),
+    );
+    p.push(
+        "req",
+        rp(RpMessage::ReqPages {
+            start: 6 * TPS,
+            len: TPS as u32,
+        }),
+    );
+    let mut bm = PageBitmap::new(RAM_BYTES / TPS);
+    for pg in 0..5 {
+        bm.set(pg);
+    }
+    let mut bytes = Vec::new();
+    bm.to_le_bytes(&mut bytes);
+    p.push(
+        "bitmap",
+        rp(RpMessage::RecvBitmap {
+            name: b"ram",
+            bitmap: &bytes,
+        }),
+    );
+    p.push("resume_ack", rp(RpMessage::ResumeAck(1)));
+    p.push("shut", rp(RpMessage::Shut(0)));
+    p
+}
+
+/// The end mark after a RECV_BITMAP body.
+pub fn end_mark() -> [u8; 8] {
+    RECV_BITMAP_END_MARK.to_be_bytes()
+}

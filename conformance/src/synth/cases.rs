@@ -1,0 +1,351 @@
+//! The synthetic cases: one per (rule, class), each a patch of a base channel with the expected
+//! violation offset computed from the parts (never from running a decoder).
+
+use super::base::{self, cmd, named, word, RAM_BYTES, RAM_ID, TPS};
+use super::build::{be16, be32, be64, cat, Parts};
+use qmig_protocol::codes::RamFlags;
+use qmig_protocol::command::Command;
+
+/// Which base channel a case patches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Base {
+    /// [`base::precopy`]: a main channel, destination without postcopy-ram.
+    Precopy,
+    /// [`base::postcopy`]: a main channel, destination with postcopy-ram.
+    Postcopy,
+    /// [`base::rp_channel`]: a return path judged by a source.
+    ReturnPath,
+}
+
+impl Base {
+    /// Name used in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Base::Precopy => "precopy",
+            Base::Postcopy => "postcopy",
+            Base::ReturnPath => "return-path",
+        }
+    }
+}
+
+/// The class of a case.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Must be accepted.
+    Valid,
+    /// Must be rejected with the rule at the offset.
+    Invalid,
+}
+
+/// A patch: edits the parts, returns the expected violation offset (invalid cases).
+pub type Patch = fn(&mut Parts) -> Option<u64>;
+
+/// One synthetic case.
+pub struct Case {
+    /// Folder name.
+    pub name: String,
+    /// The rule the case is about.
+    pub rule: &'static str,
+    /// Valid or invalid.
+    pub class: Class,
+    /// `7.2` or `10`.
+    pub profile: &'static str,
+    /// The base channel.
+    pub base: Base,
+    /// What the case shows.
+    pub description: &'static str,
+    /// The patch.
+    pub patch: Patch,
+    /// Rules a valid case exercises besides `rule`.
+    pub exercises: &'static [&'static str],
+}
+
+fn o(p: &Parts, n: &str) -> u64 {
+    p.offset_of(n)
+}
+
+fn set_be32(p: &mut Parts, part: &str, at: usize, v: u32) {
+    p.get(part)[at..at + 4].copy_from_slice(&be32(v));
+}
+
+fn set_be64(p: &mut Parts, part: &str, at: usize, v: u64) {
+    p.get(part)[at..at + 8].copy_from_slice(&be64(v));
+}
+
+/// Drops the `globalstate` section (a footer-scan decoder looks past EOF to delimit it).
+fn no_devices(p: &mut Parts) {
+    for n in ["gs_hdr", "gs_payload", "gs_footer"] {
+        p.remove(n);
+    }
+}
+
+macro_rules! case {
+    ($class:ident, $rule:literal, $profile:literal, $base:ident, $desc:literal, $patch:expr) => {
+        case!($class, $rule, $profile, $base, $desc, $patch, &[])
+    };
+    ($class:ident, $rule:literal, $profile:literal, $base:ident, $desc:literal, $patch:expr, $ex:expr) => {
+        Case {
+            name: String::new(),
+            rule: $rule,
+            class: Class::$class,
+            profile: $profile,
+            base: Base::$base,
+            description: $desc,
+            patch: $patch,
+            exercises: $ex,
+        }
+    };
+}
+
+/// Rules the unpatched precopy base exercises (accepted by a conforming destination).
+pub const PRECOPY_EXERCISES: &[&str] = &[
+    "HDR-MAGIC", "HDR-VERSION", "CFG-PRESENT", "CFG-NAME-LEN", "CFG-MACHINE", "STR8-EMPTY",
+    "SEC-TYPE", "SEC-SUBSECTION-TOP", "SEC-UNKNOWN-ID", "SEC-DUPLICATE-ID", "SEC-FOOTER",
+    "SEC-FOOTER-ID", "SEC-DELIMIT", "VMDESC-PLACE", "EOF-TRAILING", "CMD-UNKNOWN", "CMD-LEN",
+    "CMD-PING-NO-RP", "RAM-VERSION", "RAM-FLAGS", "RAM-FLAG-PROFILE", "RAM-CONTINUE",
+    "RAM-BLOCK-UNKNOWN", "RAM-OFFSET", "RAM-MEMSIZE-SUM", "RAM-MEMSIZE-COUNT",
+    "RAM-MEMSIZE-PLACE", "RAM-ZERO-FILL", "RAM-HOOK", "RAM-EOS", "RAM-APPLY", "SM-PONG",
+    "SM-SHUT-LAST", "SM-SWITCHOVER-START",
+];
+
+/// Rules the unpatched postcopy base exercises.
+pub const POSTCOPY_EXERCISES: &[&str] = &[
+    "CMD-ADVISE-LEN", "CMD-ADVISE-PAGESIZE", "CMD-DISCARD-LEN", "CMD-DISCARD-VERSION",
+    "CMD-DISCARD-TERM", "CMD-DISCARD-RANGE", "CMD-BLOCK-UNKNOWN", "CMD-PACKAGED-LEN",
+    "CMD-PACKAGED-CONTENT", "CMD-ORDER", "RAM-POSTCOPY-FLAG", "SM-PONG", "SM-SHUT-LAST",
+    "BITMAP-MARK",
+];
+
+/// Rules the unpatched return path exercises (accepted by a conforming source).
+pub const RP_EXERCISES: &[&str] = &[
+    "RP-TYPE", "RP-LEN", "RP-LEN-MAX", "RP-REQ-ID-LEN", "RP-REQ-NO-BLOCK", "RP-BITMAP-LEN",
+    "RP-BITMAP-SIZE", "RP-BITMAP-ENDMARK", "RP-RESUME-ACK-VALUE", "BITMAP-LE", "BITMAP-PADDING",
+];
+
+/// Every case, in a fixed order.
+pub fn all() -> Vec<Case> {
+    let mut v = vec![
+        // ---- bases (valid) ----
+        case!(Valid, "SM-PONG", "7.2", Precopy, "the unpatched 7.2 precopy base", |_| None, PRECOPY_EXERCISES),
+        case!(Valid, "SM-SWITCHOVER-START", "10", Precopy, "the unpatched 10.x precopy base (SWITCHOVER_START before the final ram END)", |_| None, PRECOPY_EXERCISES),
+        case!(Valid, "CMD-ORDER", "7.2", Postcopy, "the unpatched 7.2 postcopy base", |_| None, POSTCOPY_EXERCISES),
+        case!(Valid, "CMD-PACKAGED-CONTENT", "10", Postcopy, "the unpatched 10.x postcopy base", |_| None, POSTCOPY_EXERCISES),
+        case!(Valid, "RP-TYPE", "7.2", ReturnPath, "the unpatched 7.2 return path", |_| None, RP_EXERCISES),
+        case!(Valid, "RP-BITMAP-SIZE", "10", ReturnPath, "the unpatched 10.x return path", |_| None, RP_EXERCISES),
+        // ---- boundary valid cases ----
+        case!(Valid, "CFG-NAME-LEN", "7.2", Precopy, "a one-byte machine name (`n`, a prefix of `none`)", |p| {
+            p.set("config", cat(&[&[0x07], &be32(1), b"n"])); None
+        }),
+        case!(Valid, "CMD-UNKNOWN", "10", Precopy, "command 11 (SWITCHOVER_START) is legal in 10.x", |_| None),
+        case!(Valid, "RAM-FLAG-PROFILE", "10", Precopy, "MULTIFD_FLUSH is legal in 10.x", |p| {
+            p.insert_before("part_eos", "flush", word(0, RamFlags::MULTIFD_FLUSH)); None
+        }),
+        case!(Valid, "RAM-OFFSET", "7.2", Precopy, "a page at the last offset of the block", |p| {
+            p.insert_before("part_eos", "last", cat(&[&word(RAM_BYTES - TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)), &[0]])); None
+        }),
+        case!(Valid, "RAM-ZERO-FILL", "7.2", Precopy, "7.2 accepts a ZERO record with a non-zero fill byte", |p| {
+            let b = p.get("zero1"); let n = b.len(); b[n - 1] = 0; None
+        }),
+        case!(Valid, "CMD-DISCARD-LEN", "7.2", Postcopy, "a RAM_DISCARD with two ranges", |p| {
+            let r = cat(&[&be64(2 * TPS), &be64(TPS), &be64(3 * TPS), &be64(TPS)]);
+            p.set("discard", cmd(Command::RamDiscard(qmig_protocol::command::Discard::new(b"ram", &r).unwrap()))); None
+        }),
+        case!(Valid, "RP-REQ-NO-BLOCK", "7.2", ReturnPath, "two REQ_PAGES after one REQ_PAGES_ID", |p| {
+            let r = p.get("req").clone(); p.insert_after("req", "req2", r); None
+        }),
+        case!(Valid, "RP-TYPE", "10", ReturnPath, "SWITCHOVER_ACK (7) is legal in 10.x", |p| {
+            p.insert_before("shut", "ack", cat(&[&be16(7), &be16(0)])); None
+        }),
+        // ---- invalid: header and configuration ----
+        case!(Invalid, "HDR-MAGIC", "7.2", Precopy, "the magic is QEVX", |p| { p.get("header")[3] = b'X'; Some(0) }),
+        case!(Invalid, "HDR-VERSION", "7.2", Precopy, "stream version 2", |p| { set_be32(p, "header", 4, 2); Some(4) }),
+        case!(Invalid, "CFG-PRESENT", "7.2", Precopy, "no configuration section", |p| { p.remove("config"); Some(8) }),
+        case!(Invalid, "CFG-NAME-LEN", "7.2", Precopy, "machine-name length 0", |p| { p.set("config", cat(&[&[0x07], &be32(0)])); Some(9) }),
+        case!(Invalid, "CFG-MACHINE", "10", Precopy, "machine name `nonx`", |p| { p.get("config")[8] = b'x'; Some(13) }),
+        case!(Invalid, "STR8-EMPTY", "7.2", Precopy, "a page record naming a block with an empty name", |p| {
+            p.set("page0", cat(&[&word(0, RamFlags::PAGE), &[0], &base::page0()])); Some(o(p, "page0") + 8)
+        }),
+        // ---- sections ----
+        case!(Invalid, "SEC-TYPE", "7.2", Precopy, "section type byte 0x09", |p| { p.get("part_hdr")[0] = 0x09; Some(o(p, "part_hdr")) }),
+        case!(Invalid, "SEC-SUBSECTION-TOP", "7.2", Precopy, "QEMU_VM_SUBSECTION at top level", |p| { p.get("part_hdr")[0] = 0x05; Some(o(p, "part_hdr")) }),
+        case!(Invalid, "SEC-UNKNOWN-ID", "7.2", Precopy, "SECTION_PART with an id never opened", |p| {
+            set_be32(p, "part_hdr", 1, 9); set_be32(p, "part_footer", 1, 9); Some(o(p, "part_hdr") + 1)
+        }),
+        case!(Invalid, "SEC-DUPLICATE-ID", "7.2", Precopy, "globalstate FULL reuses the ram section's id", |p| {
+            set_be32(p, "gs_hdr", 1, RAM_ID); set_be32(p, "gs_footer", 1, RAM_ID); Some(o(p, "gs_hdr") + 1)
+        }),
+        case!(Invalid, "SEC-FOOTER", "7.2", Precopy, "footer byte 0x7f", |p| { p.get("start_footer")[0] = 0x7f; Some(o(p, "start_footer")) }),
+        case!(Invalid, "SEC-FOOTER-ID", "7.2", Precopy, "footer id 3 after section 2", |p| { set_be32(p, "start_footer", 1, 3); Some(o(p, "start_footer") + 1) }),
+        case!(Invalid, "VMDESC-PLACE", "7.2", Precopy, "a VM description before EOF", |p| {
+            let j = b"{}"; p.insert_before("gs_hdr", "vmdesc", cat(&[&[0x06], &be32(2), j])); Some(o(p, "vmdesc"))
+        }),
+        case!(Invalid, "VMDESC-LEN", "7.2", Precopy, "a VM description of 32 MiB announced (no device section: nothing depends on a footer scan)", |p| {
+            no_devices(p); p.set("vmdesc", cat(&[&[0x06], &be32(32 << 20)])); Some(o(p, "vmdesc") + 1)
+        }),
+        case!(Invalid, "EOF-TRAILING", "7.2", Precopy, "a byte after the VM description", |p| { p.push("extra", vec![0x00]); Some(o(p, "extra")) }),
+        case!(Invalid, "EOF-TRAILING", "7.2", Precopy, "a second EOF instead of the VM description (no device section)", |p| { no_devices(p); p.set("vmdesc", vec![0x00]); Some(o(p, "vmdesc")) }),
+        // ---- commands ----
+        case!(Invalid, "CMD-UNKNOWN", "7.2", Precopy, "command 11 sent to a 7.2 destination", |p| {
+            p.insert_before("end_hdr", "sw", cmd(Command::SwitchoverStart)); Some(o(p, "sw") + 1)
+        }),
+        case!(Invalid, "CMD-LEN", "7.2", Precopy, "PING with length 5", |p| { p.get("ping1")[3..5].copy_from_slice(&be16(5)); Some(o(p, "ping1") + 3) }),
+        case!(Invalid, "CMD-PING-NO-RP", "7.2", Precopy, "PING without OPEN_RETURN_PATH", |p| { p.remove("open_rp"); Some(o(p, "ping1")) }),
+        case!(Invalid, "CMD-RECV-BITMAP-LEN", "7.2", Precopy, "RECV_BITMAP whose length is not 1 + name length", |p| {
+            p.insert_before("ram_start", "rb", cat(&[&[0x08], &be16(10), &be16(5), &[3], b"ram", &[0]])); Some(o(p, "rb") + 3)
+        }),
+        case!(Invalid, "CMD-ADVISE-LEN", "7.2", Postcopy, "a 0-byte ADVISE to a destination with postcopy-ram", |p| {
+            p.set("advise", cmd(Command::PostcopyAdvise(None))); Some(o(p, "advise") + 3)
+        }),
+        case!(Invalid, "CMD-ADVISE-PAGESIZE", "7.2", Postcopy, "ADVISE with target page size 8192", |p| {
+            set_be64(p, "advise", 13, 8192); Some(o(p, "advise") + 13)
+        }),
+        case!(Invalid, "CMD-DISCARD-LEN", "7.2", Postcopy, "RAM_DISCARD with a 15-byte range", |p| {
+            let b = p.get("discard"); let n = b.len(); b.truncate(n - 1); let l = (n - 6) as u16; b[3..5].copy_from_slice(&be16(l)); Some(o(p, "discard") + 3)
+        }),
+        case!(Invalid, "CMD-DISCARD-VERSION", "7.2", Postcopy, "RAM_DISCARD version 1", |p| { p.get("discard")[5] = 1; Some(o(p, "discard") + 5) }),
+        case!(Invalid, "CMD-DISCARD-TERM", "7.2", Postcopy, "RAM_DISCARD block name not followed by 0x00", |p| { p.get("discard")[10] = b'x'; Some(o(p, "discard") + 10) }),
+        case!(Invalid, "CMD-DISCARD-RANGE", "7.2", Postcopy, "RAM_DISCARD range start not page aligned", |p| { set_be64(p, "discard", 11, 2 * TPS + 1); Some(o(p, "discard") + 11) }),
+        case!(Invalid, "CMD-BLOCK-UNKNOWN", "7.2", Postcopy, "RAM_DISCARD names block `rom`", |p| { p.get("discard")[7..10].copy_from_slice(b"rom"); Some(o(p, "discard") + 6) }),
+        case!(Invalid, "CMD-PACKAGED-LEN", "7.2", Postcopy, "PACKAGED of 32 MiB", |p| { set_be32(p, "packaged", 5, 32 << 20); Some(o(p, "packaged") + 5) }),
+        case!(Invalid, "CMD-PACKAGED-CONTENT", "7.2", Postcopy, "an EOF inside the package", |p| {
+            p.insert_after("pkg_listen", "pkg_eof", vec![0x00]); base::fix_package_len(p); Some(o(p, "pkg_eof"))
+        }),
+        case!(Invalid, "CMD-ORDER", "7.2", Postcopy, "POSTCOPY_RUN without POSTCOPY_LISTEN", |p| {
+            p.remove("pkg_listen"); base::fix_package_len(p); Some(o(p, "pkg_run"))
+        }),
+        // ---- RAM ----
+        case!(Invalid, "RAM-VERSION", "7.2", Precopy, "ram section version 3", |p| { set_be32(p, "ram_start", 13, 3); Some(o(p, "ram_start") + 13) }),
+        case!(Invalid, "RAM-FLAGS", "7.2", Precopy, "PAGE and ZERO in one record", |p| {
+            p.get("page0")[7] |= RamFlags::ZERO.0 as u8; Some(o(p, "page0"))
+        }),
+        case!(Invalid, "RAM-FLAG-PROFILE", "7.2", Precopy, "MULTIFD_FLUSH in a 7.2 stream", |p| {
+            p.insert_before("part_eos", "flush", word(0, RamFlags::MULTIFD_FLUSH)); Some(o(p, "flush"))
+        }),
+        case!(Invalid, "RAM-CONTINUE", "7.2", Precopy, "CONTINUE on the channel's first page record", |p| {
+            p.set("page0", cat(&[&word(0, RamFlags::PAGE.with(RamFlags::CONTINUE)), &base::page0()])); Some(o(p, "page0"))
+        }),
+        case!(Invalid, "RAM-BLOCK-UNKNOWN", "7.2", Precopy, "a page of block `rom`", |p| {
+            p.set("page0", cat(&[&named(0, RamFlags::PAGE, "rom"), &base::page0()])); Some(o(p, "page0"))
+        }),
+        case!(Invalid, "RAM-OFFSET", "7.2", Precopy, "a page at the block's length", |p| { set_be64(p, "page4", 0, RAM_BYTES | 0x28); Some(o(p, "page4")) }),
+        case!(Invalid, "RAM-MEMSIZE-SUM", "7.2", Precopy, "MEM_SIZE total half the block lengths", |p| { set_be64(p, "memsize", 0, (RAM_BYTES / 2) | 0x04); Some(o(p, "memsize") + 12) }),
+        case!(Invalid, "RAM-MEMSIZE-PLACE", "7.2", Precopy, "MEM_SIZE in a SECTION_PART", |p| {
+            p.insert_after("part_hdr", "ms2", base::memsize()); Some(o(p, "ms2"))
+        }),
+        case!(Invalid, "RAM-ZERO-FILL", "10", Precopy, "a ZERO record with fill byte 1", |p| {
+            let b = p.get("zero1"); let n = b.len(); b[n - 1] = 1; Some(o(p, "zero1") + 8)
+        }),
+        case!(Invalid, "RAM-XBZRLE-ENC", "7.2", Precopy, "XBZRLE encoding byte 2", |p| {
+            p.insert_before("part_eos", "x", cat(&[&word(0, RamFlags::XBZRLE.with(RamFlags::CONTINUE)), &[2], &be16(2), &[0, 0]])); Some(o(p, "x") + 8)
+        }),
+        case!(Invalid, "RAM-XBZRLE-LEN", "7.2", Precopy, "XBZRLE delta longer than a page", |p| {
+            p.insert_before("part_eos", "x", cat(&[&word(0, RamFlags::XBZRLE.with(RamFlags::CONTINUE)), &[1], &be16(4097), &vec![0; 4097]])); Some(o(p, "x") + 9)
+        }),
+        case!(Invalid, "RAM-HOOK", "7.2", Precopy, "an RDMA HOOK record", |p| {
+            p.insert_before("part_eos", "hook", word(0, RamFlags::HOOK)); Some(o(p, "hook"))
+        }),
+        case!(Invalid, "RAM-EOS", "7.2", Precopy, "a RAM section ends without EOS", |p| { p.remove("part_eos"); Some(o(p, "part_footer")) }),
+        case!(Invalid, "RAM-POSTCOPY-FLAG", "7.2", Postcopy, "an XBZRLE record after POSTCOPY_LISTEN", |p| {
+            p.insert_before("pc_part_eos", "x", cat(&[&word(0, RamFlags::XBZRLE.with(RamFlags::CONTINUE)), &[1], &be16(2), &[0, 0]])); Some(o(p, "x"))
+        }),
+        // ---- return path ----
+        case!(Invalid, "RP-TYPE", "7.2", ReturnPath, "SWITCHOVER_ACK (7) from a 7.2 destination", |p| {
+            p.insert_before("shut", "ack", cat(&[&be16(7), &be16(0)])); Some(o(p, "ack"))
+        }),
+        case!(Invalid, "RP-LEN", "7.2", ReturnPath, "PONG with length 5", |p| { p.get("pong1")[2..4].copy_from_slice(&be16(5)); Some(2) }),
+        case!(Invalid, "RP-LEN-MAX", "7.2", ReturnPath, "REQ_PAGES_ID with length 600", |p| {
+            p.get("req_id")[2..4].copy_from_slice(&be16(600)); Some(o(p, "req_id") + 2)
+        }),
+        case!(Invalid, "RP-REQ-ID-LEN", "7.2", ReturnPath, "REQ_PAGES_ID length 17 for a 3-byte name", |p| {
+            p.get("req_id")[2..4].copy_from_slice(&be16(17)); p.get("req_id").push(0); Some(o(p, "req_id") + 2)
+        }),
+        case!(Invalid, "RP-REQ-NO-BLOCK", "7.2", ReturnPath, "REQ_PAGES before any REQ_PAGES_ID", |p| { p.remove("req_id"); Some(o(p, "req")) }),
+        case!(Invalid, "RP-BITMAP-LEN", "7.2", ReturnPath, "RECV_BITMAP length 5 for a 3-byte name", |p| {
+            p.get("bitmap")[2..4].copy_from_slice(&be16(5)); p.get("bitmap").insert(8, 0); Some(o(p, "bitmap") + 2)
+        }),
+        case!(Invalid, "RP-BITMAP-SIZE", "7.2", ReturnPath, "RECV_BITMAP size 40 for a 256-page block", |p| {
+            set_be64(p, "bitmap", 8, 40); let b = p.get("bitmap"); let n = b.len(); b.splice(n - 8..n - 8, [0u8; 8]); Some(o(p, "bitmap") + 8)
+        }),
+        case!(Invalid, "RP-BITMAP-ENDMARK", "7.2", ReturnPath, "RECV_BITMAP end mark 0", |p| {
+            let b = p.get("bitmap"); let n = b.len(); b[n - 8..].fill(0); Some(o(p, "bitmap") + 16 + 32)
+        }),
+        case!(Invalid, "RP-RESUME-ACK-VALUE", "7.2", ReturnPath, "RESUME_ACK(2)", |p| { set_be32(p, "resume_ack", 4, 2); Some(o(p, "resume_ack") + 4) }),
+        case!(Invalid, "BITMAP-PADDING", "7.2", ReturnPath, "a received bitmap with a bit past the block's last page (block `ram` of 100 pages here)", |p| {
+            let mut bm = vec![0u8; 16];
+            bm[0] = 0x1f;
+            bm[100 / 8] |= 1 << (100 % 8);
+            let m = base::rp(qmig_protocol::rp::RpMessage::RecvBitmap { name: b"ram", bitmap: &bm });
+            p.set("bitmap", m);
+            Some(o(p, "bitmap") + 16 + 100 / 8)
+        }),
+    ];
+    for c in &mut v {
+        let kind = match c.class {
+            Class::Valid => "valid",
+            Class::Invalid => "invalid",
+        };
+        c.name = format!(
+            "{}-{}-{}-{}",
+            kind,
+            c.rule.to_ascii_lowercase(),
+            c.base.name(),
+            c.profile.replace('.', "")
+        );
+    }
+    // Disambiguate repeated names (several valid cases of one rule).
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for c in &mut v {
+        let n = seen.entry(c.name.clone()).or_default();
+        *n += 1;
+        if *n > 1 {
+            c.name = format!("{}-{}", c.name, n);
+        }
+    }
+    v
+}
+
+/// Rules not covered by a synthetic decode case, and where they are checked instead.
+pub const ELSEWHERE: &[(&str, &str)] = &[
+    ("CFG-SUBSECTION", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
+    ("CFG-CAPS-COUNT", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
+    ("CFG-CAP-NAME", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
+    ("SEC-DELIMIT", "every real precopy vector (valid); no invalid synthetic case yet"),
+    ("SEC-DEVICE-LEN", "needs a > 1 MiB device payload; not generated"),
+    ("SEC-UNKNOWN-DEVICE", "needs a destination device table; not generated"),
+    ("SEC-VERSION", "needs a destination device table; not generated"),
+    ("VMDESC-JSON", "real precopy vectors (valid); no invalid synthetic case yet"),
+    ("RAM-MEMSIZE-COUNT", "not generated"),
+    ("RAM-XBZRLE-DECODE", "real vector qemu-*/precopy-xbzrle (valid); no invalid synthetic case yet"),
+    ("RAM-XBZRLE-BASE", "real vector qemu-*/precopy-xbzrle (valid); no invalid synthetic case yet"),
+    ("RAM-COMPRESS-LEN", "real vector qemu-7.2/precopy-compress (valid); no invalid synthetic case yet"),
+    ("RAM-COMPRESS-DECODE", "real vector qemu-7.2/precopy-compress (valid); no invalid synthetic case yet"),
+    ("RAM-HOSTPAGE", "needs huge-page blocks; protocol machine tests"),
+    ("RAM-PAGESIZE", "needs huge-page blocks; protocol machine tests"),
+    ("RAM-APPLY", "replay: final RAM compared with final_ram"),
+    ("BITMAP-LE", "replay: RECV_BITMAP bytes compared with resume-rp.bin; broken target bitmap-be"),
+    ("BITMAP-MARK", "replay: RECV_BITMAP bytes compared with resume-rp.bin"),
+    ("DEV-SCHEMA", "protocol device decoder tests on real vectors"),
+    ("DEV-SUBSECTION", "protocol device decoder tests on real vectors"),
+    ("DEV-NESTING", "protocol device decoder tests"),
+    ("MFD-MAGIC", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
+    ("MFD-VERSION", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
+    ("MFD-PAGES", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
+    ("RP-ORDER", "source behaviour; not generated"),
+    ("RP-ATOMIC", "source behaviour; not generated"),
+    ("RP-PONG-UNKNOWN", "source behaviour; not generated"),
+    ("RP-SHUT-ERROR", "source behaviour; not generated"),
+    ("RP-REQ-RANGE", "source behaviour; not generated"),
+    ("SM-FATAL-BEFORE-RUN", "state machine; protocol machine tests"),
+    ("SM-PAUSE-AFTER-RUN", "replay of postcopy-recover vectors: the target must pause at the cut"),
+    ("SM-PAUSE-IN-RECOVER", "interop double-failure mode"),
+    ("SM-PARTIAL-HOSTPAGE", "protocol machine tests"),
+    ("SM-RECOVER-NO-HEADER", "replay of resume-stream.bin"),
+    ("SM-RECOVER-BITMAP-ALL", "replay of resume-stream.bin (10.0: five blocks)"),
+    ("SM-REBUILD", "interop postcopy-recover modes (final memory)"),
+    ("SM-RESUME-STATE", "replay of resume-stream.bin (RESUME_ACK)"),
+    ("SM-REREQUEST", "protocol machine tests"),
+    ("SM-URGENT-FIRST", "protocol machine tests"),
+    ("SM-DISCARD-DIRTY", "interop postcopy modes (final memory)"),
+    ("SM-CANCEL", "protocol machine tests"),
+    ("SM-TIMEOUT", "protocol machine tests"),
+];

@@ -1,0 +1,169 @@
+//! Synthetic vectors: small streams and return paths built from three base channels
+//! ([`base`]) and patched once per case ([`cases`]), written in the `qemu-migration-vector/1`
+//! layout with a `synthetic` object in the manifest (see `conformance/README.md`).
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
+//! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
+//! | [`cases`] | every case: rule, class, profile, patch and expected offset |
+//!
+//! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
+//! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
+
+pub mod base;
+pub mod build;
+pub mod cases;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde_json::{json, Value};
+
+use crate::qemu::pattern::sha256_hex;
+use base::{RAM_BYTES, TPS};
+use cases::{Base, Class};
+
+/// Manifest format name.
+pub const FORMAT: &str = "qemu-migration-vector/1";
+
+/// Every file of the synthetic vector set: relative path -> bytes.
+pub fn render() -> BTreeMap<String, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut index = Vec::new();
+    for c in cases::all() {
+        let ten = c.profile == "10";
+        let mut parts = match c.base {
+            Base::Precopy => base::precopy(ten),
+            Base::Postcopy => base::postcopy(ten),
+            Base::ReturnPath => base::rp_channel(),
+        };
+        let offset = (c.patch)(&mut parts);
+        assert_eq!(
+            offset.is_some(),
+            c.class == Class::Invalid,
+            "{}: an invalid case gives an offset, a valid one none",
+            c.name
+        );
+        let bytes = parts.bytes();
+        let dir = format!("{}/", c.name);
+        let mut files = serde_json::Map::new();
+        let mut blocks = json!([["ram", RAM_BYTES]]);
+        if c.rule == "BITMAP-PADDING" && c.class == Class::Invalid {
+            blocks = json!([["ram", 100 * TPS]]);
+        }
+        let postcopy = c.base == Base::Postcopy;
+        let mut caps = json!({"events": true, "return-path": true});
+        if postcopy {
+            caps["postcopy-ram"] = json!(true);
+        }
+        let flags: Vec<&str> = if postcopy {
+            vec!["postcopy-ram", "return-path"]
+        } else {
+            vec!["return-path"]
+        };
+        let (channel, checker, input) = match c.base {
+            Base::ReturnPath => ("return-path", "source", "rp.bin"),
+            _ => ("main", "destination", "stream.bin"),
+        };
+        files.insert(
+            input.into(),
+            json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes),
+                   "description": if channel == "main" { "the main channel, source to destination" } else { "the return path, destination to source" }}),
+        );
+        out.insert(format!("{dir}{input}"), bytes.clone());
+        let mut replay = json!(null);
+        let mut final_ram = json!(null);
+        if channel == "main" {
+            let mut ch = json!({"label": "main", "feed_to_destination": "stream.bin"});
+            if c.class == Class::Valid {
+                let rp = if postcopy {
+                    base::postcopy_rp()
+                } else {
+                    base::precopy_rp()
+                };
+                files.insert(
+                    "rp.bin".into(),
+                    json!({"bytes": rp.len(), "sha256": sha256_hex(&rp),
+                           "description": "the return path a conforming destination writes"}),
+                );
+                out.insert(format!("{dir}rp.bin"), rp);
+                ch["expected_return_path"] = json!("rp.bin");
+                ch["return_path_rule"] = json!(if postcopy { "postcopy" } else { "exact" });
+                let ram = base::final_ram(postcopy);
+                let nonzero: Vec<Value> = ram
+                    .chunks(TPS as usize)
+                    .enumerate()
+                    .filter(|(_, pg)| pg.iter().any(|&b| b != 0))
+                    .map(|(i, pg)| json!([i, sha256_hex(pg)]))
+                    .collect();
+                final_ram = json!({"block": "ram", "bytes": ram.len(), "sha256": sha256_hex(&ram),
+                    "zero_page_sha256": sha256_hex(&[0u8; TPS as usize]),
+                    "nonzero_page_count": nonzero.len(), "nonzero_pages": nonzero});
+            } else {
+                ch["expect_failure"] = json!(true);
+            }
+            replay = json!({"destination_capabilities": caps, "destination_parameters": {}, "channels": [ch]});
+        }
+        let expected = match offset {
+            Some(off) => json!({"rule": c.rule, "offset": off}),
+            None => json!(null),
+        };
+        let manifest = json!({
+            "format": FORMAT,
+            "scenario": c.name,
+            "description": c.description,
+            "qemu": {"version_string": format!("synthetic ({} profile)", c.profile), "binary": null},
+            "machine": {"type": "none", "cpu": null, "ram_mb": RAM_BYTES >> 20, "ram_bytes": RAM_BYTES,
+                        "ram_block": "ram", "ram_guest_physical_base": 0, "target_page_size": TPS},
+            "files": files,
+            "channels": [{"label": channel, "file": input}],
+            "final_ram": final_ram,
+            "replay": replay,
+            "synthetic": {
+                "class": match c.class { Class::Valid => "valid", Class::Invalid => "invalid" },
+                "rule": c.rule,
+                "exercises": c.exercises,
+                "profile": c.profile,
+                "base": c.base.name(),
+                "channel": channel,
+                "checker": checker,
+                "flags": flags,
+                "blocks": blocks,
+                "expected": expected,
+                "generator": "qmig conformance --generate (conformance/src/synth)",
+            },
+        });
+        let mut text = serde_json::to_vec_pretty(&manifest).expect("json");
+        text.push(b'\n');
+        out.insert(format!("{dir}manifest.json"), text);
+        index.push(json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
+                          "profile": c.profile, "expected": expected}));
+    }
+    let elsewhere: Vec<Value> = cases::ELSEWHERE
+        .iter()
+        .map(|(r, w)| json!({"rule": r, "checked_by": w}))
+        .collect();
+    let mut text = serde_json::to_vec_pretty(&json!({
+        "format": "qmig-synthetic-index/1",
+        "cases": index,
+        "not_generated": elsewhere,
+    }))
+    .expect("json");
+    text.push(b'\n');
+    out.insert("index.json".into(), text);
+    out
+}
+
+/// Writes every synthetic vector under `dir` (created if needed). Returns the file count.
+pub fn generate(dir: &Path) -> std::io::Result<usize> {
+    let files = render();
+    for (rel, bytes) in &files {
+        let path = dir.join(rel);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(path, bytes)?;
+    }
+    Ok(files.len())
+}
