@@ -82,3 +82,29 @@ fn postcopy_migrate_pause_then_resume() {
         json!({"max-bandwidth": 8u64 << 20, "max-postcopy-bandwidth": 4u64 << 20}),
     );
 }
+
+#[test]
+fn precopy_dirtying_guest_with_soft_dirty_tracking() {
+    let soft = qmig_host::dirty::probe()
+        .into_iter()
+        .find(|(m, _)| *m == qmig_host::dirty::Mechanism::SoftDirty);
+    if let Some((_, Err(why))) = soft {
+        eprintln!("SKIP: this kernel has no soft-dirty tracking: {why}");
+        return;
+    }
+    let dst = QmigDst::spawn(&["--ram", "64M", "--profile", "10"]);
+    let info = run(
+        Case {
+            workload: Some("random,threads=1,rate=1000,working-set=4M"),
+            params: json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 50}),
+            src_args: &["--dirty-tracking", "soft-dirty"],
+            ..Case::default()
+        },
+        Dest::Qmig(dst),
+    );
+    assert_eq!(info["x-qmig"]["dirty-tracking"], "soft-dirty", "{info}");
+    assert!(
+        info["ram"]["dirty-sync-count"].as_u64().unwrap() >= 3,
+        "{info}"
+    );
+}
