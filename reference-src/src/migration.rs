@@ -285,7 +285,13 @@ impl Driver {
         self.out.clear();
         let ram = self.shared.guest.ram.clone();
         let mut n = self.src.poll_transmit(&*ram, &mut self.out, budget);
-        if self.completing && !self.vmdesc_sent && !self.src.wants_transmit() {
+        // (Only when the call ended with the EOF byte: a machine that writes the description
+        // itself ends with its JSON instead.)
+        if self.completing
+            && !self.vmdesc_sent
+            && !self.src.wants_transmit()
+            && self.out.last() == Some(&0)
+        {
             // The precopy EOF was just written. A QEMU destination reads one more byte after
             // EOF (the VM description) before it answers with SHUT; the machine does not write
             // one yet, so the driver appends a minimal description (QEMU ignores its content).
