@@ -131,3 +131,39 @@ fn run_state_memory_and_settings() {
     );
     assert_eq!(src.cmd("query-status", Value::Null)["running"], true);
 }
+
+#[test]
+fn migrate_cancel_during_precopy() {
+    use std::io::Read;
+    let mut src = Src::spawn(&[
+        "--ram",
+        "16M",
+        "--fill",
+        "random",
+        "--workload",
+        "random,threads=1,rate=100",
+    ]);
+    src.cmd(
+        "migrate-set-capabilities",
+        json!({"capabilities": [{"capability": "events", "state": true}]}),
+    );
+    src.cmd(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 20}),
+    );
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
+    let (mut s, _) = l.accept().unwrap();
+    src.wait("active");
+    src.cmd("migrate_cancel", Value::Null);
+    src.wait("cancelling");
+    src.wait("cancelled");
+    // The channel is closed: the destination reads to its end.
+    let mut v = Vec::new();
+    s.read_to_end(&mut v).unwrap();
+    assert_eq!(&v[..4], b"QEVM");
+    assert!(v.len() < 16 << 20);
+    assert_eq!(src.cmd("query-status", Value::Null)["running"], true);
+    assert_eq!(src.cmd("query-migrate", Value::Null)["status"], "cancelled");
+}
