@@ -54,10 +54,8 @@ impl Run {
                     let after = self.s.status();
                     assert!(
                         after != before
-                            || matches!(
-                                after,
-                                MigrationStatus::Failed | MigrationStatus::PostcopyPaused
-                            ),
+                            || after.is_final()
+                            || after == MigrationStatus::PostcopyPaused,
                         "violation {v:?} without a status change ({before:?})"
                     );
                     self.buf.clear();

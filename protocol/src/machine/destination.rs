@@ -410,8 +410,13 @@ impl Destination {
     /// Fails or pauses after a channel loss or an error, by `rule`.
     fn interrupt(&mut self, rule: Rule) {
         self.channel_open = false;
-        self.rp_out.clear();
         self.cur_device = None;
+        if self.status.is_final() {
+            // Bytes after EOF on a channel still open: the violation is reported, the
+            // completed migration (and its queued SHUT) stays as it is.
+            return;
+        }
+        self.rp_out.clear();
         match rule {
             Rule::SmPauseAfterRun | Rule::SmPauseInRecover => {
                 // SM-PARTIAL-HOSTPAGE: a record cut short was never placed; nothing to undo.
