@@ -5,3 +5,4 @@ pub mod demo;
 pub mod qemu;
 pub mod runner;
 pub mod synth;
+pub mod interop;

@@ -40,6 +40,8 @@ enum Cmd {
     Bench(qmig_conformance::bench::Args),
     /// Run the conformance suite: decode checks on vectors, replay against targets.
     Conformance(qmig_conformance::runner::Args),
+    /// Run the live interop matrix (QEMU 7.2, QEMU 10.0, qmig; every mode).
+    Interop(qmig_conformance::interop::Args),
 }
 
 fn init_logs(verbose: u8) {
@@ -69,6 +71,7 @@ fn main() {
         Cmd::Demo(a) => qmig_conformance::demo::run(a),
         Cmd::Bench(a) => qmig_conformance::bench::run(a),
         Cmd::Conformance(a) => qmig_conformance::runner::run(a),
+        Cmd::Interop(a) => qmig_conformance::interop::run(a),
     };
     match res {
         Ok(code) => std::process::exit(code),

@@ -1,0 +1,249 @@
+//! One interop cell: start both sides, migrate through the recording proxy in the cell's mode
+//! (cuts, pause, recoveries), wait for `completed` on both sides (MIGRATION events), and compare
+//! the whole guest RAM of both sides byte for byte.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context};
+use serde_json::{json, Value};
+
+use super::side::{Guest, Side, SideError};
+use super::{Impl, Mode};
+use crate::qemu::driver::pattern;
+use crate::qemu::pattern::{random_page, sha256_hex, PAGE};
+use crate::qemu::{Machine, Proxy};
+use crate::runner::shim::free_port;
+
+/// Failure guard for one phase.
+const PHASE: Duration = Duration::from_secs(90);
+
+/// How a cell did not pass.
+pub enum CellError {
+    /// Not runnable here (binary missing).
+    Skip(String),
+    /// Failed, with the reason.
+    Fail(String),
+}
+
+/// The guest of a pair: QEMU 7.2 pairs use `-M none` with a CPU and qtest, QEMU 10.0 pairs
+/// microvm with qtest, every other pair `-M none` without CPU (the only machine both QEMU
+/// versions and qmig migrate between each other).
+pub fn guest(s: Impl, d: Impl, m: Mode) -> Guest {
+    let postcopy = !matches!(m, Mode::Precopy | Mode::PrecopyDirty);
+    let (machine, ram_mb) = match (s, d) {
+        (Impl::Qemu72, Impl::Qemu72) => (Machine::NoneCpu, 32),
+        (Impl::Qemu100, Impl::Qemu100) => (Machine::Microvm, 32),
+        _ => (Machine::NoneNoCpu, if postcopy { 64 } else { 32 }),
+    };
+    Guest {
+        machine,
+        ram_mb,
+        seed: 0x1e7 + m as u64,
+    }
+}
+
+/// Runs one cell.
+pub fn run(s: Impl, d: Impl, m: Mode) -> Result<String, CellError> {
+    let g = guest(s, d, m);
+    let start = |imp, incoming, peer| {
+        Side::start(imp, incoming, g, peer, m == Mode::PrecopyDirty).map_err(|e| match e {
+            SideError::Skip(w) => CellError::Skip(w),
+            SideError::Fail(e) => CellError::Fail(format!("start {}: {e:#}", imp_name(imp, incoming))),
+        })
+    };
+    let mut dst = start(d, true, s)?;
+    let mut src = start(s, false, d)?;
+    match migrate(&mut src, &mut dst, g, m) {
+        Ok(detail) => Ok(detail),
+        Err(e) => Err(CellError::Fail(format!(
+            "{e:#}; source status {}, destination status {}; source log: {}; destination log: {}",
+            src.status(),
+            dst.status(),
+            src.log(),
+            dst.log()
+        ))),
+    }
+}
+
+fn imp_name(i: Impl, incoming: bool) -> String {
+    match (i, incoming) {
+        (Impl::Qmig, true) => "qmig-dst".into(),
+        (Impl::Qmig, false) => "qmig-src".into(),
+        (i, _) => i.name().into(),
+    }
+}
+
+fn wait(side: &mut Side, which: &str, status: &str) -> anyhow::Result<()> {
+    side.qmp()
+        .wait_status(status, PHASE)
+        .map_err(|e| anyhow!("{which} never reached {status}: {e}"))?;
+    Ok(())
+}
+
+fn listen(dst: &mut Side, cmd: &str) -> anyhow::Result<SocketAddr> {
+    let port = free_port()?;
+    dst.cmd(cmd, json!({"uri": format!("tcp:127.0.0.1:{port}")}))?;
+    Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<String> {
+    let postcopy = !matches!(m, Mode::Precopy | Mode::PrecopyDirty);
+    let mut caps = vec![
+        json!({"capability": "events", "state": true}),
+        json!({"capability": "return-path", "state": true}),
+    ];
+    if postcopy {
+        caps.push(json!({"capability": "postcopy-ram", "state": true}));
+    }
+    for side in [&mut *src, &mut *dst] {
+        side.cmd("migrate-set-capabilities", json!({"capabilities": caps.clone()}))?;
+    }
+    // Guest content of a QEMU source with qtest.
+    let mut written = 0;
+    if g.machine.has_qtest() {
+        for w in pattern(g.seed, g.machine, g.ram_mb, 48) {
+            if src.qtest_write(w.page * PAGE as u64, &w.data)? {
+                written += 1;
+            }
+        }
+    }
+    let mut params = serde_json::Map::new();
+    if postcopy {
+        params.insert("max-bandwidth".into(), json!(8192));
+        params.insert("max-postcopy-bandwidth".into(), json!(32768));
+    } else if m == Mode::PrecopyDirty {
+        // Slow enough that precopy cannot converge while pages are being dirtied; raised once
+        // the writes stop (a write after the final dirty sync would be a harness race: a real
+        // guest is stopped by then).
+        params.insert("max-bandwidth".into(), json!(8192));
+    }
+    if !params.is_empty() {
+        src.cmd("migrate-set-parameters", Value::Object(params))?;
+    }
+    let dest = listen(dst, "migrate-incoming")?;
+    let proxy1 = Proxy::start(dest)?;
+    src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{}", proxy1.port())}))?;
+    let mut notes = Vec::new();
+    let mut proxies = vec![proxy1];
+    match m {
+        Mode::Precopy => {}
+        Mode::PrecopyDirty => {
+            wait(src, "source", "active")?;
+            let pages = (g.ram_mb << 20) / PAGE as u64;
+            let mut n = 0u32;
+            // Keep writing while the first passes run (QEMU through qtest; qmig-src has its
+            // own workload), then let it converge.
+            while src.status() == "active" && n < 300 {
+                let p = 1 + (n as u64 * 7919) % (pages - 1);
+                if matches!(g.machine, Machine::Microvm) && (192..256).contains(&p) {
+                    n += 1;
+                    continue;
+                }
+                if !src.qtest_write(p * PAGE as u64, &random_page(g.seed, p, n + 1))? {
+                    break;
+                }
+                n += 1;
+            }
+            notes.push(format!("{n} pages written during the migration"));
+            src.cmd("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 30}))?;
+        }
+        _ => {
+            wait(src, "source", "active")?;
+            src.cmd("migrate-start-postcopy", Value::Null)?;
+            wait(dst, "destination", "postcopy-active")?;
+            wait(src, "source", "postcopy-active")?;
+            match m {
+                Mode::Postcopy => {
+                    src.cmd("migrate-set-parameters", json!({"max-postcopy-bandwidth": 1u64 << 30}))?;
+                }
+                Mode::PostcopyPause => {
+                    src.cmd("migrate-pause", Value::Null)?;
+                    paused(src, dst)?;
+                    proxies.push(recover(src, dst, None)?);
+                }
+                Mode::PostcopyRecover | Mode::DoubleFailure => {
+                    cut(&proxies[0], 1024)?;
+                    paused(src, dst)?;
+                    if m == Mode::DoubleFailure {
+                        // The second failure: the recovery connection is cut after 64 bytes
+                        // (inside the RECV_BITMAP exchange); both sides pause again.
+                        let p = recover(src, dst, Some(64))?;
+                        p.wait_closed(0, PHASE).map_err(|e| anyhow!("second cut: {e}"))?;
+                        paused(src, dst).context("after the second cut")?;
+                        proxies.push(p);
+                        notes.push("second cut at byte 64 of the recovery channel".into());
+                    }
+                    proxies.push(recover(src, dst, None)?);
+                }
+                _ => unreachable!(),
+            }
+        }
+    }
+    wait(src, "source", "completed")?;
+    wait(dst, "destination", "completed")?;
+    let bytes = g.ram_mb << 20;
+    let a = src.ram(bytes)?;
+    let b = dst.ram(bytes)?;
+    if a.len() as u64 != bytes || b.len() as u64 != bytes {
+        bail!("pmemsave sizes {} / {} (want {bytes})", a.len(), b.len());
+    }
+    if let Some(p) = crate::qemu::driver::first_diff_page(&a, &b) {
+        bail!(
+            "guest RAM differs: first page {p} (source sha256 {}, destination sha256 {})",
+            sha256_hex(&a[p * PAGE..(p + 1) * PAGE]),
+            sha256_hex(&b[p * PAGE..(p + 1) * PAGE])
+        );
+    }
+    let nonzero = a.chunks(PAGE).filter(|pg| pg.iter().any(|&x| x != 0)).count();
+    let conns: Vec<String> = proxies
+        .iter()
+        .flat_map(|p| p.recordings())
+        .map(|r| format!("{}{}", r.s2d.bytes.len(), if r.cut { " (cut)" } else { "" }))
+        .collect();
+    let mut s = format!(
+        "RAM equal ({} MiB, {nonzero} non-zero pages{}, sha256 {}…); connections s->d bytes [{}]",
+        g.ram_mb,
+        if written > 0 { format!(", {written} written by qtest") } else { String::new() },
+        &sha256_hex(&a)[..16],
+        conns.join(", ")
+    );
+    for n in notes {
+        s.push_str("; ");
+        s.push_str(&n);
+    }
+    Ok(s)
+}
+
+fn cut(p: &Proxy, after: u64) -> anyhow::Result<()> {
+    let (now, _) = p.bytes_forwarded(0);
+    p.arm_cut(0, now + after);
+    p.wait_closed(0, PHASE).map_err(|e| anyhow!("the cut never happened: {e}"))?;
+    if !p.recordings()[0].cut {
+        bail!("postcopy finished before the cut");
+    }
+    Ok(())
+}
+
+fn paused(src: &mut Side, dst: &mut Side) -> anyhow::Result<()> {
+    wait(dst, "destination", "postcopy-paused")?;
+    wait(src, "source", "postcopy-paused")?;
+    Ok(())
+}
+
+/// `migrate-recover` on a new port, a new proxy (cutting after `cut_at` bytes if given),
+/// `migrate resume=true`.
+fn recover(src: &mut Side, dst: &mut Side, cut_at: Option<u64>) -> anyhow::Result<Proxy> {
+    let addr = listen(dst, "migrate-recover")?;
+    let p = Proxy::start(addr)?;
+    if let Some(n) = cut_at {
+        p.arm_cut(0, n);
+    } else {
+        src.cmd("migrate-set-parameters", json!({"max-postcopy-bandwidth": 1u64 << 30}))?;
+    }
+    src.cmd(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{}", p.port()), "resume": true}),
+    )?;
+    Ok(p)
+}
