@@ -35,8 +35,10 @@ pub struct Args {
     #[arg(long = "vectors", value_name = "DIR")]
     pub vectors: Vec<PathBuf>,
     /// Destination under test: `qmig` (qmig-dst next to this binary or on PATH; the default),
-    /// `qemu` (QEMU 7.2 or 10.0, matching each vector), `none` (no replay), or a command-line
-    /// template with placeholders (see conformance/README.md).
+    /// `qemu` (QEMU 7.2 or 10.0, matching each vector), `none` (no replay), a command-line
+    /// template with placeholders (see conformance/README.md), or `broken-KIND:TARGET` (KIND
+    /// `bitmap-be` or `drop-pong`: TARGET with its return path deliberately corrupted, the
+    /// suite's self-test).
     #[arg(long = "dst", value_name = "CMD")]
     pub dst: Vec<String>,
     /// Skip list: `PATTERN REASON` per line.
@@ -100,6 +102,17 @@ pub fn find_bin(name: &str, dir: &Path) -> Option<PathBuf> {
 
 /// Resolves a `--dst` value for vector QEMU version `ver`.
 fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
+    if let Some(rest) = spec.strip_prefix("broken-") {
+        let (kind, inner) = rest
+            .split_once(':')
+            .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
+        let b = replay_dst::Breakage::parse(kind)
+            .ok_or_else(|| format!("`{kind}`: not bitmap-be or drop-pong"))?;
+        let mut t = dst_target(inner, ver)?;
+        t.label = format!("broken-{kind}:{}", t.label);
+        t.breakage = Some(b);
+        return Ok(t);
+    }
     match spec {
         "qemu" => {
             let v = if ver == "7.2" { QemuVersion::V7_2 } else { QemuVersion::V10_0 };
@@ -108,6 +121,7 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
                     label: "qemu".into(),
                     template: shim::QEMU_DST_TEMPLATE.into(),
                     extra: vec![("QEMU".into(), b.program.display().to_string())],
+                    breakage: None,
                 }),
                 Ok(None) => Err(format!("QEMU {ver} is not installed")),
                 Err(e) => Err(e.to_string()),
@@ -121,6 +135,7 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
                     "BIN_DIR".into(),
                     p.parent().unwrap_or(Path::new(".")).display().to_string(),
                 )],
+                breakage: None,
             }),
             None => Err("qmig-dst not found next to qmig or on PATH".into()),
         },
@@ -128,6 +143,7 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
             label: "custom".into(),
             template: t.into(),
             extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
+            breakage: None,
         }),
     }
 }
@@ -184,6 +200,7 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
             }
             let label = match spec.as_str() {
                 "qemu" | "qmig" => spec.clone(),
+                s if s.starts_with("broken-") => s.to_string(),
                 _ => "custom".into(),
             };
             let name = format!("replay-dst[{label}]/{}", v.id);

@@ -39,6 +39,52 @@ pub struct DstTarget {
     pub template: String,
     /// Extra scalar placeholder values (`QEMU`, `BIN_DIR`).
     pub extra: Vec<(String, String)>,
+    /// A deliberate defect (the suite's self-test): the target's return path is altered
+    /// between the target and the checks.
+    pub breakage: Option<Breakage>,
+}
+
+/// A deliberately broken destination, to prove the suite fails it (`--dst broken-KIND:TARGET`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Breakage {
+    /// Every 64-bit word of every RECV_BITMAP body byte-swapped (big-endian words).
+    BitmapBe,
+    /// Every PONG dropped.
+    DropPong,
+}
+
+impl Breakage {
+    /// Parses `bitmap-be` / `drop-pong`.
+    pub fn parse(s: &str) -> Option<Breakage> {
+        match s {
+            "bitmap-be" => Some(Breakage::BitmapBe),
+            "drop-pong" => Some(Breakage::DropPong),
+            _ => None,
+        }
+    }
+
+    /// Applies the defect to a return path the target wrote.
+    fn apply(self, v: &Vector, rp: Vec<u8>) -> Vec<u8> {
+        let Ok(msgs) = messages(v, &rp) else {
+            return rp;
+        };
+        let mut out = Vec::with_capacity(rp.len());
+        for (ty, mut b) in msgs {
+            match (self, ty) {
+                (Breakage::DropPong, 2) => continue,
+                (Breakage::BitmapBe, 5) => {
+                    let start = 4 + 1 + b[4] as usize + 8;
+                    let end = b.len() - 8;
+                    for w in b[start..end].chunks_exact_mut(8) {
+                        w.reverse();
+                    }
+                }
+                _ => {}
+            }
+            out.extend_from_slice(&b);
+        }
+        out
+    }
 }
 
 /// The result of one replay: `Ok(detail)`, `Err(Fail)` or `Err(Skip)`.
@@ -404,7 +450,7 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
             }
             Err(StartError::Failed(e)) => return Err(e),
         };
-        let r = drive(v, &mut t, port, uses_listen);
+        let r = drive(v, &mut t, port, uses_listen, target.breakage);
         match r {
             Err(e) => {
                 if t.exit_code() == Some(shim::EXIT_UNSUPPORTED) {
@@ -422,7 +468,13 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
     result
 }
 
-fn drive(v: &Vector, t: &mut Target, port: u16, uses_listen: bool) -> anyhow::Result<Verdict> {
+fn drive(
+    v: &Vector,
+    t: &mut Target,
+    port: u16,
+    uses_listen: bool,
+    target_breakage: Option<Breakage>,
+) -> anyhow::Result<Verdict> {
     let mut caps: Vec<Value> = vec![json!({"capability": "events", "state": true})];
     for c in caps_list(v) {
         caps.push(json!({"capability": c, "state": true}));
@@ -470,6 +522,7 @@ fn drive(v: &Vector, t: &mut Target, port: u16, uses_listen: bool) -> anyhow::Re
             }
         }
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
+        let breakage = target_breakage;
         let rp = if cut {
             let rp = conn.cut();
             wait_status(t, "postcopy-paused").context("after the cut")?;
@@ -503,6 +556,10 @@ fn drive(v: &Vector, t: &mut Target, port: u16, uses_listen: bool) -> anyhow::Re
             });
         } else {
             conn.finish()
+        };
+        let rp = match breakage {
+            Some(b) => b.apply(v, rp),
+            None => rp,
         };
         if let (Some(want), Some(rule)) = (
             ch["expected_return_path"].as_str(),
