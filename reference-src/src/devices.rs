@@ -6,7 +6,9 @@
 //! runstate[32], has_vm_was_suspended, vm_was_suspended, padding`), with QEMU's section ids; and
 //! [`from_template`], which takes every device section (idstr, instance, version, payload, id)
 //! from a stream captured from a real QEMU of the same version and machine, decoded with the
-//! protocol crate's `StreamDecoder`.
+//! protocol crate's `StreamDecoder`, together with the template's VM description when it has
+//! one (precopy captures end with it). The description written after a precopy EOF is that
+//! one, or [`MINIMAL_VMDESC`] (QEMU's destination reads it only to skip it).
 
 use std::path::Path;
 
@@ -15,6 +17,18 @@ use qmig_protocol::machine::DeviceState;
 use qmig_protocol::profile::{Profile, Version};
 use qmig_protocol::section::SectionHeader;
 use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+
+/// The VM description sent when no template provides one.
+pub const MINIMAL_VMDESC: &[u8] = br#"{"page_size": 4096, "devices": []}"#;
+
+/// Device sections and the VM description taken from a captured stream.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Template {
+    /// The device sections, in stream order.
+    pub devices: Vec<DeviceState>,
+    /// The VM description JSON after the stream's EOF, if the stream has one.
+    pub vmdesc: Option<Vec<u8>>,
+}
 
 /// Section id of `ram` in every stream QEMU writes for the machines qmig models.
 pub const RAM_SECTION_ID: u32 = 2;
@@ -70,10 +84,10 @@ pub fn builtin(profile: &Profile) -> Vec<DeviceState> {
 /// Every SECTION_FULL device (not `ram`) of a captured stream, in stream order (PACKAGED blobs
 /// included). Decoding stops at the end of the stream or at the first item that does not decode
 /// (a cut capture); the devices seen before are kept. Fails if none was found.
-pub fn from_template(path: &Path, profile: &Profile) -> Result<Vec<DeviceState>, String> {
+pub fn from_template(path: &Path, profile: &Profile) -> Result<Template, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
     let devices = decode_devices(&bytes, profile);
-    if devices.is_empty() {
+    if devices.devices.is_empty() {
         return Err(format!(
             "{}: no device section found in the template stream",
             path.display()
@@ -82,12 +96,12 @@ pub fn from_template(path: &Path, profile: &Profile) -> Result<Vec<DeviceState>,
     Ok(devices)
 }
 
-/// The device sections of `stream` (see [`from_template`]).
-pub fn decode_devices(stream: &[u8], profile: &Profile) -> Vec<DeviceState> {
+/// The device sections and VM description of `stream` (see [`from_template`]).
+pub fn decode_devices(stream: &[u8], profile: &Profile) -> Template {
     let mut d = StreamDecoder::new(Channel::Main, *profile, Limits::DEFAULT);
     let mut pos = 0usize;
     let mut open: Option<DeviceState> = None;
-    let mut out: Vec<DeviceState> = Vec::new();
+    let mut out = Template::default();
     while pos < stream.len() {
         let Ok((item, n)) = d.decode_final(&stream[pos..]) else {
             break;
@@ -110,10 +124,13 @@ pub fn decode_devices(stream: &[u8], profile: &Profile) -> Vec<DeviceState> {
             }
             Item::Footer { .. } => {
                 if let Some(dev) = open.take() {
-                    out.push(dev);
+                    out.devices.push(dev);
                 }
             }
-            Item::Eof | Item::VmDescription(_) => break,
+            Item::VmDescription(json) => {
+                out.vmdesc = Some(json.to_vec());
+                break;
+            }
             _ => {}
         }
         if n == 0 && !matches!(item, Item::PackageEnd) {
@@ -126,6 +143,81 @@ pub fn decode_devices(stream: &[u8], profile: &Profile) -> Vec<DeviceState> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn vector(path: &str) -> Vec<u8> {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/vectors");
+        std::fs::read(root.join(path)).unwrap()
+    }
+
+    /// The built-in devices are byte-identical to QEMU's (same idstr, instance, version and
+    /// payload; the timer's clock offsets aside) in captures of `-M none` of each version.
+    #[test]
+    fn builtin_devices_match_captures() {
+        for (path, profile, cpu) in [
+            (
+                "qemu-7.2/precopy-tcp-rp/stream.bin",
+                Profile::QEMU_7_2,
+                true,
+            ),
+            (
+                "qemu-10.0/precopy-none-nocpu/stream.bin",
+                Profile::QEMU_10,
+                false,
+            ),
+        ] {
+            let t = decode_devices(&vector(path), &profile);
+            let b = builtin(&profile);
+            let gs = t.devices.iter().find(|d| d.idstr == "globalstate").unwrap();
+            assert_eq!(gs.data, b[1].data, "{path}");
+            assert_eq!((gs.instance_id, gs.version_id), (0, 1));
+            if !cpu {
+                assert_eq!(gs.section_id, b[1].section_id, "{path}");
+            }
+            let timer = &t.devices[0];
+            assert_eq!(
+                (
+                    timer.idstr.as_str(),
+                    timer.section_id,
+                    timer.version_id,
+                    timer.data.len()
+                ),
+                ("timer", 0, 2, 24)
+            );
+            assert!(t.vmdesc.as_ref().is_some_and(|j| j.starts_with(b"{")));
+        }
+    }
+
+    #[test]
+    fn template_takes_every_device_in_order() {
+        let t = decode_devices(
+            &vector("qemu-7.2/precopy-tcp-rp/stream.bin"),
+            &Profile::QEMU_7_2,
+        );
+        let names: Vec<(&str, u32)> = t
+            .devices
+            .iter()
+            .map(|d| (d.idstr.as_str(), d.section_id))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("timer", 0),
+                ("cpu_common", 4),
+                ("cpu", 5),
+                ("kvm-tpr-opt", 6),
+                ("apic", 7),
+                ("globalstate", 8)
+            ]
+        );
+        assert_eq!(t.devices[2].data.len(), 1851);
+        // Devices inside a PACKAGED blob (a postcopy capture) are found too; it has no vmdesc.
+        let p = decode_devices(
+            &vector("qemu-7.2/postcopy-recover/stream.bin"),
+            &Profile::QEMU_7_2,
+        );
+        assert_eq!(p.devices.len(), 6);
+        assert_eq!(p.vmdesc, None);
+    }
 
     #[test]
     fn globalstate_is_104_bytes_in_both_layouts() {

@@ -65,9 +65,12 @@ fn run(args: Args) -> Result<(), String> {
         }
         FillSpec::Image(p) => fill_from_image(&ram.blocks()[0], &p).map_err(|e| e.to_string())?,
     }
-    let devices = match &args.device_template {
+    let template = match &args.device_template {
         Some(p) => devices::from_template(p, &args.profile)?,
-        None if args.machine == "none" => devices::builtin(&args.profile),
+        None if args.machine == "none" => devices::Template {
+            devices: devices::builtin(&args.profile),
+            vmdesc: None,
+        },
         None => return Err("--machine microvm needs --device-template".into()),
     };
     let tracking = match args.dirty_tracking.as_str() {
@@ -93,7 +96,10 @@ fn run(args: Args) -> Result<(), String> {
     let handler = Arc::new(qmp::SourceQmp {
         shared,
         machine: args.machine.clone(),
-        devices,
+        devices: template.devices,
+        vmdesc: template
+            .vmdesc
+            .unwrap_or_else(|| devices::MINIMAL_VMDESC.to_vec()),
         tracking,
     });
     let version = match args.profile.version {

@@ -32,7 +32,6 @@ use qmig_protocol::machine::{
     SourceConfig,
 };
 use qmig_protocol::rp::{RpDecoder, RpMessage};
-use qmig_protocol::stream::Item;
 
 use crate::devices::RAM_SECTION_ID;
 use crate::state::{Msg, Shared};
@@ -44,9 +43,6 @@ const SEND_BUFFER: usize = 256 * 1024;
 /// Pages per RAM section part.
 const PAGES_PER_SECTION: usize = 16;
 
-/// The VM description appended after a precopy EOF (see `Driver::transmit`).
-const VMDESC: &[u8] = br#"{"page_size": 4096, "devices": []}"#;
-
 /// What a migration needs besides the shared state.
 pub struct Plan {
     /// Where to connect.
@@ -55,6 +51,9 @@ pub struct Plan {
     pub machine: String,
     /// Device sections.
     pub devices: Vec<DeviceState>,
+    /// VM description written after a precopy EOF (a QEMU destination reads it, or at least
+    /// its first byte, before it answers with SHUT).
+    pub vmdesc: Vec<u8>,
     /// Dirty tracking mechanism choice.
     pub tracking: Choice,
 }
@@ -75,6 +74,7 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
     cfg.ram_section_id = RAM_SECTION_ID;
     cfg.devices = plan.devices;
     cfg.pages_per_section = PAGES_PER_SECTION;
+    cfg.vmdesc = Some(plan.vmdesc);
     let mut src = Source::new(cfg);
     src.record_sent_pages(true);
     let (tx, rx) = mpsc::channel();
@@ -105,8 +105,6 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
         iter_bytes: 0,
         stopped_at: None,
         we_stopped_guest: false,
-        completing: false,
-        vmdesc_sent: false,
     };
     std::thread::Builder::new()
         .name("migration".into())
@@ -132,8 +130,6 @@ struct Driver {
     iter_bytes: u64,
     stopped_at: Option<Instant>,
     we_stopped_guest: bool,
-    completing: bool,
-    vmdesc_sent: bool,
 }
 
 fn reader(mut r: ConnReader, conn: u64, tx: Sender<Msg>) {
@@ -284,22 +280,7 @@ impl Driver {
     fn transmit(&mut self, budget: usize) {
         self.out.clear();
         let ram = self.shared.guest.ram.clone();
-        let mut n = self.src.poll_transmit(&*ram, &mut self.out, budget);
-        // (Only when the call ended with the EOF byte: a machine that writes the description
-        // itself ends with its JSON instead.)
-        if self.completing
-            && !self.vmdesc_sent
-            && !self.src.wants_transmit()
-            && self.out.last() == Some(&0)
-        {
-            // The precopy EOF was just written. A QEMU destination reads one more byte after
-            // EOF (the VM description) before it answers with SHUT; the machine does not write
-            // one yet, so the driver appends a minimal description (QEMU ignores its content).
-            let before = self.out.len();
-            Item::VmDescription(VMDESC).encode(&mut self.out);
-            n += self.out.len() - before;
-            self.vmdesc_sent = true;
-        }
+        let n = self.src.poll_transmit(&*ram, &mut self.out, budget);
         let c = &self.shared.recorder.counters;
         for (b, p) in self.src.take_sent_pages() {
             let mut page = [0u8; PAGE_SIZE];
@@ -539,9 +520,8 @@ impl Driver {
             self.stop_guest();
             self.sync_dirty();
             let now = self.now();
-            match self.src.handle_control(now, Control::Complete) {
-                Ok(()) => self.completing = true,
-                Err(e) => self.shared.set_error(e.to_string()),
+            if let Err(e) = self.src.handle_control(now, Control::Complete) {
+                self.shared.set_error(e.to_string());
             }
         }
         self.iter_start = Instant::now();

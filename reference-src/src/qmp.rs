@@ -45,6 +45,8 @@ pub struct SourceQmp {
     pub machine: String,
     /// Device sections to send.
     pub devices: Vec<DeviceState>,
+    /// VM description written after a precopy EOF.
+    pub vmdesc: Vec<u8>,
     /// Dirty tracking choice.
     pub tracking: Choice,
 }
@@ -95,6 +97,7 @@ impl SourceQmp {
                 uri,
                 machine: self.machine.clone(),
                 devices: self.devices.clone(),
+                vmdesc: self.vmdesc.clone(),
                 tracking: self.tracking,
             },
         )
