@@ -64,6 +64,7 @@ rules! {
     VmdescLen = "VMDESC-LEN", "the VM description's be32 length is at most the cap (16 MiB)";
     VmdescJson = "VMDESC-JSON", "the VM description is UTF-8 JSON of the documented shape";
     EofTrailing = "EOF-TRAILING", "nothing follows EOF except one VM description";
+    StreamTruncated = "STREAM-TRUNCATED", "a channel that ends (closed, or a file at its end) ends on a record boundary, after EOF for a complete stream";
     // --- commands ------------------------------------------------------------------------
     CmdUnknown = "CMD-UNKNOWN", "a command code is 1..=10 (7.2) or 1..=11 (10.x)";
     CmdLen = "CMD-LEN", "a fixed-length command's be16 length equals its table length";

@@ -27,10 +27,10 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// The id `qmig` reports for input that ends inside a record or before EOF. Not (yet) a rule of
-/// `qmig_protocol::Rule`: the decoder reports `Incomplete`, and deciding that no more input will
-/// come is the caller's.
-pub const TRUNCATED_RULE: &str = "STREAM-TRUNCATED";
+/// The id `qmig` reports for input that ends inside a record or before EOF
+/// ([`Rule::StreamTruncated`]): the decoder reports `Incomplete`, and deciding that no more input
+/// will come is the caller's.
+pub const TRUNCATED_RULE: &str = qmig_protocol::Rule::StreamTruncated.id();
 
 /// A `--profile` value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
