@@ -46,6 +46,7 @@ impl Knobs {
                 max_rp_len: 64,
                 max_block_bytes: 1 << 24,
                 max_vmdesc_depth: 4,
+                max_sections: 8,
             }
         } else {
             Limits::DEFAULT

@@ -25,6 +25,9 @@ pub struct Limits {
     pub max_block_bytes: u64,
     /// Deepest nesting of structs and subsections in a VM description: 32.
     pub max_vmdesc_depth: u32,
+    /// Most distinct section ids a stream may bind with SECTION_START/FULL (the receiver's
+    /// device count; QEMU has no cap): 8192. One more breaks `SEC-UNKNOWN-DEVICE`.
+    pub max_sections: u32,
 }
 
 impl Limits {
@@ -39,6 +42,7 @@ impl Limits {
         max_rp_len: 512,
         max_block_bytes: 1 << 40,
         max_vmdesc_depth: 32,
+        max_sections: 8192,
     };
 }
 

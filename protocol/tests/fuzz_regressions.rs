@@ -39,7 +39,7 @@ fn complete_stream() -> Vec<u8> {
         version_id: 4,
     })
     .encode(&mut s);
-    s.put_be64(4 * TPS | RamFlags::MEM_SIZE.0);
+    s.put_be64((4 * TPS) | RamFlags::MEM_SIZE.0);
     encode_mem_size(
         [BlockInfo {
             name: b"ram",

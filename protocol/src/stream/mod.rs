@@ -375,7 +375,7 @@ impl StreamDecoder {
                         {
                             self.blocks.clear();
                             for b in list.iter() {
-                                self.blocks.push(BlockInfoOwned::from_info(&b));
+                                self.blocks.push_shared(BlockInfoOwned::from_info(&b));
                             }
                         }
                         #[cfg(not(feature = "alloc"))]

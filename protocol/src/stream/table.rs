@@ -115,11 +115,21 @@ impl core::fmt::Debug for BlockInfoOwned {
 /// Sections kept without `alloc`.
 pub const NO_ALLOC_SECTIONS: usize = 64;
 
-/// A growable list (a `Vec` with `alloc`, a fixed array of `N` without).
+/// A growable list (with `alloc`: shared committed entries plus a private overlay; without: a
+/// fixed array of `N`).
+///
+/// With `alloc`, cloning is O(1) in the number of entries: the committed entries sit behind an
+/// `Arc`, and a clone (the footer scan's lookahead decoders, `resume_from`) shares them. A push
+/// goes into the shared vector when this table is its only owner (the live decoder, whose
+/// lookahead clones are gone by then), else into the clone's private overlay, so a lookahead
+/// never copies the table (before this, each device section's footer scan copied it some 20
+/// times: quadratic in the number of sections, found by `protocol/tests/alloc_caps.rs`).
 #[derive(Clone)]
 pub(crate) struct Table<T: Copy, const N: usize> {
     #[cfg(feature = "alloc")]
-    items: alloc::vec::Vec<T>,
+    shared: alloc::sync::Arc<alloc::vec::Vec<T>>,
+    #[cfg(feature = "alloc")]
+    local: alloc::vec::Vec<T>,
     #[cfg(not(feature = "alloc"))]
     items: [Option<T>; N],
     #[cfg(not(feature = "alloc"))]
@@ -130,7 +140,9 @@ impl<T: Copy, const N: usize> Table<T, N> {
     pub(crate) fn new() -> Self {
         Table {
             #[cfg(feature = "alloc")]
-            items: alloc::vec::Vec::new(),
+            shared: alloc::sync::Arc::new(alloc::vec::Vec::new()),
+            #[cfg(feature = "alloc")]
+            local: alloc::vec::Vec::new(),
             #[cfg(not(feature = "alloc"))]
             items: [None; N],
             #[cfg(not(feature = "alloc"))]
@@ -138,11 +150,22 @@ impl<T: Copy, const N: usize> Table<T, N> {
         }
     }
 
+    /// Number of entries.
+    pub(crate) fn len(&self) -> usize {
+        #[cfg(feature = "alloc")]
+        return self.shared.len() + self.local.len();
+        #[cfg(not(feature = "alloc"))]
+        return self.len;
+    }
+
     /// Appends; returns false when a fixed table is full.
     pub(crate) fn push(&mut self, v: T) -> bool {
         #[cfg(feature = "alloc")]
         {
-            self.items.push(v);
+            match alloc::sync::Arc::get_mut(&mut self.shared) {
+                Some(items) if self.local.is_empty() => items.push(v),
+                _ => self.local.push(v),
+            }
             true
         }
         #[cfg(not(feature = "alloc"))]
@@ -158,25 +181,66 @@ impl<T: Copy, const N: usize> Table<T, N> {
 
     #[cfg(feature = "alloc")]
     pub(crate) fn clear(&mut self) {
-        self.items.clear();
+        self.local.clear();
+        match alloc::sync::Arc::get_mut(&mut self.shared) {
+            Some(items) => items.clear(),
+            None => self.shared = alloc::sync::Arc::new(alloc::vec::Vec::new()),
+        }
     }
 
+    /// Every entry; with `alloc`, a clone's overlay first (newest first: an entry it re-bound
+    /// shadows the shared one).
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
         #[cfg(feature = "alloc")]
-        return self.items.iter();
+        return self.local.iter().rev().chain(self.shared.iter());
         #[cfg(not(feature = "alloc"))]
         return self.items[..self.len].iter().filter_map(|x| x.as_ref());
     }
 
-    pub(crate) fn iter_mut(&mut self) -> impl Iterator<Item = &mut T> {
+    /// Replaces the entry matching `is` with `v` (the first in [`Table::iter`] order). With
+    /// `alloc`, a clone that shares the entry records `v` in its overlay instead of copying
+    /// the table.
+    pub(crate) fn replace(&mut self, v: T, is: impl Fn(&T) -> bool) {
         #[cfg(feature = "alloc")]
-        return self.items.iter_mut();
+        {
+            if let Some(e) = self.local.iter_mut().rev().find(|e| is(e)) {
+                *e = v;
+                return;
+            }
+            match alloc::sync::Arc::get_mut(&mut self.shared) {
+                Some(items) if self.local.is_empty() => {
+                    if let Some(e) = items.iter_mut().find(|e| is(e)) {
+                        *e = v;
+                    }
+                }
+                _ => self.local.push(v),
+            }
+        }
         #[cfg(not(feature = "alloc"))]
-        return self.items[..self.len].iter_mut().filter_map(|x| x.as_mut());
+        if let Some(e) = self.items[..self.len].iter_mut().flatten().find(|e| is(e)) {
+            *e = v;
+        }
+    }
+
+    /// Appends into the shared entries (copy-on-write if a clone shares them), so that
+    /// [`Table::as_slice`] sees every entry. For tables pushed to rarely (the MEM_SIZE blocks).
+    #[cfg(feature = "alloc")]
+    pub(crate) fn push_shared(&mut self, v: T) {
+        self.flush();
+        alloc::sync::Arc::make_mut(&mut self.shared).push(v);
     }
 
     #[cfg(feature = "alloc")]
+    fn flush(&mut self) {
+        if !self.local.is_empty() {
+            let items = alloc::sync::Arc::make_mut(&mut self.shared);
+            items.append(&mut self.local);
+        }
+    }
+
+    /// The entries as one slice; complete for tables filled with [`Table::push_shared`] only.
+    #[cfg(feature = "alloc")]
     pub(crate) fn as_slice(&self) -> &[T] {
-        &self.items
+        &self.shared
     }
 }

@@ -118,11 +118,12 @@ impl StreamDecoder {
                         i.version_id as u64,
                     ));
                 }
-                if let Some(s) = self
+                let bound = self
                     .sections
-                    .iter_mut()
+                    .iter()
                     .find(|s| s.section_id == i.section_id)
-                {
+                    .copied();
+                if let Some(mut s) = bound {
                     if s.idstr() != i.idstr || s.instance_id != i.instance_id {
                         return Err(WireError::invalid(
                             at + 1,
@@ -130,8 +131,19 @@ impl StreamDecoder {
                             i.section_id as u64,
                         ));
                     }
-                    s.version_id = i.version_id;
-                    return Ok(*s);
+                    if s.version_id != i.version_id {
+                        s.version_id = i.version_id;
+                        self.sections.replace(s, |e| e.section_id == i.section_id);
+                    }
+                    return Ok(s);
+                }
+                // A receiver has at most `max_sections` devices: the table never grows past it.
+                if self.sections.len() >= self.limits.max_sections as usize {
+                    return Err(WireError::invalid(
+                        at + 5,
+                        Rule::SecUnknownDevice,
+                        i.section_id as u64,
+                    ));
                 }
                 let info = SectionInfo::new(i.section_id, i.idstr, i.instance_id, i.version_id);
                 // Without alloc a full table forgets the section: PART/END naming it fail.
