@@ -23,7 +23,11 @@ pub struct Violation {
 impl Violation {
     /// A violation of `rule` at `offset` with the offending `value`.
     pub const fn new(offset: u64, rule: Rule, value: u64) -> Self {
-        Violation { offset, rule, value }
+        Violation {
+            offset,
+            rule,
+            value,
+        }
     }
 }
 
@@ -84,7 +88,9 @@ impl From<Violation> for WireError {
 impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            WireError::Incomplete { needed } => write!(f, "incomplete input: {needed} more bytes needed"),
+            WireError::Incomplete { needed } => {
+                write!(f, "incomplete input: {needed} more bytes needed")
+            }
             WireError::Invalid(v) => v.fmt(f),
         }
     }
