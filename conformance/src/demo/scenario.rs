@@ -241,7 +241,7 @@ pub fn run(args: &Args, dir: &Path) -> anyhow::Result<Outcome> {
         bail!("the destination recovers on its old port {dst_port}");
     }
     s.out.line(format!(
-        "destination: migrate-recover tcp:127.0.0.1:{new_port} (a new port)"
+        "destination: migrate-recover tcp:127.0.0.1:{new_port} (a new port; the first channel came to {dst_port})"
     ));
     let uri = format!("tcp:127.0.0.1:{new_port}");
     s.execute(Side::Src, "migrate", json!({"uri": uri, "resume": true}))?;
