@@ -32,6 +32,7 @@ use qmig_protocol::machine::{
     SourceConfig,
 };
 use qmig_protocol::rp::{RpDecoder, RpMessage};
+use qmig_protocol::rule::Rule;
 
 use crate::devices::RAM_SECTION_ID;
 use crate::state::{Msg, Shared};
@@ -40,6 +41,8 @@ use crate::state::{Msg, Shared};
 const CHUNK: usize = 32 * 1024;
 /// Kernel send buffer of a TCP main channel (the kernel doubles it).
 const SEND_BUFFER: usize = 256 * 1024;
+/// How often an idle driver checks the return-path silence bound.
+const TIMEOUT_TICK: Duration = Duration::from_millis(200);
 /// Pages per RAM section part.
 const PAGES_PER_SECTION: usize = 16;
 
@@ -75,6 +78,7 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
     cfg.devices = plan.devices;
     cfg.pages_per_section = PAGES_PER_SECTION;
     cfg.vmdesc = Some(plan.vmdesc);
+    cfg.silence_timeout = Some(Shared::get(&shared.rp_timeout).saturating_mul(1_000_000));
     let mut src = Source::new(cfg);
     src.record_sent_pages(true);
     let (tx, rx) = mpsc::channel();
@@ -216,10 +220,29 @@ impl Driver {
                 }
                 self.transmit(avail.min(CHUNK));
             } else {
-                match self.rx.recv() {
+                // Idle: wait for the return path or a command; tick for SM-TIMEOUT.
+                match self.rx.recv_timeout(TIMEOUT_TICK) {
                     Ok(m) => self.on_msg(m),
-                    Err(_) => break,
+                    Err(RecvTimeoutError::Timeout) => {
+                        let now = self.now();
+                        self.src.handle_timeout(now);
+                    }
+                    Err(RecvTimeoutError::Disconnected) => break,
                 }
+            }
+            if self.writer.is_some()
+                && matches!(
+                    self.src.status(),
+                    MigrationStatus::PostcopyPaused
+                        | MigrationStatus::Failed
+                        | MigrationStatus::Cancelled
+                )
+            {
+                // The machine gave the channel up (timeout, bad input): close it.
+                if let Some(w) = self.writer.take() {
+                    w.cutter().cut();
+                }
+                self.rp_buf.clear();
             }
         }
         self.finish();
@@ -555,7 +578,7 @@ impl Driver {
                 Event::Error { violation, .. } => self.shared.set_error(violation.to_string()),
                 Event::ChannelLost { rule } => {
                     tracing::warn!("channel lost: {}: {}", rule.id(), rule.summary());
-                    if self.src.status() == MigrationStatus::Failed {
+                    if rule == Rule::SmTimeout || self.src.status() == MigrationStatus::Failed {
                         self.shared
                             .set_error(format!("{}: {}", rule.id(), rule.summary()));
                     }

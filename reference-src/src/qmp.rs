@@ -150,6 +150,13 @@ impl SourceQmp {
         if let Some(b) = p.max_postcopy_bandwidth {
             s.max_postcopy_bandwidth.store(b, Ordering::Relaxed);
         }
+        if let Some(v) = p.other.get("x-return-path-timeout") {
+            let ms = v
+                .as_u64()
+                .filter(|&ms| ms > 0)
+                .ok_or_else(|| err("Parameter 'x-return-path-timeout' expects milliseconds > 0"))?;
+            s.rp_timeout.store(ms, Ordering::Relaxed);
+        }
         if let Some(d) = p.downtime_limit {
             if d > 2_000_000 {
                 return Err(err("Parameter 'downtime_limit' expects an integer in the range of 0 to 2000000 milliseconds"));
@@ -165,6 +172,12 @@ impl SourceQmp {
             max_bandwidth: Some(Shared::get(&s.max_bandwidth)),
             max_postcopy_bandwidth: Some(Shared::get(&s.max_postcopy_bandwidth)),
             downtime_limit: Some(Shared::get(&s.downtime_limit)),
+            other: [(
+                "x-return-path-timeout".to_owned(),
+                json!(Shared::get(&s.rp_timeout)),
+            )]
+            .into_iter()
+            .collect(),
             ..MigrationParameters::default()
         })
     }

@@ -23,6 +23,9 @@ use crate::guest::Guest;
 
 /// Default `max-bandwidth`: QEMU's 128 MiB/s.
 pub const DEFAULT_MAX_BANDWIDTH: u64 = 128 << 20;
+/// Default `x-return-path-timeout`: how long the source waits for an awaited return-path answer
+/// (received bitmaps, RESUME_ACK, SHUT) before it treats the channel as lost (SM-TIMEOUT).
+pub const DEFAULT_RP_TIMEOUT_MS: u64 = 60_000;
 /// Default `downtime-limit`: QEMU's 300 ms.
 pub const DEFAULT_DOWNTIME_LIMIT_MS: u64 = 300;
 
@@ -88,6 +91,8 @@ pub struct Shared {
     pub max_postcopy_bandwidth: AtomicU64,
     /// `downtime-limit`, ms.
     pub downtime_limit: AtomicU64,
+    /// `x-return-path-timeout`, ms (SM-TIMEOUT), read when a migration starts.
+    pub rp_timeout: AtomicU64,
     /// Bytes still to send.
     pub remaining: AtomicU64,
     /// Pages dirtied per second over the last iteration.
@@ -120,6 +125,7 @@ impl Shared {
             max_bandwidth: AtomicU64::new(DEFAULT_MAX_BANDWIDTH),
             max_postcopy_bandwidth: AtomicU64::new(0),
             downtime_limit: AtomicU64::new(DEFAULT_DOWNTIME_LIMIT_MS),
+            rp_timeout: AtomicU64::new(DEFAULT_RP_TIMEOUT_MS),
             remaining: AtomicU64::new(0),
             dirty_pages_rate: AtomicU64::new(0),
             iterations: AtomicU64::new(0),

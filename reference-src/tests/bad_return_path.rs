@@ -25,7 +25,7 @@ fn rp(m: RpMessage<'_>) -> Vec<u8> {
 }
 
 /// A qmig-src migrating 16 MiB (postcopy-ram, return-path) to a fake destination, slowly.
-fn start(profile: &str) -> (Src, TcpStream, JoinHandle<Vec<u8>>) {
+fn start(profile: &str, params: Value) -> (Src, TcpStream, JoinHandle<Vec<u8>>) {
     let mut src = Src::spawn(&[
         "--ram",
         "16M",
@@ -47,6 +47,7 @@ fn start(profile: &str) -> (Src, TcpStream, JoinHandle<Vec<u8>>) {
         "migrate-set-parameters",
         json!({"max-bandwidth": 2u64 << 20, "max-postcopy-bandwidth": 1u64 << 20}),
     );
+    src.cmd("migrate-set-parameters", params);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = l.local_addr().unwrap().port();
     src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}));
@@ -109,7 +110,7 @@ fn resume(src: &mut Src) -> TcpStream {
 
 #[test]
 fn page_request_in_precopy_fails_with_rp_order() {
-    let (mut src, mut s, drain) = start("7.2");
+    let (mut src, mut s, drain) = start("7.2", json!({}));
     src.wait("active");
     s.write_all(&rp(RpMessage::ReqPagesId {
         start: 0,
@@ -127,7 +128,7 @@ fn page_request_in_precopy_fails_with_rp_order() {
 
 #[test]
 fn postcopy_bad_inputs_pause_and_recovery_still_completes() {
-    let (mut src, mut s, drain) = start("7.2");
+    let (mut src, mut s, drain) = start("7.2", json!({}));
     src.wait("active");
     src.cmd("migrate-start-postcopy", Value::Null);
     src.wait("postcopy-active");
@@ -204,4 +205,30 @@ fn postcopy_bad_inputs_pause_and_recovery_still_completes() {
     let info = src.cmd("query-migrate", Value::Null);
     assert_eq!(info["x-qmig"]["recoveries"], 3, "{info}");
     let _ = s4.shutdown(Shutdown::Both);
+}
+
+#[test]
+fn silent_destination_in_recovery_times_out_and_pauses() {
+    let (mut src, s, drain) = start("10", json!({"x-return-path-timeout": 300}));
+    src.wait("active");
+    src.cmd("migrate-start-postcopy", Value::Null);
+    src.wait("postcopy-active");
+    s.shutdown(Shutdown::Both).unwrap();
+    src.wait("postcopy-paused");
+    let main = drain.join().unwrap();
+    let main_dec = decode_main(&main, Profile::QEMU_10);
+    // The recovery channel asks for the bitmap and gets no answer.
+    let mut s2 = resume(&mut src);
+    src.wait("postcopy-recover-setup");
+    src.wait("postcopy-recover");
+    let (mut dec, mut buf) = (main_dec.resume_from(), Vec::new());
+    read_until(&mut s2, &mut dec, &mut buf, &|i| {
+        matches!(i, Item::Command(Command::RecvBitmap { .. }))
+    });
+    src.wait("postcopy-paused");
+    let e = error_desc(&mut src);
+    assert!(e.starts_with("SM-TIMEOUT: "), "{e}");
+    // qmig-src closed the silent channel.
+    let mut rest = Vec::new();
+    s2.read_to_end(&mut rest).unwrap();
 }
