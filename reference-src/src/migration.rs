@@ -327,6 +327,11 @@ impl Driver {
             Ok(()) => {
                 self.bucket.consume(n);
                 c.add_bytes(n as u64);
+                // Feed the throughput window (`mbps`) as bytes go out, not only when queried.
+                let total = c
+                    .transferred_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                self.shared.recorder.rate.sample(Instant::now(), total);
                 let phase = match self.src.status() {
                     MigrationStatus::PostcopyActive | MigrationStatus::PostcopyRecover => {
                         &self.shared.postcopy_bytes
