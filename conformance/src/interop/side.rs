@@ -80,7 +80,7 @@ impl Side {
                     format!("unix:{}", qmp.display()),
                     "--profile".into(),
                     profile.into(),
-                    "-M".into(),
+                    "--machine".into(),
                     machine.into(),
                 ];
                 if incoming {

@@ -40,7 +40,7 @@ pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} -nodefau
 
 /// The qmig-dst destination template.
 pub const QMIG_DST_TEMPLATE: &str =
-    "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} -M {MACHINE} --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
+    "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} --machine {MACHINE} --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
 
 /// Values for one target start.
 #[derive(Clone, Debug, Default)]
@@ -154,15 +154,33 @@ impl Target {
             .spawn()
             .with_context(|| format!("cannot start {}", argv[0]))
             .map_err(StartError::Failed)?;
-        match QmpClient::connect_retry(qmp_path, Duration::from_secs(30)) {
+        // Connect as soon as the socket answers; stop at once if the target exits first.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let result = loop {
+            if let Ok(Some(st)) = child.try_wait() {
+                break Err((Some(st), "exited before serving QMP".to_string()));
+            }
+            if qmp_path.exists() {
+                match QmpClient::connect(qmp_path) {
+                    Ok(q) => break Ok(q),
+                    Err(e) if std::time::Instant::now() >= deadline => {
+                        break Err((None, e.to_string()))
+                    }
+                    Err(_) => {}
+                }
+            } else if std::time::Instant::now() >= deadline {
+                break Err((None, "no QMP socket after 30 s".to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        match result {
             Ok(qmp) => Ok(Target {
                 child,
                 dir: dir.to_path_buf(),
                 qmp,
                 argv,
             }),
-            Err(e) => {
-                let status = child.try_wait().ok().flatten();
+            Err((status, e)) => {
                 let _ = child.kill();
                 let _ = child.wait();
                 let log = std::fs::read_to_string(dir.join("target.log")).unwrap_or_default();

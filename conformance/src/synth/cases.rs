@@ -101,7 +101,7 @@ macro_rules! case {
 pub const PRECOPY_EXERCISES: &[&str] = &[
     "HDR-MAGIC", "HDR-VERSION", "CFG-PRESENT", "CFG-NAME-LEN", "CFG-MACHINE", "STR8-EMPTY",
     "SEC-TYPE", "SEC-SUBSECTION-TOP", "SEC-UNKNOWN-ID", "SEC-DUPLICATE-ID", "SEC-FOOTER",
-    "SEC-FOOTER-ID", "SEC-DELIMIT", "VMDESC-PLACE", "EOF-TRAILING", "CMD-UNKNOWN", "CMD-LEN",
+    "SEC-FOOTER-ID", "SEC-DELIMIT", "VMDESC-PLACE", "VMDESC-LEN", "EOF-TRAILING", "CMD-UNKNOWN", "CMD-LEN",
     "CMD-PING-NO-RP", "RAM-VERSION", "RAM-FLAGS", "RAM-FLAG-PROFILE", "RAM-CONTINUE",
     "RAM-BLOCK-UNKNOWN", "RAM-OFFSET", "RAM-MEMSIZE-SUM", "RAM-MEMSIZE-COUNT",
     "RAM-MEMSIZE-PLACE", "RAM-ZERO-FILL", "RAM-HOOK", "RAM-EOS", "RAM-APPLY", "SM-PONG",
@@ -306,6 +306,13 @@ pub fn all() -> Vec<Case> {
 
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
+    ("CMD-RECV-BITMAP-LEN", "valid: resume-stream.bin of the real recovery vectors (decode check, replay); invalid: synthetic"),
+    ("RAM-XBZRLE-ENC", "valid: real precopy-xbzrle vectors (decode check, replay); invalid: synthetic"),
+    ("RAM-XBZRLE-LEN", "valid: real precopy-xbzrle vectors (decode check, replay); invalid: synthetic"),
+    ("SM-FIRST-REQ-NAMED", "behaviour of a destination; protocol machine tests (the replay ignores page requests)"),
+    ("SM-SHUT-LAST", "behaviour: valid synthetic and captured replays check SHUT(0) last; no invalid input exists"),
+    ("SM-PONG", "behaviour: valid replays check every PONG; the broken-drop-pong self-test is the failing case"),
+    ("SM-SWITCHOVER-START", "behaviour of a source: valid 10.x synthetic base; interop 10.0->7.2 runs with send-switchover-start=off"),
     ("CFG-SUBSECTION", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
     ("CFG-CAPS-COUNT", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
     ("CFG-CAP-NAME", "real vector qemu-7.2/precopy-config-caps (valid); no invalid synthetic case yet"),
