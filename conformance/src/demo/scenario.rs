@@ -303,3 +303,24 @@ pub fn run(args: &Args, dir: &Path) -> anyhow::Result<Outcome> {
     }
     Ok(Outcome { stats, memory })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::listen_port;
+    use serde_json::json;
+
+    #[test]
+    fn listening_port_from_query_migrate() {
+        let qemu = json!({"status": "setup", "socket-address":
+            [{"type": "inet", "host": "127.0.0.1", "port": "40975"}]});
+        assert_eq!(listen_port(&qemu), Some(40975));
+        let numeric = json!({"socket-address": [{"type": "inet", "port": 8}]});
+        assert_eq!(listen_port(&numeric), Some(8));
+        assert_eq!(listen_port(&json!({"status": "active"})), None);
+        assert_eq!(
+            listen_port(&json!({"socket-address": [{"port": "70000"}]})),
+            None
+        );
+        assert_eq!(listen_port(&json!({"socket-address": []})), None);
+    }
+}
