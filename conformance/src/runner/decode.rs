@@ -404,8 +404,15 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             // The plain decoder first (the whole channel, declared final): stream-level rules,
             // including what follows EOF; then the machine for the state-dependent rules.
             let mut dec = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
-            if let (_, Err(WireError::Invalid(x)), _) = decode_channel(&mut dec, &stream) {
-                return judge(s, Some(x), "");
+            match decode_channel(&mut dec, &stream) {
+                (_, Err(WireError::Invalid(x)), _) => return judge(s, Some(x), ""),
+                // The file is the whole channel: ending inside a record (or before EOF) is a
+                // truncation at the first byte of the incomplete record.
+                (_, Err(WireError::Incomplete { .. }), _) => {
+                    let x = Violation::new(dec.offset(), qmig_protocol::Rule::StreamTruncated, 0);
+                    return judge(s, Some(x), "");
+                }
+                _ => {}
             }
             let mut dst = Destination::new(cfg).map_err(|e| format!("{e:?}"))?;
             let mut mem = Mem {

@@ -101,7 +101,7 @@ macro_rules! case {
 pub const PRECOPY_EXERCISES: &[&str] = &[
     "HDR-MAGIC", "HDR-VERSION", "CFG-PRESENT", "CFG-NAME-LEN", "CFG-MACHINE", "STR8-EMPTY",
     "SEC-TYPE", "SEC-SUBSECTION-TOP", "SEC-UNKNOWN-ID", "SEC-DUPLICATE-ID", "SEC-FOOTER",
-    "SEC-FOOTER-ID", "SEC-DELIMIT", "VMDESC-PLACE", "VMDESC-LEN", "EOF-TRAILING", "CMD-UNKNOWN", "CMD-LEN",
+    "SEC-FOOTER-ID", "SEC-DELIMIT", "VMDESC-PLACE", "VMDESC-LEN", "EOF-TRAILING", "STREAM-TRUNCATED", "CMD-UNKNOWN", "CMD-LEN",
     "CMD-PING-NO-RP", "RAM-VERSION", "RAM-FLAGS", "RAM-FLAG-PROFILE", "RAM-CONTINUE",
     "RAM-BLOCK-UNKNOWN", "RAM-OFFSET", "RAM-MEMSIZE-SUM", "RAM-MEMSIZE-COUNT",
     "RAM-MEMSIZE-PLACE", "RAM-ZERO-FILL", "RAM-HOOK", "RAM-EOS", "RAM-APPLY", "SM-PONG",
@@ -184,6 +184,12 @@ pub fn all() -> Vec<Case> {
         }),
         case!(Invalid, "EOF-TRAILING", "7.2", Precopy, "a byte after the VM description", |p| { p.push("extra", vec![0x00]); Some(o(p, "extra")) }),
         case!(Invalid, "EOF-TRAILING", "7.2", Precopy, "a second EOF instead of the VM description (no device section)", |p| { no_devices(p); p.set("vmdesc", vec![0x00]); Some(o(p, "vmdesc")) }),
+        case!(Invalid, "STREAM-TRUNCATED", "7.2", Precopy, "the channel ends inside page 4's record", |p| {
+            p.get("page4").truncate(100); p.truncate_at("part_eos"); Some(o(p, "page4"))
+        }),
+        case!(Invalid, "STREAM-TRUNCATED", "7.2", Precopy, "the channel ends on a record boundary before EOF", |p| {
+            p.truncate_at("gs_hdr"); Some(o(p, "end_footer") + 5)
+        }),
         // ---- commands ----
         case!(Invalid, "CMD-UNKNOWN", "7.2", Precopy, "command 11 sent to a 7.2 destination", |p| {
             p.insert_before("end_hdr", "sw", cmd(Command::SwitchoverStart)); Some(o(p, "sw") + 1)
