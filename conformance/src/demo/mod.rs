@@ -17,7 +17,9 @@
 //! | [`output`] | status lines and the progress bar |
 //! | [`summary`] | the closing statistics |
 //! | [`memcmp`] | comparing the memory dumps |
+//! | [`interrupt`] | Ctrl-C: a clean stop |
 
+pub mod interrupt;
 pub mod memcmp;
 pub mod output;
 pub mod procs;
@@ -111,6 +113,7 @@ pub fn run(args: &Args) -> anyhow::Result<i32> {
     if args.ram % 4096 != 0 {
         bail!("--ram must be a multiple of 4096 bytes");
     }
+    interrupt::install();
     let tmp;
     let dir = match &args.keep {
         Some(d) => {

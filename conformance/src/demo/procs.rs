@@ -5,6 +5,7 @@
 //! demo's temporary directory and which is killed and reaped when dropped.
 
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -57,8 +58,8 @@ impl Peer {
     ) -> anyhow::Result<Peer> {
         let out = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let child = Command::new(exe)
-            .args(args)
+        let mut cmd = Command::new(exe);
+        cmd.args(args)
             .env(
                 "RUST_LOG",
                 std::env::var("QMIG_DEMO_LOG").unwrap_or_else(|_| "info".into()),
@@ -66,7 +67,19 @@ impl Peer {
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
-            .stderr(Stdio::from(err))
+            .stderr(Stdio::from(err));
+        // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
+        // which is async-signal-safe; it touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                // The child dies with the demo, even when the demo is killed outright.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("starting {}", exe.display()))?;
         Ok(Peer { name, child, log })

@@ -91,6 +91,9 @@ impl Session {
 
     /// Between two wait slices: both processes alive, progress bar moved.
     pub fn tick(&mut self) -> anyhow::Result<()> {
+        if super::interrupt::interrupted() {
+            bail!("interrupted");
+        }
         self.src_proc.check_alive()?;
         self.dst_proc.check_alive()?;
         let info = self.query_migrate(Side::Src)?;
@@ -133,6 +136,7 @@ impl Session {
                         side.name()
                     );
                 }
+                Err(_) if super::interrupt::interrupted() => bail!("interrupted"),
                 Err(e) => {
                     return Err(anyhow!(e))
                         .with_context(|| format!("{} waiting for `{status}`", side.name()))
@@ -165,6 +169,7 @@ impl Session {
                         bail!("the source left precopy early (status `{st}`)");
                     }
                 }
+                Err(_) if super::interrupt::interrupted() => bail!("interrupted"),
                 Err(e) => return Err(anyhow!(e)).context("source waiting for a precopy pass"),
             }
         }
