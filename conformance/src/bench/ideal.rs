@@ -12,7 +12,8 @@
 //!   the page offset on a request socket, the source answers on the page stream (urgent pages
 //!   first), the receiver places the page (`UFFDIO_COPY`, which wakes the thread). Measured by
 //!   the touching thread from the access to its return, with the page stream idle or saturated
-//!   by background pages.
+//!   by background pages (cycling over the lower half of the block for as long as the touches,
+//!   in the upper half, last; pages already received are read and dropped).
 
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -121,6 +122,12 @@ impl<'a> Placer<'a> {
         }
         self.flush_zero()?;
         let urgent = h & URGENT != 0;
+        if !urgent && self.uffd.is_received(0, off) {
+            // A background page sent again (the saturating stream cycles): read and drop.
+            self.flush_data()?;
+            let mut sink = [0u8; PAGE_SIZE];
+            return r.read_exact(&mut sink);
+        }
         if urgent || self.start + self.buf.len() as u64 != off || self.buf.len() >= self.cap {
             self.flush_data()?;
             self.start = off;
@@ -224,6 +231,9 @@ pub struct RoundTrips {
     pub samples: Vec<Duration>,
     /// Background pages the source streamed meanwhile (0 when idle).
     pub background_pages: u64,
+    /// Fault read → placement of the faults the fault reader forwarded (the same span
+    /// qmig-dst reports as `x-qmig.fault-latency-us`).
+    pub fault_to_place: Vec<Duration>,
 }
 
 /// Measures `touches` raw page-request round trips on a fresh registered block copy of `src`,
@@ -277,9 +287,11 @@ pub fn fault_round_trip(
             if urgent {
                 w.flush()?;
             }
-            if saturate && next < pages {
+            if saturate {
+                // Background pages cycle over the lower half (the touched pages are in the
+                // upper half), so the stream stays saturated for as long as the touches last.
                 send_page(&mut w, b, next * P, 0)?;
-                next += 1;
+                next = (next + 1) % (pages / 2).max(1);
                 background += 1;
             } else {
                 w.flush()?;
@@ -328,7 +340,8 @@ pub fn fault_round_trip(
             let p = pages - 1 - (i * stride) % upper;
             let t = Instant::now();
             // black_box: the bytes are never used, and the copy must not be optimised away.
-            b.read(p * P, std::hint::black_box(&mut x)).map_err(io_err)?;
+            b.read(p * P, std::hint::black_box(&mut x))
+                .map_err(io_err)?;
             std::hint::black_box(&x);
             out.push(t.elapsed());
         }
@@ -355,11 +368,13 @@ pub fn fault_round_trip(
     stop.store(true, Ordering::Relaxed);
     let background = source.join().map_err(|_| io_err("source panicked"))??;
     receiver.join().map_err(|_| io_err("receiver panicked"))??;
+    let fault_to_place = uffd.take_fault_latencies();
     // Ends the fault reader (and with it the forwarder's channel).
     drop(uffd);
     let _ = forwarder.join();
     Ok(RoundTrips {
         samples,
         background_pages: background,
+        fault_to_place,
     })
 }

@@ -308,6 +308,16 @@ fn fill_through_qtest(p: &mut Peer, size: u64, c: Content) -> Result<(), String>
     Ok(())
 }
 
+/// p50/p99/count of durations, µs, shaped like `x-qmig.fault-latency-us`.
+fn summary(d: &[std::time::Duration]) -> serde_json::Value {
+    let us: Vec<f64> = d.iter().map(|d| d.as_secs_f64() * 1e6).collect();
+    serde_json::json!({
+        "count": us.len(),
+        "p50": report::quantile(&us, 0.5),
+        "p99": report::quantile(&us, 0.99),
+    })
+}
+
 fn run_one(env: &mut Env, w: &Work) -> Result<(Key, Sample), String> {
     match w {
         Work::Migrate {
@@ -355,7 +365,7 @@ fn run_one(env: &mut Env, w: &Work) -> Result<(Key, Sample), String> {
                     Sample::Latency {
                         faults_us: r.samples.iter().map(|d| d.as_secs_f64() * 1e6).collect(),
                         present_us: Vec::new(),
-                        reported: None,
+                        reported: Some(summary(&r.fault_to_place)),
                     },
                 ));
             }
