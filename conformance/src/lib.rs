@@ -6,3 +6,4 @@ pub mod qemu;
 pub mod runner;
 pub mod synth;
 pub mod interop;
+pub mod hostile;
