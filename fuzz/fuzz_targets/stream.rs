@@ -66,9 +66,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let sizes = take(&mut rest, 2);
-    let chunk = |i: usize| -> usize {
-        let b = sizes.get(i % sizes.len().max(1)).copied().unwrap_or(0) as usize;
-        1 + b * 3
+    let size_byte = |i: usize| -> usize {
+        sizes.get(i % sizes.len().max(1)).copied().unwrap_or(0) as usize
     };
     let whole_is_final = k.bit(3);
 
@@ -115,7 +114,11 @@ fuzz_target!(|data: &[u8]| {
                 }
                 assert!(needed > 0, "Incomplete with needed 0");
                 i += 1;
-                avail = (avail + chunk(i)).min(rest.len());
+                // Odd size bytes jump by what the decoder says it needs; even ones by a
+                // fixed chunk of 1 + 3 * b bytes (any boundary; byte by byte for 0).
+                let b = size_byte(i);
+                let step = if b & 1 == 1 { needed } else { 1 + b * 3 };
+                avail = (avail + step).min(rest.len());
             }
             Err(WireError::Invalid(v)) => break End::Invalid(v),
         }
