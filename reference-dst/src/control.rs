@@ -1,6 +1,6 @@
 //! Requests into the migration thread, and the eventfd that wakes it.
 //!
-//! This module owns [`Ctl`] (what the QMP thread and the fault forwarder ask the migration
+//! This module owns [`Ctl`] (what the QMP thread and the accept threads ask the migration
 //! thread to do), [`Waker`] (an eventfd the migration thread polls next to its sockets), and
 //! [`CtlSender`], which queues a request and wakes the thread in one call. Requests that need
 //! an answer carry a one-shot reply channel; the migration thread never blocks on the network
@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use qmig_host::transport::{Connection, Listener};
-use qmig_host::uffd::Fault;
 use rustix::event::{eventfd, EventfdFlags};
 use serde_json::Value;
 
@@ -34,8 +33,6 @@ pub enum Ctl {
     DumpDevices(Reply<Value>),
     /// A connection was accepted on the listener of `Incoming` or `Recover`.
     Accepted(Connection),
-    /// A guest thread faulted on a missing page (from the userfaultfd reader).
-    Fault(Fault),
     /// Stop the thread (process exit).
     Quit,
 }
@@ -105,21 +102,4 @@ impl CtlSender {
         rx.recv_timeout(REPLY_GUARD)
             .map_err(|_| "the migration thread did not answer".to_string())?
     }
-}
-
-/// Forwards userfaultfd faults from the reader thread's channel to the migration thread.
-///
-/// `qmig_host::uffd` delivers faults on an mpsc channel from its own reader thread; this adds
-/// the eventfd wake-up so the migration thread's `poll` sees them. Ends when either side closes.
-pub fn forward_faults(faults: Receiver<Fault>, ctl: CtlSender) -> io::Result<()> {
-    std::thread::Builder::new()
-        .name("fault-forward".into())
-        .spawn(move || {
-            for f in faults {
-                if !ctl.send(Ctl::Fault(f)) {
-                    return;
-                }
-            }
-        })
-        .map(drop)
 }

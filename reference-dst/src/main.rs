@@ -65,7 +65,7 @@ fn run(args: Args) -> Result<(), String> {
     let blocks = args.blocks();
     let specs: Vec<(&str, u64)> = blocks.iter().map(|(n, l)| (n.as_str(), *l)).collect();
     let ram = Arc::new(GuestRam::new(&specs, MapOptions::default()).map_err(|e| e.to_string())?);
-    let (uffd, faults) = UffdRam::register(ram.clone(), PlaceConfig::default())
+    let (uffd, faults) = UffdRam::register_polled(ram.clone(), PlaceConfig::default())
         .map_err(|e| format!("userfaultfd: {e}"))?;
     let vmdesc = match &args.vmdesc {
         Some(p) => {
@@ -102,7 +102,6 @@ fn run(args: Args) -> Result<(), String> {
         ctl: ctl.clone(),
         transport,
     });
-    control::forward_faults(faults, ctl.clone()).map_err(|e| e.to_string())?;
     let events = EventSink::new();
     let version = match args.profile.version {
         Version::V7_2 => VersionTriple {
@@ -133,6 +132,7 @@ fn run(args: Args) -> Result<(), String> {
         vmdesc,
         workload: args.workload.clone(),
         dump_devices: args.dump_devices.clone(),
+        faults,
     };
     let mig = {
         let (sh, waker, events) = (sh.clone(), waker.clone(), events.clone());

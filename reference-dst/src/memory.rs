@@ -15,8 +15,11 @@
 //! * **Pages already present** (precopy resends, and zero pages that replace data): written
 //!   directly with stores. `UFFDIO_COPY` would refuse them with `EEXIST`, which the host layer
 //!   treats as "keep the present page" (right in postcopy, where the machine drops duplicates
-//!   itself, wrong for a precopy resend). A present page that is a lazy zero page faults on the
-//!   store and the fault reader maps it first, so the store lands on a real page.
+//!   itself, wrong for a precopy resend). A received page may be a lazy zero page, not mapped
+//!   yet: a store to it would fault, and the thread that resolves faults is this very thread
+//!   (it polls the userfaultfd). So the page is first mapped with a one-page `UFFDIO_ZEROPAGE`
+//!   (`EEXIST`, a no-op, when it is already mapped), then stored to; the same before XBZRLE
+//!   base reads. The migration thread never touches a missing page.
 //! * **Ordering**: a page staged in the batcher and arriving again in the same call would be
 //!   lost (the second copy would see `EEXIST`); the placer remembers the staged range and
 //!   flushes before touching any page in it. XBZRLE reads (`read_page`) flush the same way.
@@ -116,8 +119,14 @@ impl<'a> Placer<'a> {
         });
     }
 
+    /// Maps the received page at `offset` if it is a lazy zero page (see the module doc).
+    fn ensure_mapped(&self, block: usize, offset: u64) -> Result<(), MemoryError> {
+        self.uffd.place_zero(block, offset, P).map_err(err)
+    }
+
     fn store(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
         self.direct += 1;
+        self.ensure_mapped(block, offset)?;
         let b = self
             .uffd
             .ram()
@@ -174,7 +183,10 @@ impl GuestMemory for Placer<'_> {
     }
 
     fn read_page(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
-        if self.settle(block, offset, out.len() as u64).is_err() {
+        if self.settle(block, offset, out.len() as u64).is_err()
+            || !self.uffd.is_received(block, offset)
+            || self.ensure_mapped(block, offset).is_err()
+        {
             return false;
         }
         match self.uffd.ram().block(block) {

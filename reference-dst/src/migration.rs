@@ -1,7 +1,8 @@
 //! The migration thread: one `poll` loop around the `Destination` machine.
 //!
-//! This module owns [`run`]: the thread that polls the wake-up eventfd, the listening socket
-//! (main or recovery channel) and the migration connection. It feeds received bytes to
+//! This module owns [`run`]: the thread that polls the wake-up eventfd (QMP requests, accepted
+//! connections), the userfaultfd (guest faults, read here: a fault becomes a page request with
+//! no thread hop) and the migration connection. It feeds received bytes to
 //! `Destination::handle_stream` with a [`Placer`] over userfaultfd memory, writes the
 //! machine's return-path bytes on the same socket, turns forwarded guest faults into
 //! `handle_fault` calls (page requests) and QMP requests into `handle_control`, and turns the
@@ -22,12 +23,15 @@ use std::time::{Duration, Instant as StdInstant};
 
 use qmig_host::qmp_server::EventSink;
 use qmig_host::transport::{Connection, ListenStopper, Listener, Socket};
+use qmig_host::uffd::{Fault, FaultSource};
 use qmig_host::workload::Workload;
+use qmig_protocol::error::Violation;
 use qmig_protocol::machine::{
     Control, Destination, DestinationConfig, Event, FaultOutcome, Instant, MigrationStatus,
     RamBlockSpec,
 };
 use qmig_protocol::profile::Profile;
+use qmig_protocol::rule::Rule;
 use qmig_protocol::vmdesc::VmDesc;
 use rustix::event::{poll, PollFd, PollFlags};
 use serde_json::Value;
@@ -37,6 +41,17 @@ use crate::control::{Ctl, Waker};
 use crate::devices;
 use crate::memory::Placer;
 use crate::state::Shared;
+
+/// `offset N: STREAM-TRUNCATED: ...` for a channel that ended `left` bytes into an item that
+/// starts at `offset`.
+fn truncated_desc(offset: u64, left: u64) -> String {
+    match Rule::from_id("STREAM-TRUNCATED") {
+        Some(rule) => Violation::new(offset, rule, left).to_string(),
+        None => format!(
+            "offset {offset}: STREAM-TRUNCATED: the channel ended inside an item (value {left:#x})"
+        ),
+    }
+}
 
 /// Bytes read from the socket per `read`.
 const CHUNK: usize = 256 << 10;
@@ -59,6 +74,8 @@ pub struct Config {
     pub workload: Option<WorkloadSpec>,
     /// Where to write device state at completion.
     pub dump_devices: Option<PathBuf>,
+    /// Guest faults, read by this thread.
+    pub faults: FaultSource,
 }
 
 struct Loop {
@@ -77,6 +94,10 @@ struct Loop {
     workload: Option<Workload>,
     released: bool,
     finished: bool,
+    /// Bytes of the current channel consumed by the machine (its decoder's offset).
+    consumed: u64,
+    /// Where the current channel ended inside an item (STREAM-TRUNCATED), for the error-desc.
+    truncated: Option<String>,
 }
 
 fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
@@ -127,6 +148,8 @@ pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventS
         workload: None,
         released: false,
         finished: false,
+        consumed: 0,
+        truncated: None,
     };
     l.run();
 }
@@ -138,9 +161,12 @@ impl Loop {
 
     fn run(&mut self) {
         loop {
-            let (wake, readable) = {
+            let (wake, fault, readable) = {
                 let waker = self.waker.clone();
-                let mut fds = vec![PollFd::new(&*waker, PollFlags::IN)];
+                let mut fds = vec![
+                    PollFd::new(&*waker, PollFlags::IN),
+                    PollFd::new(&self.cfg.faults, PollFlags::IN),
+                ];
                 let ci = self.conn.as_ref().map(|c| {
                     fds.push(PollFd::from_borrowed_fd(sock_fd(c), PollFlags::IN));
                     fds.len() - 1
@@ -154,7 +180,7 @@ impl Loop {
                     }
                 }
                 let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
-                (ready(Some(0)), ready(ci))
+                (ready(Some(0)), ready(Some(1)), ready(ci))
             };
             if wake {
                 self.waker.drain();
@@ -163,6 +189,9 @@ impl Loop {
                         return;
                     }
                 }
+            }
+            if fault {
+                self.faults();
             }
             if readable {
                 self.read();
@@ -229,18 +258,6 @@ impl Loop {
             Ctl::DumpDevices(reply) => {
                 let _ = reply.send(Ok(self.devices_json()));
             }
-            Ctl::Fault(f) => {
-                self.sh.recorder.counters.add_fault();
-                if let Some(m) = self.machine.as_mut() {
-                    match m.handle_fault(f.block, f.offset) {
-                        FaultOutcome::Released => self.release(),
-                        FaultOutcome::OutOfRange => {
-                            tracing::warn!("fault outside the blocks: {f:?}")
-                        }
-                        _ => {}
-                    }
-                }
-            }
             Ctl::Accepted(c) => self.accept(c),
             Ctl::Quit => {
                 if let Some(old) = self.listening.take() {
@@ -250,6 +267,29 @@ impl Loop {
             }
         }
         true
+    }
+
+    /// Guest faults waiting on the userfaultfd become `handle_fault` calls (page requests).
+    fn faults(&mut self) {
+        let mut got: Vec<Fault> = Vec::new();
+        if let Err(e) = self.cfg.faults.read(&mut got) {
+            tracing::error!("reading guest faults: {e}");
+        }
+        for f in got {
+            self.sh.recorder.counters.add_fault();
+            let Some(m) = self.machine.as_mut() else {
+                // No migration yet (a pmemsave before any channel): the page is zero.
+                if let Err(e) = self.sh.uffd.place_zero(f.block, f.offset, 4096) {
+                    tracing::warn!("zero-filling {f:?}: {e}");
+                }
+                continue;
+            };
+            match m.handle_fault(f.block, f.offset) {
+                FaultOutcome::Released => self.release(),
+                FaultOutcome::OutOfRange => tracing::warn!("fault outside the blocks: {f:?}"),
+                _ => {}
+            }
+        }
     }
 
     fn devices_json(&self) -> Value {
@@ -298,6 +338,7 @@ impl Loop {
                 self.conn = Some(conn);
                 self.buf.clear();
                 self.pos = 0;
+                self.consumed = 0;
             }
             Err(e) => tracing::warn!("channel refused: {e}"),
         }
@@ -323,6 +364,13 @@ impl Loop {
         };
         self.buf.truncate(len + n);
         if n == 0 {
+            let left = (self.buf.len() - self.pos) as u64;
+            // A channel that ends before the stream's EOF ends inside it (STREAM-TRUNCATED).
+            let open = self
+                .machine
+                .as_ref()
+                .is_some_and(|m| !m.status().is_final());
+            self.truncated = open.then(|| truncated_desc(self.consumed, left));
             self.close_channel();
             return;
         }
@@ -352,7 +400,10 @@ impl Loop {
             let _ = m.handle_control(now, Control::Cancel);
         }
         match r {
-            Ok(n) => self.pos += n,
+            Ok(n) => {
+                self.pos += n;
+                self.consumed += n as u64;
+            }
             Err(v) => {
                 tracing::error!("migration stream rejected: {v}");
                 self.conn = None;
@@ -457,8 +508,11 @@ impl Loop {
             }
             Event::ChannelLost { rule } => {
                 tracing::warn!("channel lost ({rule})");
-                self.sh.view().error_desc =
-                    Some(format!("channel lost: {}: {}", rule.id(), rule.summary()));
+                let lost = format!("channel lost: {}: {}", rule.id(), rule.summary());
+                self.sh.view().error_desc = Some(match self.truncated.take() {
+                    Some(v) => format!("{v}; {lost}"),
+                    None => lost,
+                });
                 self.conn = None;
             }
             Event::PageRequested { .. } => self.sh.recorder.counters.add_request(),
