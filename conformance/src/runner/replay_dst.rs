@@ -12,7 +12,6 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::path::PathBuf;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
@@ -189,7 +188,7 @@ pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyh
 /// A connection to the target's migration port with a return-path reader thread.
 struct Conn {
     sock: TcpStream,
-    reader: Option<JoinHandle<Vec<u8>>>,
+    done: std::sync::mpsc::Receiver<Vec<u8>>,
 }
 
 impl Conn {
@@ -198,8 +197,7 @@ impl Conn {
         let sock = loop {
             match TcpStream::connect(("127.0.0.1", port)) {
                 Ok(s) => break s,
-                Err(e) if Instant::now() < deadline => {
-                    let _ = e;
+                Err(_) if Instant::now() < deadline => {
                     std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(e) => bail!("cannot connect to the target's migration port {port}: {e}"),
@@ -208,7 +206,8 @@ impl Conn {
         sock.set_nodelay(true)?;
         let mut r = sock.try_clone()?;
         r.set_read_timeout(Some(PHASE))?;
-        let reader = std::thread::spawn(move || {
+        let (tx, done) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
             let mut out = Vec::new();
             let mut buf = [0u8; 65536];
             loop {
@@ -217,12 +216,9 @@ impl Conn {
                     Ok(n) => out.extend_from_slice(&buf[..n]),
                 }
             }
-            out
+            let _ = tx.send(out);
         });
-        Ok(Conn {
-            sock,
-            reader: Some(reader),
-        })
+        Ok(Conn { sock, done })
     }
 
     /// Writes everything; a write error (the target closed) is reported, not fatal.
@@ -233,20 +229,29 @@ impl Conn {
             .map(|e| format!("write failed after the target closed: {e}"))
     }
 
-    /// The cut: closes the sending side after the bytes written so far (the target sees the
-    /// channel end inside a record), then collects the return path until the target closes.
-    fn cut(mut self) -> Vec<u8> {
+    /// Ends the sending side and collects the return path until the target closes its side
+    /// (at most `guard`; then the connection is torn down).
+    fn close(self, guard: Duration) -> Vec<u8> {
         let _ = self.sock.shutdown(Shutdown::Write);
-        let out = self.reader.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-        let _ = self.sock.shutdown(Shutdown::Both);
-        out
+        match self.done.recv_timeout(guard) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = self.sock.shutdown(Shutdown::Both);
+                self.done.recv().unwrap_or_default()
+            }
+        }
     }
 
-    /// Waits for the target to close, then returns the return path.
-    fn finish(mut self) -> Vec<u8> {
-        let out = self.reader.take().map(|h| h.join().unwrap_or_default()).unwrap_or_default();
-        let _ = self.sock.shutdown(Shutdown::Both);
-        out
+    /// The cut: closes the sending side right after the bytes written so far (the target sees
+    /// the channel end inside a record), then collects the return path until the target closes.
+    fn cut(self) -> Vec<u8> {
+        self.close(PHASE)
+    }
+
+    /// After the migration ended on the target: the return path until it closes (a target that
+    /// keeps the channel open gets 5 s after our side closed).
+    fn finish(self) -> Vec<u8> {
+        self.close(Duration::from_secs(5))
     }
 }
 
@@ -423,6 +428,20 @@ fn wait_end(t: &mut Target) -> String {
     status_of(t)
 }
 
+/// Waits for `completed` or `failed` (a recovery starts from `postcopy-paused`); the status.
+fn wait_done(t: &mut Target) -> String {
+    let s = status_of(t);
+    if s == "failed" || s == "completed" || s.starts_with("(query-migrate failed") {
+        return s;
+    }
+    let _ = t.qmp.wait_event(
+        "MIGRATION",
+        |d| matches!(d["status"].as_str(), Some("failed" | "completed")),
+        PHASE,
+    );
+    status_of(t)
+}
+
 /// Replays `v` against `target`.
 pub fn replay(v: &Vector, target: &DstTarget) -> Verdict {
     match replay_inner(v, target) {
@@ -559,7 +578,17 @@ fn drive(
                 )),
             });
         } else {
-            conn.finish()
+            // A complete stream: the target ends the migration (QMP), then its side closes.
+            let s = wait_done(t);
+            let rp = conn.finish();
+            if s != "completed" {
+                return Ok(Verdict::Fail(format!(
+                    "{}: the target ended in {s}, not completed; log: {}",
+                    ch["label"].as_str().unwrap_or("?"),
+                    t.log_tail()
+                )));
+            }
+            rp
         };
         let rp = match breakage {
             Some(b) => b.apply(v, rp),
