@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(!d.name.is_empty() && d.name.len() <= 255);
         }
         if let Command::Packaged { len } = &cmd {
-            assert!(*len <= limits.max_packaged, "PACKAGED over the cap accepted");
+            assert!(
+                *len <= limits.max_packaged,
+                "PACKAGED over the cap accepted"
+            );
         }
         out.clear();
         cmd.encode(&mut out);

@@ -50,7 +50,10 @@ impl Run {
         self.buf.extend_from_slice(bytes);
         loop {
             let before = self.d.status();
-            match self.d.handle_stream(Instant(self.now), &self.buf, &mut self.mem) {
+            match self
+                .d
+                .handle_stream(Instant(self.now), &self.buf, &mut self.mem)
+            {
                 Ok(0) => break,
                 Ok(n) => {
                     assert!(n <= self.buf.len());
@@ -118,7 +121,9 @@ fuzz_target!(|data: &[u8]| {
                 let _ = run.d.handle_channel_opened(Instant(run.now));
             }
             3 => {
-                let _ = run.d.handle_control(Instant(run.now), CONTROLS[a as usize % 6]);
+                let _ = run
+                    .d
+                    .handle_control(Instant(run.now), CONTROLS[a as usize % 6]);
             }
             4 => {
                 let block = a as usize % (blocks.len() + 1);

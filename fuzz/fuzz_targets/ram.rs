@@ -43,7 +43,11 @@ fuzz_target!(|data: &[u8]| {
         };
         let n = r.consumed();
         assert!(n >= 8);
-        assert_eq!(rec.addr % tps as u64, 0, "offset bits overlap the flag bits");
+        assert_eq!(
+            rec.addr % tps as u64,
+            0,
+            "offset bits overlap the flag bits"
+        );
         match rec.body {
             RamBody::Page(p) => assert_eq!(p.len(), tps),
             RamBody::MemSize(list) => {

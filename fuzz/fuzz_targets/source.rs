@@ -116,7 +116,9 @@ fuzz_target!(|data: &[u8]| {
                 let _ = run.s.handle_channel_opened(Instant(run.now));
             }
             4 => {
-                let _ = run.s.handle_control(Instant(run.now), CONTROLS[a as usize % 6]);
+                let _ = run
+                    .s
+                    .handle_control(Instant(run.now), CONTROLS[a as usize % 6]);
             }
             5 => {
                 let block = a as usize % blocks.len();

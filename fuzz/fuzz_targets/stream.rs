@@ -50,8 +50,16 @@ fn step<'a>(
     };
     match &r {
         Ok((item, n)) => {
-            assert!(*n <= input.len(), "item {item:?} used {n} of {}", input.len());
-            assert_eq!(d.offset(), before + *n as u64, "offset must advance by the bytes used");
+            assert!(
+                *n <= input.len(),
+                "item {item:?} used {n} of {}",
+                input.len()
+            );
+            assert_eq!(
+                d.offset(),
+                before + *n as u64,
+                "offset must advance by the bytes used"
+            );
             if *n == 0 {
                 assert!(matches!(item, Item::PackageEnd), "{item:?} used no bytes");
             }
@@ -66,9 +74,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let sizes = take(&mut rest, 2);
-    let size_byte = |i: usize| -> usize {
-        sizes.get(i % sizes.len().max(1)).copied().unwrap_or(0) as usize
-    };
+    let size_byte =
+        |i: usize| -> usize { sizes.get(i % sizes.len().max(1)).copied().unwrap_or(0) as usize };
     let whole_is_final = k.bit(3);
 
     // Whole input at once.

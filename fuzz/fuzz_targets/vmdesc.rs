@@ -32,7 +32,10 @@ fuzz_target!(|data: &[u8]| {
             Ok(n) => {
                 assert!(n <= payload.len());
                 if let Err(e) = decode_device(dev, &payload[..n], 1000, &limits) {
-                    panic!("measured {n} bytes for {} but decoding fails: {e:?}", dev.name);
+                    panic!(
+                        "measured {n} bytes for {} but decoding fails: {e:?}",
+                        dev.name
+                    );
                 }
             }
             Err(_) => {

@@ -124,7 +124,7 @@ impl CheckedMemory {
             .get(block)
             .unwrap_or_else(|| panic!("{what}: block index {block} out of range"));
         assert!(
-            offset % self.tps == 0,
+            offset.is_multiple_of(self.tps),
             "{what}: offset {offset:#x} not target-page aligned"
         );
         assert!(len > 0, "{what}: empty access at {offset:#x}");
@@ -203,7 +203,10 @@ impl SourceMemory for CheckedSourceMemory {
             .blocks
             .get(block)
             .unwrap_or_else(|| panic!("page: block index {block} out of range"));
-        assert!(offset % self.tps == 0, "page: offset {offset:#x} unaligned");
+        assert!(
+            offset.is_multiple_of(self.tps),
+            "page: offset {offset:#x} unaligned"
+        );
         assert!(
             offset.checked_add(self.tps).is_some_and(|e| e <= b.len),
             "page: {offset:#x} outside block {} of {:#x} bytes",
