@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# The whole qmig test suite: formatting, lints, unit/property/vector/live tests, and the
-# conformance runner. Run from anywhere as root (live tests start real QEMU and use userfaultfd).
+# The whole qmig test suite: provisioning of QEMU 7.2 and 10.0, formatting, lints, every unit,
+# property, vector and live test (real QEMU, userfaultfd, network namespaces), the fuzz smoke
+# run, the conformance runner over every vector, and the live interop matrix. Run as root from
+# anywhere; it ends with one line `tests: N passed, M failed` and exits non-zero on any failure.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
+export QMIG_REQUIRE_QEMU="${QMIG_REQUIRE_QEMU:-1}"
+log_dir="${TMPDIR:-/tmp}/qmig-test-all"
+mkdir -p "$log_dir"
 
 step() { printf '\n== %s\n' "$*"; }
 
@@ -16,5 +21,24 @@ step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 step "cargo test (workspace)"
-cargo test --workspace --release 2>&1 | tee /tmp/qmig-cargo-test.log
-grep -E '^test result:' /tmp/qmig-cargo-test.log | awk '{p+=$4; f+=$6} END {printf "cargo test: %d passed, %d failed\n", p, f}'
+status=0
+cargo test --workspace --no-fail-fast 2>&1 | tee "$log_dir/cargo-test.log" || status=$?
+
+extra_failed=0
+if [ -x fuzz/run-smoke.sh ]; then
+    step "fuzz smoke (every target, bounded time)"
+    bash fuzz/run-smoke.sh "${QMIG_FUZZ_SECONDS:-20}" || extra_failed=$((extra_failed + 1))
+fi
+
+qmig=target/debug/qmig
+step "conformance runner over every vector"
+"$qmig" conformance 2>&1 | tee "$log_dir/conformance.log" || extra_failed=$((extra_failed + 1))
+
+step "live interop matrix"
+"$qmig" interop 2>&1 | tee "$log_dir/interop.log" || extra_failed=$((extra_failed + 1))
+
+grep -E '^test result:' "$log_dir/cargo-test.log" |
+    awk -v extra="$extra_failed" '{p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f + extra}'
+if [ "$status" -ne 0 ] || [ "$extra_failed" -ne 0 ]; then
+    exit 1
+fi
