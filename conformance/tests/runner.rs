@@ -42,7 +42,10 @@ fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
             if !flaky {
                 break;
             }
-            eprintln!("rerunning {} (QEMU 7.2 failed instead of pausing at the cut)", c.name);
+            eprintln!(
+                "rerunning {} (QEMU 7.2 failed instead of pausing at the cut)",
+                c.name
+            );
             let again = run_once(dst, &c.name);
             *c = again.into_iter().find(|x| x.name == c.name).unwrap();
         }
@@ -95,7 +98,10 @@ fn replay_qemu_7_2_captures_against_qemu_7_2() {
     assert!(f.is_empty(), "{f:#?}");
     assert_eq!(r.len(), 15);
     // Everything but multifd (extra connections are not replayed) passes, recovery included.
-    let passed = r.iter().filter(|c| matches!(c.status, Status::Pass(_))).count();
+    let passed = r
+        .iter()
+        .filter(|c| matches!(c.status, Status::Pass(_)))
+        .count();
     assert_eq!(passed, 14, "{r:#?}");
     assert!(matches!(
         status(&r, "replay-dst[qemu]/qemu-7.2/postcopy-recover"),
@@ -132,9 +138,15 @@ fn broken_destination_bitmap_be_fails_only_the_recovery_vectors() {
     if !have_qemu72() {
         return;
     }
-    let r = run("broken-bitmap-be:qemu", "replay-dst[broken-bitmap-be:qemu]/qemu-7.2/p*");
+    let r = run(
+        "broken-bitmap-be:qemu",
+        "replay-dst[broken-bitmap-be:qemu]/qemu-7.2/p*",
+    );
     for name in ["postcopy-recover", "postcopy-recover-pause"] {
-        match status(&r, &format!("replay-dst[broken-bitmap-be:qemu]/qemu-7.2/{name}")) {
+        match status(
+            &r,
+            &format!("replay-dst[broken-bitmap-be:qemu]/qemu-7.2/{name}"),
+        ) {
             Status::Fail(m) => assert!(
                 m.contains("recovery: recovery return path: RECV_BITMAP #0 differs from byte ")
                     && m.contains(" of the message: got "),
@@ -146,7 +158,10 @@ fn broken_destination_bitmap_be_fails_only_the_recovery_vectors() {
     for name in ["postcopy", "postcopy-noreads", "precopy-tcp-rp"] {
         assert!(
             matches!(
-                status(&r, &format!("replay-dst[broken-bitmap-be:qemu]/qemu-7.2/{name}")),
+                status(
+                    &r,
+                    &format!("replay-dst[broken-bitmap-be:qemu]/qemu-7.2/{name}")
+                ),
                 Status::Pass(_)
             ),
             "{name} has no RECV_BITMAP and must pass: {r:#?}"
@@ -159,7 +174,10 @@ fn broken_destination_drop_pong_fails_every_vector_with_a_return_path() {
     if !have_qemu72() {
         return;
     }
-    let r = run("broken-drop-pong:qemu", "replay-dst[broken-drop-pong:qemu]/qemu-7.2/pr*");
+    let r = run(
+        "broken-drop-pong:qemu",
+        "replay-dst[broken-drop-pong:qemu]/qemu-7.2/pr*",
+    );
     match status(&r, "replay-dst[broken-drop-pong:qemu]/qemu-7.2/precopy-tcp-rp") {
         Status::Fail(m) => assert!(
             m.contains("return path differs (rule exact): got 8 bytes 0001000400000000, want 16 bytes 00020004000000010001000400000000"),
@@ -169,7 +187,10 @@ fn broken_destination_drop_pong_fails_every_vector_with_a_return_path() {
     }
     // A file-migration vector has no return path to check: it still passes.
     assert!(matches!(
-        status(&r, "replay-dst[broken-drop-pong:qemu]/qemu-7.2/precopy-file-zero"),
+        status(
+            &r,
+            "replay-dst[broken-drop-pong:qemu]/qemu-7.2/precopy-file-zero"
+        ),
         Status::Pass(_)
     ));
 }

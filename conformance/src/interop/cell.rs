@@ -12,6 +12,7 @@ use super::side::{Guest, Side, SideError};
 use super::{Impl, Mode};
 use crate::qemu::driver::pattern;
 use crate::qemu::pattern::{random_page, sha256_hex, PAGE};
+use crate::qemu::proxy::Dir;
 use crate::qemu::{Machine, Proxy};
 use crate::runner::shim::free_port;
 
@@ -49,7 +50,9 @@ pub fn run(s: Impl, d: Impl, m: Mode) -> Result<String, CellError> {
     let start = |imp, incoming, peer| {
         Side::start(imp, incoming, g, peer, m == Mode::PrecopyDirty).map_err(|e| match e {
             SideError::Skip(w) => CellError::Skip(w),
-            SideError::Fail(e) => CellError::Fail(format!("start {}: {e:#}", imp_name(imp, incoming))),
+            SideError::Fail(e) => {
+                CellError::Fail(format!("start {}: {e:#}", imp_name(imp, incoming)))
+            }
         })
     };
     let mut dst = start(d, true, s)?;
@@ -97,7 +100,10 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
         caps.push(json!({"capability": "postcopy-ram", "state": true}));
     }
     for side in [&mut *src, &mut *dst] {
-        side.cmd("migrate-set-capabilities", json!({"capabilities": caps.clone()}))?;
+        side.cmd(
+            "migrate-set-capabilities",
+            json!({"capabilities": caps.clone()}),
+        )?;
     }
     // Guest content of a QEMU source with qtest.
     let mut written = 0;
@@ -123,7 +129,10 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
     }
     let dest = listen(dst, "migrate-incoming")?;
     let proxy1 = Proxy::start(dest)?;
-    src.cmd("migrate", json!({"uri": format!("tcp:127.0.0.1:{}", proxy1.port())}))?;
+    src.cmd(
+        "migrate",
+        json!({"uri": format!("tcp:127.0.0.1:{}", proxy1.port())}),
+    )?;
     let mut notes = Vec::new();
     let mut proxies = vec![proxy1];
     match m {
@@ -146,10 +155,18 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
                 n += 1;
             }
             if n > 0 {
-                notes.push(format!("{n} pages written through qtest during the migration"));
-                src.cmd("migrate-set-parameters", json!({"max-bandwidth": 1u64 << 30}))?;
+                notes.push(format!(
+                    "{n} pages written through qtest during the migration"
+                ));
+                src.cmd(
+                    "migrate-set-parameters",
+                    json!({"max-bandwidth": 1u64 << 30}),
+                )?;
             } else {
-                notes.push("the source's own workload (random, 200 pages/s) wrote during the migration".into());
+                notes.push(
+                    "the source's own workload (random, 200 pages/s) wrote during the migration"
+                        .into(),
+                );
             }
         }
         _ => {
@@ -159,9 +176,13 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
             wait(src, "source", "postcopy-active")?;
             match m {
                 Mode::Postcopy => {
-                    src.cmd("migrate-set-parameters", json!({"max-postcopy-bandwidth": 1u64 << 30}))?;
+                    src.cmd(
+                        "migrate-set-parameters",
+                        json!({"max-postcopy-bandwidth": 1u64 << 30}),
+                    )?;
                 }
                 Mode::PostcopyPause => {
+                    running(&proxies[0])?;
                     src.cmd("migrate-pause", Value::Null)?;
                     paused(src, dst)?;
                     proxies.push(recover(src, dst, None)?);
@@ -173,7 +194,8 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
                         // The second failure: the recovery connection is cut after 64 bytes
                         // (inside the RECV_BITMAP exchange); both sides pause again.
                         let p = recover(src, dst, Some(64))?;
-                        p.wait_closed(0, PHASE).map_err(|e| anyhow!("second cut: {e}"))?;
+                        p.wait_closed(0, PHASE)
+                            .map_err(|e| anyhow!("second cut: {e}"))?;
                         paused(src, dst).context("after the second cut")?;
                         proxies.push(p);
                         notes.push("second cut at byte 64 of the recovery channel".into());
@@ -199,13 +221,17 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
             sha256_hex(&b[p * PAGE..(p + 1) * PAGE])
         );
     }
-    let nonzero = a.chunks(PAGE).filter(|pg| pg.iter().any(|&x| x != 0)).count();
+    let nonzero = a
+        .chunks(PAGE)
+        .filter(|pg| pg.iter().any(|&x| x != 0))
+        .count();
     let conns: Vec<String> = proxies
         .iter()
         .flat_map(|p| p.recordings())
         .map(|r| format!("{}{}", r.s2d.bytes.len(), if r.cut { " (cut)" } else { "" }))
         .collect();
-    let mut s = format!(
+    let mut s =
+        format!(
         "RAM equal ({} MiB, {nonzero} non-zero pages{}, sha256 {}…); connections s->d bytes [{}]",
         g.ram_mb,
         if written > 0 { format!(", {written} written by qtest") } else { String::new() },
@@ -219,10 +245,23 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
     Ok(s)
 }
 
+/// `postcopy-active` is announced at POSTCOPY_LISTEN, and a failure before the destination ran
+/// POSTCOPY_RUN is fatal, not a pause (SM-FATAL-BEFORE-RUN): before `migrate-pause`, wait until
+/// the destination answered PINGs 1-4 (32 return-path bytes; PONG 3 comes from inside the
+/// package, right before RUN) and 4 KiB more of the stream went through.
+fn running(p: &Proxy) -> anyhow::Result<()> {
+    p.wait_forwarded(0, Dir::DstToSrc, 32, PHASE)
+        .map_err(|e| anyhow!("the destination never answered PING 4: {e}"))?;
+    let (now, _) = p.bytes_forwarded(0);
+    let _ = p.wait_forwarded(0, Dir::SrcToDst, now + 4096, Duration::from_secs(5));
+    Ok(())
+}
+
 fn cut(p: &Proxy, after: u64) -> anyhow::Result<()> {
     let (now, _) = p.bytes_forwarded(0);
     p.arm_cut(0, now + after);
-    p.wait_closed(0, PHASE).map_err(|e| anyhow!("the cut never happened: {e}"))?;
+    p.wait_closed(0, PHASE)
+        .map_err(|e| anyhow!("the cut never happened: {e}"))?;
     if !p.recordings()[0].cut {
         bail!("postcopy finished before the cut");
     }
@@ -243,7 +282,10 @@ fn recover(src: &mut Side, dst: &mut Side, cut_at: Option<u64>) -> anyhow::Resul
     if let Some(n) = cut_at {
         p.arm_cut(0, n);
     } else {
-        src.cmd("migrate-set-parameters", json!({"max-postcopy-bandwidth": 1u64 << 30}))?;
+        src.cmd(
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 1u64 << 30}),
+        )?;
     }
     src.cmd(
         "migrate",

@@ -204,7 +204,13 @@ pub fn table(results: &[CaseResult], srcs: &[Impl], dsts: &[Impl], modes: &[Mode
 
 /// `qmig interop`.
 pub fn run(a: &Args) -> anyhow::Result<i32> {
-    let pick = |v: &Vec<Impl>| if v.is_empty() { Impl::ALL.to_vec() } else { v.clone() };
+    let pick = |v: &Vec<Impl>| {
+        if v.is_empty() {
+            Impl::ALL.to_vec()
+        } else {
+            v.clone()
+        }
+    };
     let (srcs, dsts) = (pick(&a.src), pick(&a.dst));
     let modes = if a.mode.is_empty() {
         Mode::ALL.to_vec()
@@ -223,8 +229,15 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
         std::fs::write(p, report::junit("qmig-interop", &results))?;
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report::json("qmig-interop", &results))?)?;
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(&report::json("qmig-interop", &results))?,
+        )?;
     }
     println!("{}", report::summary(&results));
-    Ok(if results.iter().any(CaseResult::failed) { 1 } else { 0 })
+    Ok(if results.iter().any(CaseResult::failed) {
+        1
+    } else {
+        0
+    })
 }

@@ -48,13 +48,25 @@ pub struct Guest {
 impl Side {
     /// Starts `imp` as a source (`incoming` false) or destination. `peer` is the other side's
     /// implementation (the qmig profile follows the QEMU it talks to).
-    pub fn start(imp: Impl, incoming: bool, g: Guest, peer: Impl, dirty: bool) -> Result<Side, SideError> {
+    pub fn start(
+        imp: Impl,
+        incoming: bool,
+        g: Guest,
+        peer: Impl,
+        dirty: bool,
+    ) -> Result<Side, SideError> {
         match imp {
             Impl::Qemu72 | Impl::Qemu100 => {
-                let v = if imp == Impl::Qemu72 { QemuVersion::V7_2 } else { QemuVersion::V10_0 };
+                let v = if imp == Impl::Qemu72 {
+                    QemuVersion::V7_2
+                } else {
+                    QemuVersion::V10_0
+                };
                 let bin = match find_qemu(v) {
                     Ok(Some(b)) => b,
-                    Ok(None) => return Err(SideError::Skip(format!("{} not installed", imp.name()))),
+                    Ok(None) => {
+                        return Err(SideError::Skip(format!("{} not installed", imp.name())))
+                    }
                     Err(e) => return Err(SideError::Fail(anyhow!("{e}"))),
                 };
                 let mut extra: Vec<&str> = Vec::new();
@@ -68,8 +80,9 @@ impl Side {
             }
             Impl::Qmig => {
                 let name = if incoming { "qmig-dst" } else { "qmig-src" };
-                let bin = find_bin(name, &bin_dir())
-                    .ok_or_else(|| SideError::Skip(format!("{name} not found next to qmig or on PATH")))?;
+                let bin = find_bin(name, &bin_dir()).ok_or_else(|| {
+                    SideError::Skip(format!("{name} not found next to qmig or on PATH"))
+                })?;
                 let dir = scratch_dir(name)?;
                 let qmp = dir.join("qmp.sock");
                 let profile = if peer == Impl::Qemu72 { "7.2" } else { "10" };
@@ -100,7 +113,9 @@ impl Side {
                 }
                 match Target::start(argv, &dir, &qmp) {
                     Ok(t) => Ok(Side::Qmig(Box::new(t), dir)),
-                    Err(StartError::Unsupported(m)) => Err(SideError::Skip(format!("{name}: unsupported: {m}"))),
+                    Err(StartError::Unsupported(m)) => {
+                        Err(SideError::Skip(format!("{name}: unsupported: {m}")))
+                    }
                     Err(StartError::Failed(e)) => Err(SideError::Fail(e)),
                 }
             }
@@ -161,7 +176,10 @@ impl Side {
     pub fn qtest_write(&mut self, addr: u64, data: &[u8]) -> anyhow::Result<bool> {
         match self {
             Side::Qemu(q) if q.machine.has_qtest() => {
-                q.qtest().map_err(|e| anyhow!("{e}"))?.write(addr, data).map_err(|e| anyhow!("qtest: {e}"))?;
+                q.qtest()
+                    .map_err(|e| anyhow!("{e}"))?
+                    .write(addr, data)
+                    .map_err(|e| anyhow!("qtest: {e}"))?;
                 Ok(true)
             }
             _ => Ok(false),

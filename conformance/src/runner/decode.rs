@@ -194,7 +194,9 @@ fn check_capture(v: &Vector) -> Result<String, String> {
             }
         }
         if !has_records {
-            notes.push("no records in the manifest: decoded to the end (or the cut), offsets not compared");
+            notes.push(
+                "no records in the manifest: decoded to the end (or the cut), offsets not compared",
+            );
             want = got.clone();
         }
         if got != want {
@@ -446,7 +448,10 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 ));
             }
             if dst.status() != MigrationStatus::Completed {
-                return Err(format!("valid case ends in {}, not completed", dst.status()));
+                return Err(format!(
+                    "valid case ends in {}, not completed",
+                    dst.status()
+                ));
             }
             let want_rp = v.read("rp.bin").map_err(|e| e.to_string())?;
             if rp != want_rp {

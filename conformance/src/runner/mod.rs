@@ -115,7 +115,11 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
     }
     match spec {
         "qemu" => {
-            let v = if ver == "7.2" { QemuVersion::V7_2 } else { QemuVersion::V10_0 };
+            let v = if ver == "7.2" {
+                QemuVersion::V7_2
+            } else {
+                QemuVersion::V10_0
+            };
             match find_qemu(v) {
                 Ok(Some(b)) => Ok(DstTarget {
                     label: "qemu".into(),
@@ -188,7 +192,15 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
                 Err(m) => Status::Fail(m),
             },
         };
-        push(&mut out, opts, CaseResult { name, status, time: t0.elapsed() });
+        push(
+            &mut out,
+            opts,
+            CaseResult {
+                name,
+                status,
+                time: t0.elapsed(),
+            },
+        );
     }
     for spec in &opts.dst {
         if spec == "none" {
@@ -220,7 +232,15 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
                     },
                 }
             };
-            push(&mut out, opts, CaseResult { name, status, time: t0.elapsed() });
+            push(
+                &mut out,
+                opts,
+                CaseResult {
+                    name,
+                    status,
+                    time: t0.elapsed(),
+                },
+            );
         }
     }
     Ok(out)
@@ -254,8 +274,15 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
         std::fs::write(p, report::junit("qmig-conformance", &results))?;
     }
     if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_vec_pretty(&report::json("qmig-conformance", &results))?)?;
+        std::fs::write(
+            p,
+            serde_json::to_vec_pretty(&report::json("qmig-conformance", &results))?,
+        )?;
     }
     println!("{}", report::summary(&results));
-    Ok(if results.iter().any(CaseResult::failed) { 1 } else { 0 })
+    Ok(if results.iter().any(CaseResult::failed) {
+        1
+    } else {
+        0
+    })
 }

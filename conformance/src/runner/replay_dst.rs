@@ -140,10 +140,21 @@ pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyh
     vals.set("BLOCKS", "");
     vals.set(
         "PROFILE",
-        if v.qemu_version() == "7.2" { "7.2" } else { "10" },
+        if v.qemu_version() == "7.2" {
+            "7.2"
+        } else {
+            "10"
+        },
     );
     let caps = caps_list(v);
-    vals.set("CAPS", if caps.is_empty() { "events".to_string() } else { caps.join(",") });
+    vals.set(
+        "CAPS",
+        if caps.is_empty() {
+            "events".to_string()
+        } else {
+            caps.join(",")
+        },
+    );
     vals.list(
         "CPU",
         match m["cpu"].as_str() {
@@ -156,7 +167,10 @@ pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyh
         std::fs::write(&fw, test_firmware())?;
         vals.list("BIOS", vec!["-bios".into(), fw.display().to_string()]);
         // microvm is started with -S in the recordings.
-        vals.lists.get_mut("BIOS").expect("set").insert(0, "-S".into());
+        vals.lists
+            .get_mut("BIOS")
+            .expect("set")
+            .insert(0, "-S".into());
     } else {
         vals.list("BIOS", vec![]);
     }
@@ -316,12 +330,7 @@ fn is_req(t: u16) -> bool {
 }
 
 /// Compares a return path under `rule`.
-pub fn compare_rp(
-    v: &Vector,
-    rule: &str,
-    got: &[u8],
-    want: &[u8],
-) -> Result<(), String> {
+pub fn compare_rp(v: &Vector, rule: &str, got: &[u8], want: &[u8]) -> Result<(), String> {
     if rule == "exact" {
         if got == want {
             return Ok(());
@@ -353,14 +362,26 @@ pub fn compare_rp(
     };
     if rule == "recovery" {
         // RECV_BITMAPs first, byte for byte, in order.
-        let gb: Vec<&Vec<u8>> = g.iter().take_while(|(t, _)| *t == 5).map(|(_, b)| b).collect();
-        let wb: Vec<&Vec<u8>> = w.iter().take_while(|(t, _)| *t == 5).map(|(_, b)| b).collect();
+        let gb: Vec<&Vec<u8>> = g
+            .iter()
+            .take_while(|(t, _)| *t == 5)
+            .map(|(_, b)| b)
+            .collect();
+        let wb: Vec<&Vec<u8>> = w
+            .iter()
+            .take_while(|(t, _)| *t == 5)
+            .map(|(_, b)| b)
+            .collect();
         if gb != wb {
             let i = gb.iter().zip(&wb).position(|(a, b)| a != b);
             let detail = match i {
                 Some(i) => {
                     let (a, b) = (gb[i], wb[i]);
-                    let at = a.iter().zip(b.iter()).position(|(x, y)| x != y).unwrap_or(0);
+                    let at = a
+                        .iter()
+                        .zip(b.iter())
+                        .position(|(x, y)| x != y)
+                        .unwrap_or(0);
                     format!(
                         "RECV_BITMAP #{i} differs from byte {at} of the message: got {} want {}",
                         short_hex(&a[at..]),
@@ -406,9 +427,9 @@ fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
         return Ok(());
     }
     // MIGRATION events (the `events` capability is on); the timeout only guards against hangs.
-    t.qmp.wait_status(want, PHASE).map_err(|e| {
-        anyhow!("waiting for {want}: {e} (status now {})", status_of(t))
-    })?;
+    t.qmp
+        .wait_status(want, PHASE)
+        .map_err(|e| anyhow!("waiting for {want}: {e} (status now {})", status_of(t)))?;
     Ok(())
 }
 
@@ -465,7 +486,9 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
         let mut t = match Target::start(argv, &dir, &dir.join("qmp.sock")) {
             Ok(t) => t,
             Err(StartError::Unsupported(m)) => {
-                return Ok(Verdict::Skip(format!("target reports unsupported (exit 89): {m}")))
+                return Ok(Verdict::Skip(format!(
+                    "target reports unsupported (exit 89): {m}"
+                )))
             }
             Err(StartError::Failed(e)) => return Err(e),
         };
@@ -521,7 +544,9 @@ fn drive(
     let mut notes = Vec::new();
     let mut port = port;
     for (i, ch) in chans.iter().enumerate() {
-        let feed = ch["feed_to_destination"].as_str().context("feed_to_destination")?;
+        let feed = ch["feed_to_destination"]
+            .as_str()
+            .context("feed_to_destination")?;
         let bytes = v.read(feed)?;
         if i > 0 {
             // Recovery: the target must be paused; migrate-recover on a new port.
@@ -542,54 +567,56 @@ fn drive(
         }
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
         let breakage = target_breakage;
-        let rp = if cut {
-            // The captured cut happened mid-postcopy: deliver it only once the target runs in
-            // postcopy (POSTCOPY_RUN processed), or a fast reader would see the end of the
-            // channel before RUN, which is fatal rather than a pause (SM-FATAL-BEFORE-RUN).
-            wait_status(t, "postcopy-active").context("before the cut")?;
-            let rp = conn.cut();
-            wait_status(t, "postcopy-paused").context("after the cut")?;
-            rp
-        } else if invalid {
-            // End the channel after the bytes (a target waiting for more sees EOF), then the
-            // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
-            // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
-            let rp = conn.cut();
-            let s = wait_end(t);
-            let exit = if s.starts_with("(query-migrate failed") {
-                t.wait_exit(Duration::from_secs(10))
-            } else {
-                t.exit_code()
-            };
-            let why = match (s.as_str(), exit) {
-                ("failed", _) => Some("migration failed".to_string()),
-                ("postcopy-paused", _) => Some("postcopy paused (error after POSTCOPY_RUN)".to_string()),
-                (_, Some(c)) if c != 0 => Some(format!("target exited with code {c}")),
-                _ => None,
-            };
-            return Ok(match why {
-                Some(why) => Verdict::Pass(format!(
-                    "rejected: {why} ({} return-path bytes)",
-                    rp.len()
-                )),
-                None => Verdict::Fail(format!(
+        let rp =
+            if cut {
+                // The captured cut happened mid-postcopy: deliver it only once the target runs in
+                // postcopy (POSTCOPY_RUN processed), or a fast reader would see the end of the
+                // channel before RUN, which is fatal rather than a pause (SM-FATAL-BEFORE-RUN).
+                wait_status(t, "postcopy-active").context("before the cut")?;
+                let rp = conn.cut();
+                wait_status(t, "postcopy-paused").context("after the cut")?;
+                rp
+            } else if invalid {
+                // End the channel after the bytes (a target waiting for more sees EOF), then the
+                // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
+                // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
+                let rp = conn.cut();
+                let s = wait_end(t);
+                let exit = if s.starts_with("(query-migrate failed") {
+                    t.wait_exit(Duration::from_secs(10))
+                } else {
+                    t.exit_code()
+                };
+                let why = match (s.as_str(), exit) {
+                    ("failed", _) => Some("migration failed".to_string()),
+                    ("postcopy-paused", _) => {
+                        Some("postcopy paused (error after POSTCOPY_RUN)".to_string())
+                    }
+                    (_, Some(c)) if c != 0 => Some(format!("target exited with code {c}")),
+                    _ => None,
+                };
+                return Ok(match why {
+                    Some(why) => {
+                        Verdict::Pass(format!("rejected: {why} ({} return-path bytes)", rp.len()))
+                    }
+                    None => Verdict::Fail(format!(
                     "invalid stream accepted: target status {s} (expected a failed migration; {})",
                     v.synthetic().map(|s| s["expected"].to_string()).unwrap_or_default()
                 )),
-            });
-        } else {
-            // A complete stream: the target ends the migration (QMP), then its side closes.
-            let s = wait_done(t);
-            let rp = conn.finish();
-            if s != "completed" {
-                return Ok(Verdict::Fail(format!(
-                    "{}: the target ended in {s}, not completed; log: {}",
-                    ch["label"].as_str().unwrap_or("?"),
-                    t.log_tail()
-                )));
-            }
-            rp
-        };
+                });
+            } else {
+                // A complete stream: the target ends the migration (QMP), then its side closes.
+                let s = wait_done(t);
+                let rp = conn.finish();
+                if s != "completed" {
+                    return Ok(Verdict::Fail(format!(
+                        "{}: the target ended in {s}, not completed; log: {}",
+                        ch["label"].as_str().unwrap_or("?"),
+                        t.log_tail()
+                    )));
+                }
+                rp
+            };
         let rp = match breakage {
             Some(b) => b.apply(v, rp),
             None => rp,
@@ -607,8 +634,11 @@ fn drive(
                     let g = messages(v, &rp).map_err(|e| anyhow!(e))?;
                     let w = messages(v, &want).map_err(|e| anyhow!("vector: {e}"))?;
                     let pongs = |m: &[(u16, Vec<u8>)]| {
-                        let mut p: Vec<Vec<u8>> =
-                            m.iter().filter(|(t, _)| *t == 2).map(|(_, b)| b.clone()).collect();
+                        let mut p: Vec<Vec<u8>> = m
+                            .iter()
+                            .filter(|(t, _)| *t == 2)
+                            .map(|(_, b)| b.clone())
+                            .collect();
                         p.sort();
                         p
                     };
@@ -622,7 +652,10 @@ fn drive(
                 }
                 rule => {
                     if let Err(e) = compare_rp(v, rule, &rp, &want) {
-                        return Ok(Verdict::Fail(format!("{}: {e}", ch["label"].as_str().unwrap_or("?"))));
+                        return Ok(Verdict::Fail(format!(
+                            "{}: {e}",
+                            ch["label"].as_str().unwrap_or("?")
+                        )));
                     }
                 }
             }
@@ -632,7 +665,9 @@ fn drive(
     // Final RAM.
     let fr = &v.manifest["final_ram"];
     let bytes = fr["bytes"].as_u64().context("final_ram.bytes")?;
-    let base = v.manifest["machine"]["ram_guest_physical_base"].as_u64().unwrap_or(0);
+    let base = v.manifest["machine"]["ram_guest_physical_base"]
+        .as_u64()
+        .unwrap_or(0);
     let file = t.dir.join("pmemsave.bin");
     t.qmp
         .execute(

@@ -65,11 +65,7 @@ pub fn line(r: &CaseResult) -> String {
         Status::Fail(m) => ("FAIL", m),
         Status::Skip(m) => ("SKIP", m),
     };
-    format!(
-        "{tag} {} ({:.2}s): {msg}",
-        r.name,
-        r.time.as_secs_f64()
-    )
+    format!("{tag} {} ({:.2}s): {msg}", r.name, r.time.as_secs_f64())
 }
 
 fn xml_escape(s: &str) -> String {
@@ -110,11 +106,7 @@ pub fn junit(suite: &str, results: &[CaseResult]) -> String {
                 let _ = writeln!(x, "><system-out>{}</system-out></testcase>", xml_escape(m));
             }
             Status::Fail(m) => {
-                let _ = writeln!(
-                    x,
-                    "><failure message=\"{}\"/></testcase>",
-                    xml_escape(m)
-                );
+                let _ = writeln!(x, "><failure message=\"{}\"/></testcase>", xml_escape(m));
             }
             Status::Skip(m) => {
                 let _ = writeln!(x, "><skipped message=\"{}\"/></testcase>", xml_escape(m));

@@ -72,7 +72,12 @@ pub fn named(addr: u64, flags: RamFlags, name: &str) -> Vec<u8> {
 
 /// The MEM_SIZE record of the block list `[("ram", RAM_BYTES)]`.
 pub fn memsize() -> Vec<u8> {
-    cat(&[&word(RAM_BYTES, RamFlags::MEM_SIZE), &[3], b"ram", &be64(RAM_BYTES)])
+    cat(&[
+        &word(RAM_BYTES, RamFlags::MEM_SIZE),
+        &[3],
+        b"ram",
+        &be64(RAM_BYTES),
+    ])
 }
 
 /// The `globalstate` payload (be32 size 8, "running", zero padding to 104 bytes).

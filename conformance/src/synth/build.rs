@@ -83,7 +83,10 @@ impl Parts {
 
     /// The whole channel.
     pub fn bytes(&self) -> Vec<u8> {
-        self.parts.iter().flat_map(|p| p.bytes.iter().copied()).collect()
+        self.parts
+            .iter()
+            .flat_map(|p| p.bytes.iter().copied())
+            .collect()
     }
 }
 

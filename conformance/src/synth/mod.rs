@@ -137,8 +137,10 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let mut text = serde_json::to_vec_pretty(&manifest).expect("json");
         text.push(b'\n');
         out.insert(format!("{dir}manifest.json"), text);
-        index.push(json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
-                          "profile": c.profile, "expected": expected}));
+        index.push(
+            json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
+                          "profile": c.profile, "expected": expected}),
+        );
     }
     let elsewhere: Vec<Value> = cases::ELSEWHERE
         .iter()
