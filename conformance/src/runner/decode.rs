@@ -72,11 +72,15 @@ fn manifest_offsets(ch: &Value) -> (Vec<u64>, Option<u64>) {
     (offs, truncated)
 }
 
+/// What a whole-channel decode found: top-level record offsets, how it ended, and the
+/// MEM_SIZE block list `(name, used_length)`.
+type Decoded = (Vec<u64>, Result<(), WireError>, Vec<(Vec<u8>, u64)>);
+
 /// Decodes a whole channel; returns the top-level record offsets and how it ended.
 fn decode_channel(
     dec: &mut StreamDecoder,
     bytes: &[u8],
-) -> (Vec<u64>, Result<(), WireError>, Vec<(Vec<u8>, u64)>) {
+) -> Decoded {
     dec.set_final(true);
     let mut pos = 0usize;
     let mut offs = Vec::new();
