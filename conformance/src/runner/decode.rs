@@ -77,10 +77,7 @@ fn manifest_offsets(ch: &Value) -> (Vec<u64>, Option<u64>) {
 type Decoded = (Vec<u64>, Result<(), WireError>, Vec<(Vec<u8>, u64)>);
 
 /// Decodes a whole channel; returns the top-level record offsets and how it ended.
-fn decode_channel(
-    dec: &mut StreamDecoder,
-    bytes: &[u8],
-) -> Decoded {
+fn decode_channel(dec: &mut StreamDecoder, bytes: &[u8]) -> Decoded {
     dec.set_final(true);
     let mut pos = 0usize;
     let mut offs = Vec::new();
