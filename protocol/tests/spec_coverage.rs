@@ -772,7 +772,7 @@ fn parse_size(text: &str) -> Option<u64> {
 fn limits_table_matches_limits_default() {
     use qmig_protocol::limits::Limits;
     let d = Limits::DEFAULT;
-    let expected: [(&str, u64); 9] = [
+    let expected: [(&str, u64); 10] = [
         ("max_packaged", d.max_packaged.into()),
         ("max_vmdesc", d.max_vmdesc.into()),
         ("max_device_payload", d.max_device_payload.into()),
@@ -782,6 +782,7 @@ fn limits_table_matches_limits_default() {
         ("max_rp_len", d.max_rp_len.into()),
         ("max_block_bytes", d.max_block_bytes),
         ("max_vmdesc_depth", d.max_vmdesc_depth.into()),
+        ("max_sections", d.max_sections.into()),
     ];
     let text = fs::read_to_string(workspace().join("spec/limits.md")).expect("spec/limits.md");
     for (name, value) in expected {
