@@ -2,8 +2,8 @@
 pub mod bench;
 pub mod cli;
 pub mod demo;
+pub mod hostile;
+pub mod interop;
 pub mod qemu;
 pub mod runner;
 pub mod synth;
-pub mod interop;
-pub mod hostile;
