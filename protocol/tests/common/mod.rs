@@ -60,14 +60,20 @@ pub fn vectors_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../conformance/vectors")
 }
 
-/// Every vector, sorted by version then name.
+/// Every vector captured from real QEMU (`qemu-*` folders), sorted by version then name. The
+/// synthetic vectors (`synthetic/`) are the conformance runner's: they are single-rule cases,
+/// some without a main stream.
 pub fn vectors() -> Vec<VectorDir> {
     let root = vectors_root();
     let mut out = Vec::new();
     let mut versions: Vec<_> = std::fs::read_dir(&root)
         .unwrap()
         .map(|e| e.unwrap().path())
-        .filter(|p| p.is_dir())
+        .filter(|p| {
+            p.is_dir()
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with("qemu-"))
+        })
         .collect();
     versions.sort();
     for v in versions {
