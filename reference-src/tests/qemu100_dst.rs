@@ -10,8 +10,8 @@
 
 mod common;
 
-use common::qemu;
 use common::scenario::{run, Case, Dest, Mode, RAM_MB};
+use common::{qemu, retry_qemu_before_run_race};
 use qmig_conformance::qemu::{Machine, Qemu, QemuVersion};
 use serde_json::{json, Value};
 
@@ -36,28 +36,30 @@ fn go(mode: Mode, microvm: bool, workload: Option<&'static str>, params: Value) 
     } else {
         Machine::NoneNoCpu
     };
-    let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
-    let case = if microvm {
-        Case {
-            template: Some(MICROVM_TEMPLATE),
-            src_args: MICROVM_BLOCKS,
-            skip_pages: machine.reserved_pages(),
-            dst_runs: false, // launched with -S
-            ..Case::default()
-        }
-    } else {
-        Case::default()
-    };
-    Some(run(
-        Case {
-            mode,
-            profile: "10",
-            workload,
-            params,
-            ..case
-        },
-        Dest::Qemu(Box::new(dst)),
-    ))
+    Some(retry_qemu_before_run_race(|| {
+        let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
+        let case = if microvm {
+            Case {
+                template: Some(MICROVM_TEMPLATE),
+                src_args: MICROVM_BLOCKS,
+                skip_pages: machine.reserved_pages(),
+                dst_runs: false, // launched with -S
+                ..Case::default()
+            }
+        } else {
+            Case::default()
+        };
+        run(
+            Case {
+                mode,
+                profile: "10",
+                workload,
+                params: params.clone(),
+                ..case
+            },
+            Dest::Qemu(Box::new(dst)),
+        )
+    }))
 }
 
 #[test]

@@ -12,8 +12,8 @@
 
 mod common;
 
-use common::qemu;
 use common::scenario::{run, Case, Dest, Mode, RAM_MB};
+use common::{qemu, retry_qemu_before_run_race};
 use qmig_conformance::qemu::{Machine, Qemu, QemuVersion};
 use serde_json::{json, Value};
 
@@ -26,18 +26,20 @@ fn go(mode: Mode, with_cpu: bool, workload: Option<&'static str>, params: Value)
     } else {
         Machine::NoneNoCpu
     };
-    let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
-    Some(run(
-        Case {
-            mode,
-            profile: "7.2",
-            template: with_cpu.then_some(TEMPLATE),
-            workload,
-            params,
-            ..Case::default()
-        },
-        Dest::Qemu(Box::new(dst)),
-    ))
+    Some(retry_qemu_before_run_race(|| {
+        let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
+        run(
+            Case {
+                mode,
+                profile: "7.2",
+                template: with_cpu.then_some(TEMPLATE),
+                workload,
+                params: params.clone(),
+                ..Case::default()
+            },
+            Dest::Qemu(Box::new(dst)),
+        )
+    }))
 }
 
 #[test]
