@@ -567,56 +567,72 @@ fn drive(
         }
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
         let breakage = target_breakage;
-        let rp =
-            if cut {
-                // The captured cut happened mid-postcopy: deliver it only once the target runs in
-                // postcopy (POSTCOPY_RUN processed), or a fast reader would see the end of the
-                // channel before RUN, which is fatal rather than a pause (SM-FATAL-BEFORE-RUN).
-                wait_status(t, "postcopy-active").context("before the cut")?;
-                let rp = conn.cut();
-                wait_status(t, "postcopy-paused").context("after the cut")?;
-                rp
-            } else if invalid {
-                // End the channel after the bytes (a target waiting for more sees EOF), then the
-                // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
-                // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
-                let rp = conn.cut();
-                let s = wait_end(t);
-                let exit = if s.starts_with("(query-migrate failed") {
-                    t.wait_exit(Duration::from_secs(10))
-                } else {
-                    t.exit_code()
-                };
-                let why = match (s.as_str(), exit) {
-                    ("failed", _) => Some("migration failed".to_string()),
-                    ("postcopy-paused", _) => {
-                        Some("postcopy paused (error after POSTCOPY_RUN)".to_string())
-                    }
-                    (_, Some(c)) if c != 0 => Some(format!("target exited with code {c}")),
-                    _ => None,
-                };
-                return Ok(match why {
-                    Some(why) => {
-                        Verdict::Pass(format!("rejected: {why} ({} return-path bytes)", rp.len()))
-                    }
-                    None => Verdict::Fail(format!(
+        let rp = if cut {
+            // The captured cut happened mid-postcopy: deliver it only once the target runs in
+            // postcopy (POSTCOPY_RUN processed), or a fast reader would see the end of the
+            // channel before RUN, which is fatal rather than a pause (SM-FATAL-BEFORE-RUN).
+            wait_status(t, "postcopy-active").context("before the cut")?;
+            let rp = conn.cut();
+            wait_status(t, "postcopy-paused").context("after the cut")?;
+            rp
+        } else if invalid {
+            // End the channel after the bytes (a target waiting for more sees EOF), then the
+            // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
+            // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
+            let rp = conn.cut();
+            let s = wait_end(t);
+            let exit = if s.starts_with("(query-migrate failed") {
+                t.wait_exit(Duration::from_secs(10))
+            } else {
+                t.exit_code()
+            };
+            // Bytes after EOF reach a destination that already has the whole VM: it stays
+            // `completed` and reports the violation instead of failing a finished migration.
+            let after_eof = |t: &mut Target| {
+                let want = v.synthetic().map(|s| {
+                    format!(
+                        "offset {}: {}:",
+                        s["expected"]["offset"],
+                        s["expected"]["rule"].as_str().unwrap_or("")
+                    )
+                })?;
+                let info = t.qmp.execute("query-migrate", serde_json::json!({})).ok()?;
+                let desc = info["error-desc"].as_str()?.to_string();
+                desc.contains(&want).then_some(desc)
+            };
+            let why = match (s.as_str(), exit) {
+                ("failed", _) => Some("migration failed".to_string()),
+                ("completed", _) => after_eof(t).map(|d| format!("reported after completion: {d}")),
+                ("postcopy-paused", _) => {
+                    Some("postcopy paused (error after POSTCOPY_RUN)".to_string())
+                }
+                (_, Some(c)) if c != 0 => Some(format!("target exited with code {c}")),
+                _ => None,
+            };
+            return Ok(match why {
+                Some(why) => {
+                    Verdict::Pass(format!("rejected: {why} ({} return-path bytes)", rp.len()))
+                }
+                None => {
+                    Verdict::Fail(format!(
                     "invalid stream accepted: target status {s} (expected a failed migration; {})",
                     v.synthetic().map(|s| s["expected"].to_string()).unwrap_or_default()
-                )),
-                });
-            } else {
-                // A complete stream: the target ends the migration (QMP), then its side closes.
-                let s = wait_done(t);
-                let rp = conn.finish();
-                if s != "completed" {
-                    return Ok(Verdict::Fail(format!(
-                        "{}: the target ended in {s}, not completed; log: {}",
-                        ch["label"].as_str().unwrap_or("?"),
-                        t.log_tail()
-                    )));
+                ))
                 }
-                rp
-            };
+            });
+        } else {
+            // A complete stream: the target ends the migration (QMP), then its side closes.
+            let s = wait_done(t);
+            let rp = conn.finish();
+            if s != "completed" {
+                return Ok(Verdict::Fail(format!(
+                    "{}: the target ended in {s}, not completed; log: {}",
+                    ch["label"].as_str().unwrap_or("?"),
+                    t.log_tail()
+                )));
+            }
+            rp
+        };
         let rp = match breakage {
             Some(b) => b.apply(v, rp),
             None => rp,
