@@ -31,7 +31,7 @@ if [ -x fuzz/run-smoke.sh ]; then
     bash fuzz/run-smoke.sh "${QMIG_FUZZ_SECONDS:-20}" || extra_failed=$((extra_failed + 1))
 fi
 
-qmig=target/debug/qmig
+qmig="${CARGO_TARGET_DIR:-target}/debug/qmig"
 step "conformance runner over every vector"
 "$qmig" conformance 2>&1 | tee "$log_dir/conformance.log" || extra_failed=$((extra_failed + 1))
 
