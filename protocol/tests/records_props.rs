@@ -55,9 +55,12 @@ fn kind(v10: bool) -> impl Strategy<Value = Kind> {
     let last = if v10 {
         Just(Kind::Flush).boxed()
     } else {
-        prop::collection::vec(any::<u8>(), 0..=qmig_protocol::ram::compress_bound(4096) as usize)
-            .prop_map(Kind::Compressed)
-            .boxed()
+        prop::collection::vec(
+            any::<u8>(),
+            0..=qmig_protocol::ram::compress_bound(4096) as usize,
+        )
+        .prop_map(Kind::Compressed)
+        .boxed()
     };
     prop_oneof![
         fill.prop_map(Kind::Zero),
