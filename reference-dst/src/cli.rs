@@ -94,28 +94,8 @@ impl Args {
     }
 }
 
-/// `256M`, `1G`, `4096`, `64k`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'B' => 1,
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                _ => return Err(format!("bad size suffix in {s:?}")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mult)
-        .filter(|&b| b > 0)
-        .ok_or_else(|| format!("size {s:?} out of range"))
-}
+/// Sizes of guest RAM, blocks and working sets: positive, with a binary suffix.
+pub use qmig_host::size::parse_nonzero_size as parse_size;
 
 fn parse_uri(s: &str) -> Result<MigrationUri, String> {
     MigrationUri::parse(s).map_err(|e| format!("{s}: {e}"))

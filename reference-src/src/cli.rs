@@ -65,27 +65,8 @@ pub struct WorkloadSpec {
     pub working_set: Option<u64>,
 }
 
-/// Parses `256M`, `1G`, `4096`, `64k` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.char_indices().last() {
-        Some((i, c)) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                'K' => 1 << 10,
-                'M' => 1 << 20,
-                'G' => 1 << 30,
-                'T' => 1 << 40,
-                'B' => 1,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
-            };
-            (&s[..i], m)
-        }
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("invalid size '{s}'"))?;
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size '{s}' is too large"))
-}
+/// Sizes with a binary suffix (`256M`, `1G`, `4096`).
+pub use qmig_host::size::parse_size;
 
 /// Parses `NAME:SIZE`.
 pub fn parse_block(s: &str) -> Result<(String, u64), String> {

@@ -81,15 +81,7 @@ pub struct Args {
 
 /// `256M`, `1G`, bytes without suffix; a non-zero multiple of 1 MiB.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mult)
+    Some(qmig_host::size::parse_size(s)?)
         .filter(|b| *b > 0 && b % (1 << 20) == 0)
         .ok_or_else(|| format!("size {s:?} must be a non-zero multiple of 1M"))
 }

@@ -79,28 +79,8 @@ impl Args {
     }
 }
 
-/// Parses `256M`, `1G`, `64k`, `4096` (binary multiples) into bytes.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mult) = match s.as_bytes().last() {
-        Some(c) if c.is_ascii_alphabetic() => {
-            let m: u64 = match c.to_ascii_uppercase() {
-                b'K' => 1 << 10,
-                b'M' => 1 << 20,
-                b'G' => 1 << 30,
-                b'B' => 1,
-                _ => return Err(format!("unknown size suffix in '{s}'")),
-            };
-            (&s[..s.len() - 1], m)
-        }
-        _ => (s, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| format!("invalid size '{s}'"))
-}
+/// Parses `256M`, `1G`, `64k`, `4096` (binary multiples, positive) into bytes.
+pub use qmig_host::size::parse_nonzero_size as parse_size;
 
 /// Runs the demo; 0 when the memories are identical, 1 when they differ.
 pub fn run(args: &Args) -> anyhow::Result<i32> {

@@ -10,6 +10,7 @@ pub mod workload;
 // host-ctl
 pub mod qmp_server;
 pub mod qmp_types;
+pub mod size;
 pub mod stats;
 pub mod transport;
 pub mod uri;
