@@ -5,6 +5,9 @@
 //! write `feed_to_destination` while a reader thread collects the return path. A cut channel
 //! (`ends_mid_stream`) is then shut down (the cut); the target must reach `postcopy-paused`,
 //! accept `migrate-recover` on a new port, and take `resume-stream.bin` on a new connection.
+//! Multifd vectors: the `multifd_connections_in_order` files are played on extra connections
+//! opened right after the main one; a target refusing the `multifd` capability (a QMP error)
+//! is a skip ("target refuses multifd").
 //! Checks: the return path per `return_path_rule` (`exact`, `postcopy`, `recovery`), the final
 //! status `completed`, and guest RAM read back with `pmemsave` against `final_ram`. A synthetic
 //! invalid vector must end the migration in `failed` instead.
@@ -101,12 +104,6 @@ pub fn not_replayable(v: &Vector) -> Option<String> {
     let chans = v.replay_channels();
     if chans.is_empty() {
         return Some("no replay section (not a main-channel vector)".into());
-    }
-    if chans
-        .iter()
-        .any(|c| c.get("multifd_connections_in_order").is_some())
-    {
-        return Some("multifd replay (extra connections) is not implemented by the runner".into());
     }
     if v.synthetic().is_none() && v.manifest["final_ram"]["sha256"].as_str().is_none() {
         return Some("no final_ram".into());
@@ -267,6 +264,40 @@ impl Conn {
     fn finish(self) -> Vec<u8> {
         self.close(Duration::from_secs(5))
     }
+}
+
+/// A multifd connection's writer: its file name and the thread writing it.
+type MultifdWriter = (String, std::thread::JoinHandle<Result<TcpStream, String>>);
+
+/// Opens the channel's `multifd_connections_in_order` to `port` (after the main connection, one
+/// after the other) and starts a thread writing each file; the thread hands the connection back
+/// so that it stays open until the migration ended.
+fn open_multifd(v: &Vector, ch: &Value, port: u16) -> anyhow::Result<Vec<MultifdWriter>> {
+    let mut out = Vec::new();
+    for f in ch["multifd_connections_in_order"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let name = f
+            .as_str()
+            .context("multifd_connections_in_order entry")?
+            .to_string();
+        let bytes = v.read(&name)?;
+        let mut sock = TcpStream::connect(("127.0.0.1", port))
+            .with_context(|| format!("multifd connection {name}"))?;
+        sock.set_nodelay(true)?;
+        sock.set_write_timeout(Some(PHASE))?;
+        let label = name.clone();
+        let h = std::thread::spawn(move || {
+            sock.write_all(&bytes)
+                .map_err(|e| format!("write failed after {label} was closed: {e}"))?;
+            // The connection stays open until the migration ended (the caller drops it).
+            Ok(sock)
+        });
+        out.push((name, h));
+    }
+    Ok(out)
 }
 
 /// Return-path messages as (type, whole bytes).
@@ -521,9 +552,16 @@ fn drive(
     for c in caps_list(v) {
         caps.push(json!({"capability": c, "state": true}));
     }
-    t.qmp
+    if let Err(e) = t
+        .qmp
         .execute("migrate-set-capabilities", json!({"capabilities": caps}))
-        .context("migrate-set-capabilities")?;
+    {
+        // A target without multifd refuses the capability with a QMP error: not applicable.
+        if caps_list(v).iter().any(|c| c == "multifd") {
+            return Ok(Verdict::Skip(format!("target refuses multifd: {e}")));
+        }
+        return Err(anyhow!(e).context("migrate-set-capabilities"));
+    }
     if let Some(p) = v.manifest["replay"]["destination_parameters"].as_object() {
         if !p.is_empty() {
             t.qmp
@@ -560,6 +598,11 @@ fn drive(
                 .context("migrate-recover")?;
         }
         let mut conn = Conn::open(port)?;
+        // Multifd: the extra connections, opened one after the other after the main one (the
+        // order the destination accepts them in), each written by its own thread while the main
+        // channel is fed (the destination reads them concurrently: the main channel waits for
+        // multifd sync points).
+        let multifd = open_multifd(v, ch, port)?;
         if let Some(w) = conn.feed(&bytes) {
             if !invalid {
                 notes.push(w);
@@ -624,6 +667,19 @@ fn drive(
             // A complete stream: the target ends the migration (QMP), then its side closes.
             let s = wait_done(t);
             let rp = conn.finish();
+            if !multifd.is_empty() {
+                notes.push(format!(
+                    "{} multifd connection(s) played alongside",
+                    multifd.len()
+                ));
+            }
+            for (name, h) in multifd {
+                match h.join() {
+                    Ok(Ok(sock)) => drop(sock),
+                    Ok(Err(e)) => notes.push(format!("{name}: {e}")),
+                    Err(_) => notes.push(format!("{name}: writer thread panicked")),
+                }
+            }
             if s != "completed" {
                 return Ok(Verdict::Fail(format!(
                     "{}: the target ended in {s}, not completed; log: {}",
