@@ -23,6 +23,7 @@ fn run_once(dst: &str, filter: &str) -> Vec<CaseResult> {
     runner::run_suite(&Options {
         vectors: vec![],
         dst: vec![dst.to_string()],
+        src: vec![],
         skips: skips(),
         filter: Some(filter.to_string()),
         print: true,

@@ -6,13 +6,19 @@
 //! | [`decode`] | decode checks with the protocol crate (captures and synthetic cases) |
 //! | [`shim`] | the shim contract: templates, placeholders, starting a target, exit code 89 |
 //! | [`replay_dst`] | replay of captured sources against a destination target |
+//! | [`replay_src`] | replay against a source target: the runner plays the destination |
+//! | [`play_dst`] | the played destination (decoder, `Destination` machine, the runner's books) |
+//! | [`broken_src`] | deliberately broken sources (tamper stage on the recovery channel) |
 //! | [`skip`] | skip lists with a reason per entry |
 //! | [`report`] | results, text lines, JUnit and JSON |
 //!
 //! [`run_suite`] is the library entry (tests call it); [`run`] is the subcommand.
 
+pub mod broken_src;
 pub mod decode;
+pub mod play_dst;
 pub mod replay_dst;
+pub mod replay_src;
 pub mod report;
 pub mod shim;
 pub mod skip;
@@ -41,6 +47,12 @@ pub struct Args {
     /// suite's self-test).
     #[arg(long = "dst", value_name = "CMD")]
     pub dst: Vec<String>,
+    /// Source under test: `qmig` (qmig-src next to this binary or on PATH; the default),
+    /// `none` (no replay against a source), a command-line template with placeholders (see
+    /// conformance/README.md), or `broken-KIND:TARGET` (KIND `resend-all` or `skip-clear`:
+    /// TARGET with its recovery channel deliberately altered, the suite's self-test).
+    #[arg(long = "src", value_name = "CMD")]
+    pub src: Vec<String>,
     /// Skip list: `PATTERN REASON` per line.
     #[arg(long, value_name = "FILE")]
     pub skip: Option<PathBuf>,
@@ -63,8 +75,10 @@ pub struct Args {
 pub struct Options {
     /// Vector directories.
     pub vectors: Vec<PathBuf>,
-    /// Destination targets (empty: decode checks only).
+    /// Destination targets (empty: no replay against a destination).
     pub dst: Vec<String>,
+    /// Source targets (empty: no replay against a source).
+    pub src: Vec<String>,
     /// Skip entries.
     pub skips: Vec<skip::Skip>,
     /// Case-name filter.
@@ -144,6 +158,46 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
             None => Err("qmig-dst not found next to qmig or on PATH".into()),
         },
         t => Ok(DstTarget {
+            label: "custom".into(),
+            template: t.into(),
+            extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
+            breakage: None,
+        }),
+    }
+}
+
+/// Resolves a `--src` value.
+fn src_target(spec: &str) -> Result<replay_src::SrcTarget, String> {
+    if let Some(rest) = spec.strip_prefix("broken-") {
+        let (kind, inner) = rest
+            .split_once(':')
+            .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
+        let b = broken_src::SrcBreakage::parse(kind)
+            .ok_or_else(|| format!("`{kind}`: not resend-all or skip-clear"))?;
+        let mut t = src_target(inner)?;
+        t.label = format!("broken-{kind}:{}", t.label);
+        t.breakage = Some(b);
+        return Ok(t);
+    }
+    match spec {
+        "qmig" => match find_bin("qmig-src", &bin_dir()) {
+            Some(p) => Ok(replay_src::SrcTarget {
+                label: "qmig".into(),
+                template: replay_src::QMIG_SRC_TEMPLATE.into(),
+                extra: vec![(
+                    "BIN_DIR".into(),
+                    p.parent().unwrap_or(Path::new(".")).display().to_string(),
+                )],
+                breakage: None,
+            }),
+            None => Err("qmig-src not found next to qmig or on PATH".into()),
+        },
+        "qemu" => Err(
+            "a QEMU source is not supported by the runner yet (the interop matrix \
+                       runs QEMU sources)"
+                .into(),
+        ),
+        t => Ok(replay_src::SrcTarget {
             label: "custom".into(),
             template: t.into(),
             extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
@@ -243,6 +297,47 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
             );
         }
     }
+    for spec in &opts.src {
+        if spec == "none" {
+            continue;
+        }
+        for v in &vectors {
+            if v.synthetic().is_some() || v.replay_channels().is_empty() {
+                continue;
+            }
+            let label = match spec.as_str() {
+                "qemu" | "qmig" => spec.clone(),
+                s if s.starts_with("broken-") => s.to_string(),
+                _ => "custom".into(),
+            };
+            let name = format!("replay-src[{label}]/{}", v.id);
+            if !selected(&opts.filter, &name) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let status = if let Some(r) = skip::reason(&opts.skips, &name) {
+                Status::Skip(r.to_string())
+            } else {
+                match src_target(spec) {
+                    Err(e) => Status::Fail(format!("no target: {e}")),
+                    Ok(t) => match replay_src::replay(v, &t) {
+                        Verdict::Pass(m) => Status::Pass(m),
+                        Verdict::Fail(m) => Status::Fail(m),
+                        Verdict::Skip(m) => Status::Skip(m),
+                    },
+                }
+            };
+            push(
+                &mut out,
+                opts,
+                CaseResult {
+                    name,
+                    status,
+                    time: t0.elapsed(),
+                },
+            );
+        }
+    }
     Ok(out)
 }
 
@@ -262,9 +357,15 @@ pub fn run(a: &Args) -> anyhow::Result<i32> {
     } else {
         a.dst.clone()
     };
+    let src = if a.src.is_empty() {
+        vec!["qmig".to_string()]
+    } else {
+        a.src.clone()
+    };
     let opts = Options {
         vectors: a.vectors.clone(),
         dst,
+        src,
         skips,
         filter: a.filter.clone(),
         print: true,

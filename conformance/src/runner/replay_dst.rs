@@ -111,7 +111,7 @@ pub fn not_replayable(v: &Vector) -> Option<String> {
     None
 }
 
-fn caps_list(v: &Vector) -> Vec<String> {
+pub fn caps_list(v: &Vector) -> Vec<String> {
     v.manifest["replay"]["destination_capabilities"]
         .as_object()
         .map(|m| {
@@ -124,7 +124,11 @@ fn caps_list(v: &Vector) -> Vec<String> {
 }
 
 /// The placeholder values for vector `v`.
-pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyhow::Result<Values> {
+pub fn values_for(
+    v: &Vector,
+    dir: &std::path::Path,
+    extra: &[(String, String)],
+) -> anyhow::Result<Values> {
     let m = &v.manifest["machine"];
     let mut vals = Values::default();
     let ram_bytes = m["ram_bytes"].as_u64().context("machine.ram_bytes")?;
@@ -190,7 +194,7 @@ pub fn values_for(v: &Vector, dir: &std::path::Path, target: &DstTarget) -> anyh
             .map(|p: PathBuf| vec!["--vmdesc".into(), p.display().to_string()])
             .unwrap_or_default(),
     );
-    for (k, x) in &target.extra {
+    for (k, x) in extra {
         vals.set(k, x.clone());
     }
     Ok(vals)
@@ -330,7 +334,7 @@ fn messages(v: &Vector, bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
 }
 
 /// The vector's RAM blocks (name, bytes): the synthetic list, or main + `final_ram.other_blocks`.
-fn block_list(v: &Vector) -> Vec<(String, u64)> {
+pub fn block_list(v: &Vector) -> Vec<(String, u64)> {
     if let Some(s) = v.synthetic() {
         return s["blocks"]
             .as_array()
@@ -439,7 +443,7 @@ pub fn compare_rp(v: &Vector, rule: &str, got: &[u8], want: &[u8]) -> Result<(),
     Ok(())
 }
 
-fn short_hex(b: &[u8]) -> String {
+pub fn short_hex(b: &[u8]) -> String {
     if b.len() <= 48 {
         hex(b)
     } else {
@@ -508,7 +512,7 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
     }
     let dir = scratch_dir("dst")?;
     let result = (|| -> anyhow::Result<Verdict> {
-        let mut vals = values_for(v, &dir, target)?;
+        let mut vals = values_for(v, &dir, &target.extra)?;
         let port = free_port()?;
         let uses_listen = target.template.contains("{LISTEN}");
         vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
