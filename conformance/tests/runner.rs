@@ -99,12 +99,16 @@ fn replay_qemu_7_2_captures_against_qemu_7_2() {
     let f = failures(&r);
     assert!(f.is_empty(), "{f:#?}");
     assert_eq!(r.len(), 15);
-    // Everything but multifd (extra connections are not replayed) passes, recovery included.
+    // Everything passes, recovery and multifd (two extra connections) included.
     let passed = r
         .iter()
         .filter(|c| matches!(c.status, Status::Pass(_)))
         .count();
-    assert_eq!(passed, 14, "{r:#?}");
+    assert_eq!(passed, 15, "{r:#?}");
+    assert!(matches!(
+        status(&r, "replay-dst[qemu]/qemu-7.2/precopy-multifd"),
+        Status::Pass(m) if m.contains("2 multifd connection(s) played alongside")
+    ));
     assert!(matches!(
         status(&r, "replay-dst[qemu]/qemu-7.2/postcopy-recover"),
         Status::Pass(_)

@@ -1,0 +1,173 @@
+//! The runner against a source (`replay-src`): every captured vector against qmig-src (the
+//! runner plays the destination), the deliberately broken sources (the suite can fail), and
+//! the multifd replay against qmig-dst (which refuses multifd: a skip with that reason).
+//!
+//! `qmig-src` / `qmig-dst` are built first into this test's target directory (cargo does not
+//! build other packages' binaries for a test), so the binaries are never stale.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use qmig_conformance::runner::{self, report::CaseResult, report::Status, Options};
+
+/// Builds qmig-src and qmig-dst next to this test's target directory.
+fn build_reference_binaries() {
+    let exe = std::env::current_exe().unwrap();
+    // <target>/<profile>/deps/<test>
+    let profile_dir: PathBuf = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target = profile_dir.parent().unwrap();
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.args(["build", "-p", "qmig-src", "-p", "qmig-dst"])
+        .env("CARGO_TARGET_DIR", target);
+    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
+        cmd.arg("--release");
+    }
+    assert!(
+        cmd.status().unwrap().success(),
+        "cargo build of qmig-src/qmig-dst failed"
+    );
+}
+
+fn run(src: &[&str], dst: &[&str], filter: &str) -> Vec<CaseResult> {
+    build_reference_binaries();
+    runner::run_suite(&Options {
+        vectors: vec![],
+        dst: dst.iter().map(|s| s.to_string()).collect(),
+        src: src.iter().map(|s| s.to_string()).collect(),
+        skips: vec![],
+        filter: Some(filter.to_string()),
+        print: true,
+    })
+    .unwrap()
+}
+
+fn status<'a>(r: &'a [CaseResult], name: &str) -> &'a Status {
+    &r.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+        .status
+}
+
+/// The captured vectors whose source needs a capability qmig-src does not have.
+const REFUSED: &[(&str, &str)] = &[
+    ("qemu-7.2/precopy-compress", "compress"),
+    ("qemu-7.2/precopy-config-caps", "x-ignore-shared"),
+    ("qemu-7.2/precopy-multifd", "multifd"),
+    ("qemu-7.2/precopy-xbzrle", "xbzrle"),
+    ("qemu-10.0/precopy-config-caps", "x-ignore-shared"),
+    ("qemu-10.0/precopy-multifd", "multifd"),
+    ("qemu-10.0/precopy-xbzrle", "xbzrle"),
+];
+
+#[test]
+fn every_captured_vector_passes_against_qmig_src() {
+    let r = run(&["qmig"], &[], "replay-src[qmig]/*");
+    let failed: Vec<String> = r
+        .iter()
+        .filter_map(|c| match &c.status {
+            Status::Fail(m) => Some(format!("{}: {m}", c.name)),
+            _ => None,
+        })
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
+    // 15 QEMU 7.2 + 16 QEMU 10.0 + 4 qmig-captured vectors; the synthetic ones have no source.
+    assert_eq!(r.len(), 35, "{r:#?}");
+    for (v, cap) in REFUSED {
+        match status(&r, &format!("replay-src[qmig]/{v}")) {
+            Status::Skip(m) => assert!(
+                m.starts_with("target refuses ") && m.contains(cap),
+                "{v}: {m}"
+            ),
+            s => panic!("{v}: {s:?}"),
+        }
+    }
+    let passed = r
+        .iter()
+        .filter(|c| matches!(c.status, Status::Pass(_)))
+        .count();
+    assert_eq!(passed, 35 - REFUSED.len());
+    for v in [
+        "qemu-7.2/postcopy-recover",
+        "qemu-7.2/postcopy-recover-pause",
+        "qemu-10.0/postcopy-recover",
+        "qemu-10.0/postcopy-recover-pause",
+    ] {
+        match status(&r, &format!("replay-src[qmig]/{v}")) {
+            Status::Pass(m) => assert!(
+                m.contains("postcopy recovery after ")
+                    && m.contains("requested pages arrived")
+                    && m.contains("clear pages resent, once each")
+                    && m.contains("equal to the source's"),
+                "{v}: {m}"
+            ),
+            s => panic!("{v}: {s:?}"),
+        }
+    }
+    assert!(matches!(
+        status(&r, "replay-src[qmig]/qemu-7.2/postcopy"),
+        Status::Pass(m) if m.starts_with("postcopy: every byte decoded, completed") && m.contains("requested pages arrived")
+    ));
+    assert!(matches!(
+        status(&r, "replay-src[qmig]/qemu-7.2/precopy-tcp-rp"),
+        Status::Pass(m) if m.starts_with("precopy: every byte decoded, completed; RAM (64 MiB) equal")
+    ));
+}
+
+#[test]
+fn broken_sources_fail_exactly_the_recovery_vectors() {
+    let r = run(
+        &["broken-resend-all:qmig", "broken-skip-clear:qmig"],
+        &[],
+        "replay-src[broken-*]/qemu-7.2/p*",
+    );
+    for kind in ["resend-all", "skip-clear"] {
+        for v in ["postcopy-recover", "postcopy-recover-pause"] {
+            let name = format!("replay-src[broken-{kind}:qmig]/qemu-7.2/{v}");
+            match status(&r, &name) {
+                Status::Fail(m) => {
+                    let want = if kind == "resend-all" {
+                        " page(s) the RECV_BITMAP marked received were resent (first: ram page "
+                    } else {
+                        "recovery: 1 page(s) the RECV_BITMAP left clear were not resent (first: ram page "
+                    };
+                    assert!(
+                        m.contains(want) && m.contains("(broken source: "),
+                        "{name}: {m}"
+                    );
+                }
+                s => panic!("{name}: the broken source passed: {s:?}"),
+            }
+        }
+        // No recovery, nothing to alter: these pass.
+        for v in [
+            "postcopy",
+            "postcopy-noreads",
+            "postcopy-advise-precopy",
+            "precopy-tcp-rp",
+        ] {
+            let name = format!("replay-src[broken-{kind}:qmig]/qemu-7.2/{v}");
+            assert!(
+                matches!(status(&r, &name), Status::Pass(_)),
+                "{name}: {:?}",
+                status(&r, &name)
+            );
+        }
+    }
+}
+
+#[test]
+fn multifd_vectors_are_skipped_by_qmig_dst_which_refuses_multifd() {
+    let r = run(&[], &["qmig"], "replay-dst[qmig]/*/precopy-multifd");
+    assert_eq!(r.len(), 2);
+    for c in &r {
+        match &c.status {
+            Status::Skip(m) => assert!(
+                m.starts_with("target refuses multifd: ") && m.contains("does not support multifd"),
+                "{}: {m}",
+                c.name
+            ),
+            s => panic!("{}: {s:?}", c.name),
+        }
+    }
+}
