@@ -200,3 +200,20 @@ fn broken_destination_drop_pong_fails_every_vector_with_a_return_path() {
         Status::Pass(_)
     ));
 }
+
+#[test]
+fn replay_multifd_captures_against_qemu_10_0() {
+    if find_qemu(QemuVersion::V10_0).unwrap().is_none() {
+        return;
+    }
+    let r = run("qemu", "replay-dst[qemu]/qemu-10.0/precopy-multifd");
+    assert_eq!(r.len(), 1);
+    assert!(
+        matches!(
+            status(&r, "replay-dst[qemu]/qemu-10.0/precopy-multifd"),
+            Status::Pass(m) if m.contains("2 multifd connection(s) played alongside")
+                && m.contains("final RAM (32 MiB) equal")
+        ),
+        "{r:#?}"
+    );
+}
