@@ -3,6 +3,7 @@
 
 use qmig_protocol::codes::{RamFlags, SectionType};
 use qmig_protocol::header::{encode_configuration, encode_header};
+use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::{
     Destination, DestinationConfig, Event, GuestMemory, Instant, MemoryError, MigrationStatus,
     RamBlockSpec,
@@ -10,7 +11,8 @@ use qmig_protocol::machine::{
 use qmig_protocol::ram::{encode_mem_size, BlockInfo};
 use qmig_protocol::section::{encode_footer, SectionHeader, SectionIdent};
 use qmig_protocol::sink::Sink;
-use qmig_protocol::{Profile, Rule};
+use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+use qmig_protocol::{Profile, Rule, WireError};
 
 const TPS: u64 = 4096;
 
@@ -89,4 +91,83 @@ fn garbage_after_eof_keeps_a_completed_destination_completed() {
     assert!(
         std::iter::from_fn(|| d.poll_event()).all(|e| !matches!(e, Event::IllegalTransition(_)))
     );
+}
+
+/// `complete_stream` without its EOF, then two device sections: `timer` (id 3, payload
+/// `01 02`) and `blob` (id 4, a payload of `blob_len` bytes 0xAA), then EOF.
+fn two_device_sections(blob_len: usize) -> Vec<u8> {
+    let mut s = complete_stream();
+    s.pop();
+    for (id, idstr, payload) in [
+        (3, &b"timer"[..], vec![1u8, 2]),
+        (4, &b"blob"[..], vec![0xaa; blob_len]),
+    ] {
+        SectionHeader::Full(SectionIdent {
+            section_id: id,
+            idstr,
+            instance_id: 0,
+            version_id: 1,
+        })
+        .encode(&mut s);
+        s.put(&payload);
+        encode_footer(id, &mut s);
+    }
+    s.put_u8(SectionType::EOF.0);
+    s
+}
+
+/// Decodes `s` with `feed` bytes more at a time (`usize::MAX`: all at once), final only
+/// when everything is there; returns the items with the offsets after them.
+fn decode_fed(s: &[u8], feed: usize) -> Vec<(u64, Item<'_>)> {
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let mut items = Vec::new();
+    let (mut pos, mut end) = (0, 0);
+    while pos < s.len() {
+        end = end.max(pos);
+        let r = if end == s.len() {
+            d.decode_final(&s[pos..end])
+        } else {
+            d.decode(&s[pos..end])
+        };
+        match r {
+            Ok((item, used)) => {
+                pos += used;
+                items.push((d.offset(), item));
+            }
+            Err(WireError::Incomplete { needed }) => {
+                assert!(end < s.len(), "incomplete at the end of the input");
+                end = end.saturating_add(feed.max(needed)).min(s.len());
+            }
+            Err(WireError::Invalid(v)) => panic!("{v:?}"),
+        }
+    }
+    items
+}
+
+/// Found by profiling `fuzz/fuzz_targets/stream.rs` (40 executions per second): the footer
+/// scan of a device payload validates a candidate footer by decoding the items after it, and
+/// when those ran out of bytes the next call started that lookahead again from the candidate,
+/// including the lookahead's own footer scan of the next device payload. A decoder fed a few
+/// bytes at a time therefore spent time quadratic in the next device payload's length (a
+/// 181-byte payload followed by a 51 KB one took 1.2 s fed byte by byte, 17 s under the
+/// fuzzer's instrumentation). The lookahead is now kept and resumed. Here the `timer` footer
+/// is only accepted once the whole 256 KiB `blob` payload after it has arrived; fed one byte
+/// at a time (about 262 000 calls), the items are exactly those of one whole decode. Before
+/// the fix this test ran for minutes; now it takes about a second.
+#[test]
+fn footer_lookahead_resumes_instead_of_restarting_when_fed_byte_by_byte() {
+    let blob_len = 256 << 10;
+    let s = two_device_sections(blob_len);
+    let whole = decode_fed(&s, usize::MAX);
+    let payloads: Vec<&[u8]> = whole
+        .iter()
+        .filter_map(|(_, i)| match i {
+            Item::DeviceData(p) => Some(*p),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(payloads, [&[1u8, 2][..], &vec![0xaa; blob_len][..]]);
+    assert_eq!(whole.last(), Some(&(s.len() as u64, Item::Eof)));
+    assert_eq!(decode_fed(&s, 1), whole);
+    assert_eq!(decode_fed(&s, 7), whole);
 }

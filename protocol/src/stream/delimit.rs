@@ -1,7 +1,9 @@
 //! Delimiting a device section's payload: by its VM description when the decoder has one,
 //! otherwise by a footer scan that accepts a candidate `7E <id>` only if the bytes after it
 //! decode as the next items of the stream (validated by a copy of the decoder, recursively, to
-//! a bounded depth).
+//! a bounded depth). A scan that runs out of bytes keeps its progress (the first candidate not
+//! yet rejected, and that candidate's lookahead decoder) so that the next call on a longer
+//! input resumes instead of starting over.
 
 use super::{Item, Phase, StreamDecoder, LOOKAHEAD_ITEMS};
 use crate::error::{WireError, WireResult};
@@ -37,81 +39,173 @@ impl StreamDecoder {
             }
         }
         // Candidates already rejected for this payload (on an earlier, shorter input) stay
-        // rejected: a violation found in a prefix is one in any extension of it.
-        let from = match self.scan_hint {
-            Some((at, from)) if at == self.offset => from,
-            _ => 0,
+        // rejected: a violation found in a prefix is one in any extension of it. A candidate
+        // whose lookahead was waiting for bytes resumes that lookahead where it stopped (the
+        // items it decoded are the same in any extension), so that a payload fed a few bytes
+        // at a time costs time linear in its length, not quadratic.
+        let (from, saved) = match self.scan_hint.take() {
+            Some(h) if h.at == self.offset => (h.from, h.look),
+            _ => (0, Saved::default()),
         };
-        let (r, next) = self.footer_scan(input, section_id, package_limited, from);
+        let (r, next, saved) = self.footer_scan(input, section_id, package_limited, from, saved);
         self.scan_hint = match r {
-            Err(WireError::Incomplete { .. }) => Some((self.offset, next)),
+            Err(WireError::Incomplete { .. }) => Some(ScanHint {
+                at: self.offset,
+                from: next,
+                look: saved,
+            }),
             _ => None,
         };
         r
     }
 
     /// Scans for the first plausible footer at or after payload offset `from`. Also returns
-    /// where a later call on a longer input may resume.
+    /// where a later call on a longer input may resume, and the lookahead to resume there.
     fn footer_scan(
         &self,
         input: &[u8],
         section_id: u32,
         package_limited: bool,
         mut from: usize,
-    ) -> (WireResult<usize>, usize) {
+        mut saved: Saved,
+    ) -> (WireResult<usize>, usize, Saved) {
         let pat = footer_bytes(section_id);
         let cap = self.limits.max_device_payload as usize;
         let is_final = self.is_final || package_limited;
         let invalid = |rule, value| Err(WireError::invalid(self.offset, rule, value));
         while let Some(q) = find(input, from, &pat) {
             if q > cap {
-                return (invalid(Rule::SecDeviceLen, q as u64), q);
+                return (invalid(Rule::SecDeviceLen, q as u64), q, Saved::default());
             }
             if self.depth == 0 {
-                return (Ok(q), q);
+                return (Ok(q), q, Saved::default());
             }
-            match self.plausible_after(input, q, is_final) {
-                Ok(true) => return (Ok(q), q),
-                Ok(false) => from = q + 1,
-                Err(e) => return (Err(e), q),
+            match self.plausible_after(input, q, is_final, restore(&mut saved, q)) {
+                (Ok(true), _) => return (Ok(q), q, Saved::default()),
+                (Ok(false), _) => from = q + 1,
+                (Err(e), look) => return (Err(e), q, look),
             }
         }
         if input.len() >= cap + FOOTER_LEN {
-            return (invalid(Rule::SecDeviceLen, input.len() as u64), from);
+            return (
+                invalid(Rule::SecDeviceLen, input.len() as u64),
+                from,
+                Saved::default(),
+            );
         }
         if is_final {
-            return (invalid(Rule::SecDelimit, section_id as u64), from);
+            return (
+                invalid(Rule::SecDelimit, section_id as u64),
+                from,
+                Saved::default(),
+            );
         }
         // No candidate starts before the last FOOTER_LEN - 1 bytes.
         let next = from.max(input.len().saturating_sub(FOOTER_LEN - 1));
-        (Err(WireError::Incomplete { needed: 1 }), next)
+        (
+            Err(WireError::Incomplete { needed: 1 }),
+            next,
+            Saved::default(),
+        )
     }
 
     /// Whether the bytes after a candidate footer at payload offset `q` decode as the next
-    /// items. `Incomplete` when they run out and the input is not final.
-    fn plausible_after(&self, input: &[u8], q: usize, is_final: bool) -> WireResult<bool> {
-        let mut look = self.clone();
-        look.depth = self.depth - 1;
-        look.phase = Phase::Body;
-        look.current = None;
-        look.offset = self.offset + (q + FOOTER_LEN) as u64;
-        let mut rest = &input[q + FOOTER_LEN..];
-        for _ in 0..LOOKAHEAD_ITEMS {
-            match look.decode(rest) {
-                Ok((Item::VmDescription(_), _)) => return Ok(true),
-                Ok((_, n)) => rest = &rest[n..],
-                Err(WireError::Invalid(_)) => return Ok(false),
+    /// items. `Incomplete` when they run out and the input is not final; the lookahead is then
+    /// returned, to be resumed by the next call (`resumed`) on a longer input.
+    fn plausible_after(
+        &self,
+        input: &[u8],
+        q: usize,
+        is_final: bool,
+        resumed: Option<Lookahead>,
+    ) -> (WireResult<bool>, Saved) {
+        let mut st = resumed.unwrap_or_else(|| {
+            let mut look = self.clone();
+            look.depth = self.depth - 1;
+            look.phase = Phase::Body;
+            look.current = None;
+            look.scan_hint = None;
+            look.offset = self.offset + (q + FOOTER_LEN) as u64;
+            Lookahead {
+                q,
+                decoder: look,
+                used: 0,
+                items: 0,
+            }
+        });
+        st.decoder.is_final = self.is_final;
+        let mut rest = &input[q + FOOTER_LEN + st.used..];
+        while st.items < LOOKAHEAD_ITEMS {
+            match st.decoder.decode(rest) {
+                Ok((Item::VmDescription(_), _)) => return (Ok(true), Saved::default()),
+                Ok((_, n)) => {
+                    rest = &rest[n..];
+                    st.used += n;
+                    st.items += 1;
+                }
+                Err(WireError::Invalid(_)) => return (Ok(false), Saved::default()),
                 Err(WireError::Incomplete { .. }) => {
                     return if is_final {
-                        Ok(true)
+                        (Ok(true), Saved::default())
                     } else {
-                        Err(WireError::Incomplete { needed: 1 })
+                        (Err(WireError::Incomplete { needed: 1 }), save(st))
                     }
                 }
             }
         }
-        Ok(true)
+        (Ok(true), Saved::default())
     }
+}
+
+/// Where a footer scan that needed more bytes resumes (kept in [`StreamDecoder`]).
+#[derive(Clone)]
+pub(super) struct ScanHint {
+    /// The payload offset the hint is for.
+    at: u64,
+    /// Payload offset of the first candidate not yet rejected.
+    from: usize,
+    /// The lookahead of the candidate at `from`, if it was waiting for bytes.
+    look: Saved,
+}
+
+/// A candidate footer's lookahead, stopped for want of bytes.
+#[derive(Clone)]
+struct Lookahead {
+    /// Payload offset of the candidate.
+    #[cfg_attr(not(feature = "alloc"), allow(dead_code))]
+    q: usize,
+    /// The decoder after the items decoded so far.
+    decoder: StreamDecoder,
+    /// Bytes after the candidate footer those items used.
+    used: usize,
+    /// How many items it decoded.
+    items: usize,
+}
+
+/// A saved lookahead: boxed with `alloc`; without it nothing is kept (each call starts the
+/// lookahead again).
+#[cfg(feature = "alloc")]
+type Saved = Option<alloc::boxed::Box<Lookahead>>;
+#[cfg(not(feature = "alloc"))]
+type Saved = ();
+
+#[cfg(feature = "alloc")]
+fn save(st: Lookahead) -> Saved {
+    Some(alloc::boxed::Box::new(st))
+}
+
+#[cfg(not(feature = "alloc"))]
+fn save(_: Lookahead) -> Saved {}
+
+/// The saved lookahead if it is the one of the candidate at `q`.
+#[cfg(feature = "alloc")]
+fn restore(saved: &mut Saved, q: usize) -> Option<Lookahead> {
+    saved.take().filter(|l| l.q == q).map(|l| *l)
+}
+
+#[cfg(not(feature = "alloc"))]
+fn restore(_: &mut Saved, _: usize) -> Option<Lookahead> {
+    None
 }
 
 /// The first position at or after `from` where `pat` starts in `hay`.

@@ -93,8 +93,9 @@ pub struct StreamDecoder {
     postcopy: bool,
     is_final: bool,
     depth: u8,
-    /// Footer-scan progress for the payload at this offset: where to resume looking.
-    scan_hint: Option<(u64, usize)>,
+    /// Footer-scan progress for the payload at this offset: where to resume looking, and the
+    /// lookahead of a candidate footer that was waiting for more bytes.
+    scan_hint: Option<delimit::ScanHint>,
     #[cfg(feature = "vmdesc")]
     vmdesc: Option<alloc::sync::Arc<crate::vmdesc::VmDesc>>,
 }
