@@ -3,16 +3,16 @@
 //! the whole guest RAM of both sides byte for byte.
 
 use std::net::SocketAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
+use qmig_host::qmp_client::QmpClient;
 use serde_json::{json, Value};
 
 use super::side::{Guest, Side, SideError};
 use super::{Impl, Mode};
 use crate::qemu::driver::pattern;
 use crate::qemu::pattern::{random_page, sha256_hex, PAGE};
-use crate::qemu::proxy::Dir;
 use crate::qemu::{Machine, Proxy};
 use crate::runner::shim::free_port;
 
@@ -182,12 +182,13 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
                     )?;
                 }
                 Mode::PostcopyPause => {
-                    running(&proxies[0])?;
+                    ran(dst)?;
                     src.cmd("migrate-pause", Value::Null)?;
                     paused(src, dst)?;
                     proxies.push(recover(src, dst, None)?);
                 }
                 Mode::PostcopyRecover | Mode::DoubleFailure => {
+                    ran(dst)?;
                     cut(&proxies[0], 1024)?;
                     paused(src, dst)?;
                     if m == Mode::DoubleFailure {
@@ -245,16 +246,40 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
     Ok(s)
 }
 
-/// `postcopy-active` is announced at POSTCOPY_LISTEN, and a failure before the destination ran
-/// POSTCOPY_RUN is fatal, not a pause (SM-FATAL-BEFORE-RUN): before `migrate-pause`, wait until
-/// the destination answered PINGs 1-4 (32 return-path bytes; PONG 3 comes from inside the
-/// package, right before RUN) and 4 KiB more of the stream went through.
-fn running(p: &Proxy) -> anyhow::Result<()> {
-    p.wait_forwarded(0, Dir::DstToSrc, 32, PHASE)
-        .map_err(|e| anyhow!("the destination never answered PING 4: {e}"))?;
-    let (now, _) = p.bytes_forwarded(0);
-    let _ = p.wait_forwarded(0, Dir::SrcToDst, now + 4096, Duration::from_secs(5));
-    Ok(())
+/// Waits until the destination behind `qmp` has processed POSTCOPY_RUN: its run state
+/// (`query-status`) leaves `inmigrate` (QEMU moves to `running`, or `paused` with `-S`, in the
+/// bottom half that RUN schedules after setting its postcopy state to RUNNING; qmig-dst reports
+/// `running` from RUN on). Both QEMU versions announce `postcopy-active` already at
+/// POSTCOPY_LISTEN, and a failure between LISTEN and RUN is fatal, not a pause
+/// (SM-FATAL-BEFORE-RUN), so every cut or `migrate-pause` waits for this first. PONGs cannot
+/// tell: the listen thread answers PING 4 concurrently with the main thread's package, so
+/// PONG 4 may precede RUN. `-S` leaves QEMU paused with no event, hence the state is polled
+/// (every 10 ms); a `failed` migration ends the wait at once. Returns the run state.
+pub fn wait_destination_ran(qmp: &mut QmpClient, timeout: Duration) -> anyhow::Result<String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let st = qmp
+            .execute("query-status", Value::Null)
+            .map_err(|e| anyhow!("query-status: {e}"))?;
+        let status = st["status"].as_str().unwrap_or("").to_string();
+        if !status.is_empty() && status != "inmigrate" {
+            return Ok(status);
+        }
+        let mig = qmp.migration_status().map_err(|e| anyhow!("{e}"))?;
+        if mig == "failed" {
+            bail!("the destination failed before it ran POSTCOPY_RUN (run state {status})");
+        }
+        if Instant::now() >= deadline {
+            bail!("the destination never left inmigrate (migration status {mig})");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn ran(dst: &mut Side) -> anyhow::Result<()> {
+    wait_destination_ran(dst.qmp(), PHASE)
+        .map(|_| ())
+        .context("waiting for the destination's POSTCOPY_RUN")
 }
 
 fn cut(p: &Proxy, after: u64) -> anyhow::Result<()> {

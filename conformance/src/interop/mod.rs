@@ -123,9 +123,6 @@ pub fn unsupported(src: Impl, dst: Impl, mode: Mode) -> Option<&'static str> {
     if mode == Mode::DoubleFailure && qemu72 {
         return Some("QEMU 7.2 cannot survive a failure during postcopy-recover (it has no postcopy-recover-setup state; the 7.2 side fails instead of pausing again)");
     }
-    if mode == Mode::PostcopyPause && src == Impl::Qemu100 && dst == Impl::Qemu72 {
-        return Some("observed: after `migrate-pause` on a QEMU 10.0 source, the QEMU 7.2 destination fails (`postcopy_ram_listen_thread: loadvm failed: -22`) instead of pausing; the proxy-cut variant (postcopy-recover) works");
-    }
     if mode == Mode::PrecopyDirty && src != Impl::Qmig && (mixed_qemu || dst == Impl::Qmig) {
         return Some("mixed QEMU versions or a QEMU source with qmig run -M none without a CPU: no qtest, so the QEMU guest cannot be written during the migration");
     }

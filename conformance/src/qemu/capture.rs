@@ -4,8 +4,9 @@
 //! `resume-stream.bin`, `resume-rp.bin` and `manifest.json` (format,
 //! scenario, QEMU version, machine, both command lines, steps, QMP events,
 //! files with sha256, `final_ram`, replay section, proxy counters,
-//! verification). Decode-derived fields (`channels[].records`,
-//! `rp_messages`, `mig_cmds_present`) are left for the `qmig` CLI to fill in.
+//! verification) and the fields decoded from the recordings
+//! (`channels[].records`, `summary`, `rp_messages`, `page_requests`,
+//! `truncated_at`, `mig_cmds_present`, `rp_msgs_present`; [`super::records`]).
 
 use std::fs;
 use std::path::Path;
@@ -18,10 +19,14 @@ use super::firmware::{test_firmware, FIRMWARE_MARKER, FIRMWARE_SHA256, RESET_VEC
 use super::launch::Machine;
 use super::pattern::{hex, sha256_hex, PAGE};
 use super::proxy::Recording;
+use super::records;
 use super::QemuError;
 
 /// The manifest `format` string.
 pub const FORMAT: &str = "qemu-migration-vector/1";
+
+/// `capture.decoded_fields` of a manifest: where its decoded fields come from.
+pub const DECODED_FIELDS: &str = "channels[].records, summary, truncated_at (offset of the TRUNCATED record), rp_messages, page_requests, vmdesc_devices, mig_cmds_present and rp_msgs_present are decoded from the files with qmig-protocol (conformance/src/qemu/records.rs); regenerate with qmig-capture --annotate DIR";
 
 /// Names of the scenarios [`scenario`] knows, per version.
 pub fn scenario_names(version: QemuVersion) -> &'static [&'static str] {
@@ -156,9 +161,6 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
         if has_rp {
             ch["rp_file"] = json!(rf);
         }
-        if rec.cut {
-            ch["truncated_at"] = json!(rec.s2d.bytes.len());
-        }
         channels.push(ch);
         let (rule, text) = match (*label, postcopy) {
             ("recovery", _) => ("recovery", "MIG_RP_MSG_RECV_BITMAP (header, be64 size, bitmap, end marker) byte for byte first, one per MIG_CMD_RECV_BITMAP and in the same order, then MIG_RP_MSG_RESUME_ACK(1); then page requests as in 'postcopy'; MIG_RP_MSG_SHUT(0) last"),
@@ -191,7 +193,7 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
         Value::Object(proxy)
     };
     let m = o.scenario.machine;
-    let manifest = json!({
+    let mut manifest = json!({
         "format": FORMAT,
         "scenario": o.scenario.name,
         "description": description(o),
@@ -223,10 +225,11 @@ pub fn write_vector(o: &Outcome, out_dir: &Path) -> Result<Value, QemuError> {
         "capture": {
             "tool": "qmig-conformance qemu::capture (Rust)",
             "ram_dumps": "pmemsave of guest-physical [0, ram_bytes) on both sides after completion",
-            "decoded_fields": "channels[].records, rp_messages and mig_cmds_present are filled in by the qmig CLI from the files",
+            "decoded_fields": DECODED_FIELDS,
             "machine_ram_block": m.ram_block(),
         },
     });
+    records::annotate(&mut manifest, out_dir).map_err(|e| QemuError::Failed(e.to_string()))?;
     let text =
         serde_json::to_string_pretty(&manifest).map_err(|e| QemuError::Failed(e.to_string()))?;
     fs::write(out_dir.join("manifest.json"), text + "\n")?;

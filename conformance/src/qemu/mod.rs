@@ -11,6 +11,7 @@
 //! | [`pattern`] | the vectors' deterministic page-content generator |
 //! | [`driver`] | precopy / postcopy / postcopy-recover scenarios between two QEMUs |
 //! | [`capture`] | writing a scenario's recordings as a `qemu-migration-vector/1` folder |
+//! | [`records`] | the manifest's decoded fields (records, return-path messages, summaries) |
 //!
 //! The QMP client itself is `qmig_host::qmp_client`, shared with the binaries.
 
@@ -22,6 +23,7 @@ pub mod launch;
 pub mod pattern;
 pub mod proxy;
 pub mod qtest;
+pub mod records;
 
 pub use find::{find_qemu, find_qemu_at, qemu_required, QemuBinary, QemuVersion};
 pub use launch::{Machine, Qemu};
