@@ -117,7 +117,7 @@ impl StreamDecoder {
         input: &[u8],
         q: usize,
         is_final: bool,
-        resumed: Option<Lookahead>,
+        resumed: Option<Held>,
     ) -> (WireResult<bool>, Saved) {
         let mut st = resumed.unwrap_or_else(|| {
             let mut look = self.clone();
@@ -126,12 +126,12 @@ impl StreamDecoder {
             look.current = None;
             look.scan_hint = None;
             look.offset = self.offset + (q + FOOTER_LEN) as u64;
-            Lookahead {
+            hold(Lookahead {
                 q,
                 decoder: look,
                 used: 0,
                 items: 0,
-            }
+            })
         });
         st.decoder.is_final = self.is_final;
         let mut rest = &input[q + FOOTER_LEN + st.used..];
@@ -189,22 +189,38 @@ type Saved = Option<alloc::boxed::Box<Lookahead>>;
 #[cfg(not(feature = "alloc"))]
 type Saved = ();
 
+/// A lookahead in use: boxed with `alloc` (kept across calls without copying it again).
 #[cfg(feature = "alloc")]
-fn save(st: Lookahead) -> Saved {
-    Some(alloc::boxed::Box::new(st))
+type Held = alloc::boxed::Box<Lookahead>;
+#[cfg(not(feature = "alloc"))]
+type Held = Lookahead;
+
+#[cfg(feature = "alloc")]
+fn hold(l: Lookahead) -> Held {
+    alloc::boxed::Box::new(l)
 }
 
 #[cfg(not(feature = "alloc"))]
-fn save(_: Lookahead) -> Saved {}
+fn hold(l: Lookahead) -> Held {
+    l
+}
+
+#[cfg(feature = "alloc")]
+fn save(st: Held) -> Saved {
+    Some(st)
+}
+
+#[cfg(not(feature = "alloc"))]
+fn save(_: Held) -> Saved {}
 
 /// The saved lookahead if it is the one of the candidate at `q`.
 #[cfg(feature = "alloc")]
-fn restore(saved: &mut Saved, q: usize) -> Option<Lookahead> {
-    saved.take().filter(|l| l.q == q).map(|l| *l)
+fn restore(saved: &mut Saved, q: usize) -> Option<Held> {
+    saved.take().filter(|l| l.q == q)
 }
 
 #[cfg(not(feature = "alloc"))]
-fn restore(_: &mut Saved, _: usize) -> Option<Lookahead> {
+fn restore(_: &mut Saved, _: usize) -> Option<Held> {
     None
 }
 
