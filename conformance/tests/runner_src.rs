@@ -1,7 +1,8 @@
 //! The runner against the reference binaries: every captured vector against qmig-src (the
 //! runner plays the destination, `replay-src`), the deliberately broken sources (the suite can
 //! fail), and every vector against qmig-dst (`replay-dst`; the multifd ones are skipped with
-//! "target refuses multifd").
+//! "target refuses multifd"); and every captured vector against a QEMU source of the version
+//! it was captured with (RAM written through qtest; skipped without QEMU).
 //!
 //! `qmig-src` / `qmig-dst` are built first into this test's target directory (cargo does not
 //! build other packages' binaries for a test), so the binaries are never stale.
@@ -9,6 +10,7 @@
 use std::path::PathBuf;
 use std::process::Command;
 
+use qmig_conformance::qemu::{find_qemu, QemuVersion};
 use qmig_conformance::runner::{self, report::CaseResult, report::Status, Options};
 
 /// Builds qmig-src and qmig-dst next to this test's target directory.
@@ -184,4 +186,46 @@ fn every_vector_passes_against_qmig_dst_but_multifd_which_it_refuses() {
         status(&r, "replay-dst[qmig]/qemu-7.2/postcopy-recover"),
         Status::Pass(m) if m.contains("2 channel(s) replayed")
     ));
+}
+
+#[test]
+fn every_captured_vector_passes_against_a_qemu_source() {
+    let have = |v| find_qemu(v).unwrap().is_some();
+    let filter = match (have(QemuVersion::V7_2), have(QemuVersion::V10_0)) {
+        (true, true) => "replay-src[qemu]/*",
+        (true, false) => "replay-src[qemu]/qemu-7.2/*",
+        (false, true) => "replay-src[qemu]/qemu-10.0*",
+        (false, false) => return,
+    };
+    let r = run(&["qemu"], &[], filter);
+    for c in &r {
+        match &c.status {
+            Status::Pass(_) => assert!(!c.name.ends_with("/precopy-multifd"), "{}", c.name),
+            Status::Skip(m) => assert!(
+                c.name.ends_with("/precopy-multifd")
+                    && m == "multifd: the runner plays no multifd destination (it accepts one connection)",
+                "{}: {m}",
+                c.name
+            ),
+            Status::Fail(m) => panic!("{}: {m}", c.name),
+        }
+    }
+    if filter == "replay-src[qemu]/*" {
+        assert_eq!(r.len(), 35);
+        // The recovery against real QEMU: the chosen bitmap is honoured exactly.
+        for v in [
+            "qemu-7.2/postcopy-recover",
+            "qemu-7.2/postcopy-recover-pause",
+            "qemu-10.0/postcopy-recover",
+            "qemu-10.0/postcopy-recover-pause",
+        ] {
+            assert!(
+                matches!(
+                    status(&r, &format!("replay-src[qemu]/{v}")),
+                    Status::Pass(m) if m.contains("clear pages resent, once each")
+                ),
+                "{v}"
+            );
+        }
+    }
 }

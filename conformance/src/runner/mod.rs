@@ -48,7 +48,8 @@ pub struct Args {
     #[arg(long = "dst", value_name = "CMD")]
     pub dst: Vec<String>,
     /// Source under test: `qmig` (qmig-src next to this binary or on PATH; the default),
-    /// `none` (no replay against a source), a command-line template with placeholders (see
+    /// `qemu` (QEMU 7.2 or 10.0, matching each vector; RAM written through qtest), `none` (no
+    /// replay against a source), a command-line template with placeholders (see
     /// conformance/README.md), or `broken-KIND:TARGET` (KIND `resend-all` or `skip-clear`:
     /// TARGET with its recovery channel deliberately altered, the suite's self-test).
     #[arg(long = "src", value_name = "CMD")]
@@ -167,14 +168,14 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
 }
 
 /// Resolves a `--src` value.
-fn src_target(spec: &str) -> Result<replay_src::SrcTarget, String> {
+fn src_target(spec: &str, ver: &str) -> Result<replay_src::SrcTarget, String> {
     if let Some(rest) = spec.strip_prefix("broken-") {
         let (kind, inner) = rest
             .split_once(':')
             .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
         let b = broken_src::SrcBreakage::parse(kind)
             .ok_or_else(|| format!("`{kind}`: not resend-all or skip-clear"))?;
-        let mut t = src_target(inner)?;
+        let mut t = src_target(inner, ver)?;
         t.label = format!("broken-{kind}:{}", t.label);
         t.breakage = Some(b);
         return Ok(t);
@@ -192,11 +193,23 @@ fn src_target(spec: &str) -> Result<replay_src::SrcTarget, String> {
             }),
             None => Err("qmig-src not found next to qmig or on PATH".into()),
         },
-        "qemu" => Err(
-            "a QEMU source is not supported by the runner yet (the interop matrix \
-                       runs QEMU sources)"
-                .into(),
-        ),
+        "qemu" => {
+            let v = if ver == "7.2" {
+                QemuVersion::V7_2
+            } else {
+                QemuVersion::V10_0
+            };
+            match find_qemu(v) {
+                Ok(Some(b)) => Ok(replay_src::SrcTarget {
+                    label: "qemu".into(),
+                    template: replay_src::QEMU_SRC_TEMPLATE.into(),
+                    extra: vec![("QEMU".into(), b.program.display().to_string())],
+                    breakage: None,
+                }),
+                Ok(None) => Err(format!("QEMU {ver} is not installed")),
+                Err(e) => Err(e.to_string()),
+            }
+        }
         t => Ok(replay_src::SrcTarget {
             label: "custom".into(),
             template: t.into(),
@@ -318,7 +331,7 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
             let status = if let Some(r) = skip::reason(&opts.skips, &name) {
                 Status::Skip(r.to_string())
             } else {
-                match src_target(spec) {
+                match src_target(spec, v.qemu_version()) {
                     Err(e) => Status::Fail(format!("no target: {e}")),
                     Ok(t) => match replay_src::replay(v, &t) {
                         Verdict::Pass(m) => Status::Pass(m),

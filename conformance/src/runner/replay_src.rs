@@ -1,8 +1,8 @@
 //! Replay against a source: the runner plays the destination.
 //!
-//! Per captured vector whose source can be reproduced (machine, RAM size and blocks, wire
-//! profile and capabilities from the manifest): the runner rebuilds the main RAM block as the
-//! capture ended (`qmig extract`'s rebuild of the vector's channels) and starts the target with
+//! Per captured vector whose source can be reproduced (machine, wire profile and capabilities
+//! from the manifest, the RAM blocks its stream announces in MEM_SIZE): the runner rebuilds the
+//! main RAM block as the capture ended (`qmig extract`'s rebuild of the vector's channels) and starts the target with
 //! it as its guest RAM (`{RAM_FILE}`), a static guest. It listens on `{CONNECT}`, sends
 //! `migrate`, and serves the migration with [`super::play_dst::Player`]: every byte through
 //! the protocol crate's `StreamDecoder` (a violation fails the case with rule and offset),
@@ -21,6 +21,10 @@
 //!   CHOSEN bitmap (the pages it received on the first connection, odd page indices cleared)
 //!   and checks that the recovery connection carries a record for exactly the clear pages,
 //!   each once, and none for a set page.
+//!
+//! A template using `{QTEST}` (QEMU: [`QEMU_SRC_TEMPLATE`]) gets its RAM written through qtest
+//! instead of `{RAM_FILE}`. Vectors whose source had `multifd` are skipped (the runner accepts
+//! one connection).
 //!
 //! Then `completed` on both sides, every page of every block received, the main block equal
 //! to the image the source started from, and to the source's own `pmemsave`.
@@ -46,6 +50,10 @@ const PHASE: Duration = Duration::from_secs(120);
 
 /// The qmig-src source template.
 pub const QMIG_SRC_TEMPLATE: &str = "{BIN_DIR}/qmig-src --qmp unix:{QMP} --ram {RAM} --machine {MACHINE} --profile {PROFILE} --fill {RAM_FILE} {BLOCK_ARGS} {DEVICES}";
+
+/// A QEMU source: its guest RAM is written through qtest (`{QTEST}`) before the migration;
+/// `-S` keeps the vCPU stopped, so that the guest is static.
+pub const QEMU_SRC_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} -nodefaults -nographic -display none -S {BIOS} -qmp unix:{QMP},server=on,wait=off -qtest unix:{QTEST},server=on,wait=off -qtest-log /dev/null";
 
 /// Capabilities of the captured source the runner does not set on the target: `events` (set
 /// anyway) and `pause-before-switchover` (a capture-harness detail: the runner sends no
@@ -126,8 +134,9 @@ fn source_caps(v: &Vector) -> Vec<String> {
 }
 
 /// Rebuilds the vector's main RAM block as the capture ended (every channel, multifd
-/// connections and the recovery channel included) into `dir`; returns its path.
-fn ram_image(v: &Vector, dir: &Path) -> anyhow::Result<PathBuf> {
+/// connections and the recovery channel included) into `dir`; returns its path and the RAM
+/// blocks (name, bytes) the captured source announced in MEM_SIZE, main block first.
+fn ram_image(v: &Vector, dir: &Path) -> anyhow::Result<(PathBuf, Vec<(String, u64)>)> {
     let mut opts = crate::cli::StreamOpts::default();
     if v.has("vmdesc.json") {
         opts.vmdesc = Some(v.dir.join("vmdesc.json"));
@@ -159,11 +168,21 @@ fn ram_image(v: &Vector, dir: &Path) -> anyhow::Result<PathBuf> {
         &out,
     )?;
     let want = block_list(v)[0].0.clone();
-    img.blocks
+    let path = img
+        .blocks
         .iter()
         .find(|b| b.name == want)
         .map(|b| b.path.clone())
-        .ok_or_else(|| anyhow!("the vector's stream has no block {want}"))
+        .ok_or_else(|| anyhow!("the vector's stream has no block {want}"))?;
+    let mut blocks: Vec<(String, u64)> = vec![(want.clone(), 0)];
+    for b in &img.blocks {
+        if b.name == want {
+            blocks[0].1 = b.len;
+        } else {
+            blocks.push((b.name.clone(), b.len));
+        }
+    }
+    Ok((path, blocks))
 }
 
 /// Replays `v` against source `target`.
@@ -184,9 +203,8 @@ pub fn replay(v: &Vector, target: &SrcTarget) -> Verdict {
 }
 
 fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdict> {
-    let image = ram_image(v, dir).context("rebuilding the vector's RAM")?;
+    let (image, blocks) = ram_image(v, dir).context("rebuilding the vector's RAM")?;
     let fill = std::fs::read(&image)?;
-    let blocks = block_list(v);
     let mut vals = values_for(v, dir, &target.extra)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
@@ -211,6 +229,13 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
             vec![]
         },
     );
+    let qtest = dir.join("qtest.sock");
+    vals.set("QTEST", qtest.display().to_string());
+    if source_caps(v).iter().any(|c| c == "multifd") {
+        return Ok(Verdict::Skip(
+            "multifd: the runner plays no multifd destination (it accepts one connection)".into(),
+        ));
+    }
     let argv = shim::expand(&target.template, &vals)?;
     let mut t = match Target::start(argv, dir, &dir.join("qmp.sock")) {
         Ok(t) => t,
@@ -221,6 +246,9 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         }
         Err(StartError::Failed(e)) => return Err(e),
     };
+    if target.template.contains("{QTEST}") {
+        load_through_qtest(v, &qtest, &fill).context("writing the guest RAM through qtest")?;
+    }
     let r = drive(v, &mut t, listener, &fill, &blocks, target.breakage);
     match r {
         Err(e) => {
@@ -238,6 +266,24 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         }
         ok => ok,
     }
+}
+
+/// Writes the non-zero pages of `fill` into the target's guest-physical RAM from
+/// `ram_guest_physical_base` through qtest (on microvm pages 192-255 are the firmware window
+/// and are left alone).
+fn load_through_qtest(v: &Vector, sock: &Path, fill: &[u8]) -> anyhow::Result<()> {
+    let mut q = crate::qemu::qtest::Qtest::connect(sock, Duration::from_secs(30))?;
+    let base = v.manifest["machine"]["ram_guest_physical_base"]
+        .as_u64()
+        .unwrap_or(0);
+    let microvm = v.manifest["machine"]["type"] == "microvm";
+    for (i, pg) in fill.chunks(TPS as usize).enumerate() {
+        if (microvm && (192..256).contains(&i)) || pg.iter().all(|&b| b == 0) {
+            continue;
+        }
+        q.write(base + i as u64 * TPS, pg)?;
+    }
+    Ok(())
 }
 
 fn status_of(t: &mut Target) -> String {
@@ -626,7 +672,8 @@ fn drive(
         }
     }
     let ram = &p.mem.blocks[0];
-    if let Some(i) = diff_page(ram, fill, false) {
+    let microvm = v.manifest["machine"]["type"] == "microvm";
+    if let Some(i) = diff_page(ram, fill, microvm) {
         return fail(
             &p,
             format!(
@@ -637,7 +684,6 @@ fn drive(
             ),
         );
     }
-    let microvm = v.manifest["machine"]["type"] == "microvm";
     let base = v.manifest["machine"]["ram_guest_physical_base"]
         .as_u64()
         .unwrap_or(0);
@@ -681,7 +727,8 @@ fn drive(
     Ok(Verdict::Pass(s))
 }
 
-/// First differing page (microvm: pages 192-255, the firmware window of a QEMU guest, skipped).
+/// First differing page (microvm: pages 192-255, the firmware window of a QEMU guest that a
+/// QEMU source's guest cannot write, skipped).
 fn diff_page(a: &[u8], b: &[u8], microvm: bool) -> Option<usize> {
     a.chunks(TPS as usize)
         .zip(b.chunks(TPS as usize))
