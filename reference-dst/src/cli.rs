@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use qmig_host::uri::MigrationUri;
-use qmig_host::workload::{Access, Pattern, Rate};
+use qmig_host::workload::AccessOption;
 use qmig_protocol::profile::Profile;
 
 /// `qmig-dst`: the reference destination of a QEMU live migration.
@@ -53,20 +53,8 @@ pub struct Args {
     pub dump_devices: Option<PathBuf>,
 }
 
-/// A parsed `--workload` value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WorkloadSpec {
-    /// Visiting order.
-    pub pattern: Pattern,
-    /// Threads.
-    pub threads: usize,
-    /// Per-thread rate.
-    pub rate: Rate,
-    /// Working set in bytes from the start of the main block (`None`: the whole block).
-    pub working_set: Option<u64>,
-    /// Whether the threads also write (the default only reads).
-    pub access: Access,
-}
+/// A parsed `--workload` value (the shared parser; `write` makes the guest read then write).
+pub use qmig_host::workload::WorkloadSpec;
 
 impl Args {
     /// The RAM blocks `(name, bytes)` in migration order: the machine's, then `--block`s.
@@ -133,49 +121,16 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         .ok_or_else(bad)
 }
 
-/// `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE][,write]`.
+/// `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE][,write]`: the guest reads,
+/// with `write` it reads then writes.
 pub fn parse_workload(s: &str) -> Result<WorkloadSpec, String> {
-    let mut parts = s.split(',');
-    let pattern = match parts.next() {
-        Some("random") => Pattern::Random,
-        Some("sequential") => Pattern::Sequential,
-        other => return Err(format!("workload pattern {other:?}: random or sequential")),
-    };
-    let mut w = WorkloadSpec {
-        pattern,
-        threads: 1,
-        rate: Rate::Unlimited,
-        working_set: None,
-        access: Access::Read,
-    };
-    for p in parts {
-        match p.split_once('=') {
-            Some(("threads", v)) => {
-                w.threads = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| format!("threads={v}: 1..=256"))?;
-            }
-            Some(("rate", v)) => {
-                let r: u64 = v.parse().map_err(|_| format!("rate={v}"))?;
-                w.rate = if r == 0 {
-                    Rate::Unlimited
-                } else {
-                    Rate::PagesPerSec(r)
-                };
-            }
-            Some(("working-set", v)) => w.working_set = Some(parse_size(v)?),
-            None if p == "write" => w.access = Access::ReadWrite,
-            _ => return Err(format!("unknown workload option {p:?}")),
-        }
-    }
-    Ok(w)
+    WorkloadSpec::parse(s, AccessOption::DESTINATION)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qmig_host::workload::{Access, Pattern, Rate};
 
     #[test]
     fn sizes() {

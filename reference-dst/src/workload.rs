@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use qmig_host::memory::{GuestRam, PAGE_SIZE};
+use qmig_host::memory::GuestRam;
 use qmig_host::workload::{Workload, WorkloadConfig};
 
 use crate::cli::WorkloadSpec;
@@ -19,9 +19,7 @@ pub fn start(ram: Arc<GuestRam>, spec: &WorkloadSpec) -> std::io::Result<Workloa
         rate: spec.rate,
         block: 0,
         first_page: 0,
-        pages: spec
-            .working_set
-            .map_or(u64::MAX, |b| b.div_ceil(PAGE_SIZE as u64)),
+        pages: spec.pages(),
         pattern: spec.pattern,
         access: spec.access,
         seed: 0x716d_6967,

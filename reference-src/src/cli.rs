@@ -8,7 +8,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use qmig_host::fill::Content;
-use qmig_host::workload::{Pattern, Rate};
+use qmig_host::workload::AccessOption;
 use qmig_protocol::profile::Profile;
 
 /// `qmig-src`: the reference migration source.
@@ -52,18 +52,8 @@ pub struct Args {
     pub dirty_tracking: String,
 }
 
-/// A parsed `--workload`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct WorkloadSpec {
-    /// Visiting order.
-    pub pattern: Pattern,
-    /// Threads.
-    pub threads: usize,
-    /// Per-thread rate.
-    pub rate: Rate,
-    /// Working set in bytes (`None`: the whole main block).
-    pub working_set: Option<u64>,
-}
+/// A parsed `--workload` (the shared parser; the source's guest always writes).
+pub use qmig_host::workload::WorkloadSpec;
 
 /// Sizes with a binary suffix (`256M`, `1G`, `4096`).
 pub use qmig_host::size::parse_size;
@@ -115,50 +105,16 @@ pub enum FillSpec {
     Image(PathBuf),
 }
 
-/// Parses `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE]`.
+/// Parses `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE]` (no `write`
+/// option: the source's guest writes).
 pub fn parse_workload(s: &str) -> Result<WorkloadSpec, String> {
-    let mut parts = s.split(',');
-    let pattern = match parts.next() {
-        Some("random") => Pattern::Random,
-        Some("sequential") => Pattern::Sequential,
-        other => return Err(format!("unknown workload pattern {other:?}")),
-    };
-    let mut spec = WorkloadSpec {
-        pattern,
-        threads: 1,
-        rate: Rate::Unlimited,
-        working_set: None,
-    };
-    for p in parts {
-        let (k, v) = p
-            .split_once('=')
-            .ok_or_else(|| format!("expected key=value, got '{p}'"))?;
-        match k {
-            "threads" => {
-                spec.threads = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=256).contains(n))
-                    .ok_or_else(|| format!("threads must be 1..=256: '{v}'"))?
-            }
-            "rate" => {
-                let n: u64 = v.parse().map_err(|_| format!("invalid rate '{v}'"))?;
-                spec.rate = if n == 0 {
-                    Rate::Unlimited
-                } else {
-                    Rate::PagesPerSec(n)
-                };
-            }
-            "working-set" => spec.working_set = Some(parse_size(v)?),
-            _ => return Err(format!("unknown workload option '{k}'")),
-        }
-    }
-    Ok(spec)
+    WorkloadSpec::parse(s, AccessOption::SOURCE)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qmig_host::workload::{Pattern, Rate};
 
     #[test]
     fn sizes() {

@@ -8,6 +8,7 @@ pub mod uffd;
 pub mod workload;
 
 // host-ctl
+pub mod logging;
 pub mod qmp_server;
 pub mod qmp_types;
 pub mod size;

@@ -541,86 +541,98 @@ pub struct MigrationParameters {
     pub other: Map<String, Value>,
 }
 
-/// QEMU's `MigrationStatus` names; unknown ones are kept by name.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// A `MigrationStatus` as QMP carries it: one of the state machines' statuses
+/// ([`qmig_protocol::machine::MigrationStatus`], where the QAPI names live), or a name this crate
+/// does not know, kept as it came (a newer QEMU's status parses and prints back unchanged).
+/// On the wire it is the bare QAPI string.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum MigrationStatus {
-    /// `none`.
-    None,
-    /// `setup`.
-    Setup,
-    /// `cancelling`.
-    Cancelling,
-    /// `cancelled`.
-    Cancelled,
-    /// `active`.
-    Active,
-    /// `postcopy-device` (10.2).
-    PostcopyDevice,
-    /// `postcopy-active`.
-    PostcopyActive,
-    /// `postcopy-paused`.
-    PostcopyPaused,
-    /// `postcopy-recover-setup` (10.x).
-    PostcopyRecoverSetup,
-    /// `postcopy-recover`.
-    PostcopyRecover,
-    /// `completed`.
-    Completed,
-    /// `failed`.
-    Failed,
-    /// `colo`.
-    Colo,
-    /// `pre-switchover`.
-    PreSwitchover,
-    /// `device`.
-    Device,
-    /// `wait-unplug`.
-    WaitUnplug,
-    /// A status this crate does not know.
-    #[serde(untagged)]
+    /// A status the protocol crate names.
+    Known(ProtocolStatus),
+    /// A status this crate does not know, by name.
     Other(String),
+}
+
+/// The state machines' status type, which owns the QAPI names.
+pub use qmig_protocol::machine::MigrationStatus as ProtocolStatus;
+
+/// The known statuses under their QAPI-derived names, so that `MigrationStatus::PostcopyPaused`
+/// reads as before (and works in patterns); the names themselves are the protocol crate's.
+#[allow(non_upper_case_globals)]
+impl MigrationStatus {
+    /// `none`.
+    pub const None: Self = Self::Known(ProtocolStatus::None);
+    /// `setup`.
+    pub const Setup: Self = Self::Known(ProtocolStatus::Setup);
+    /// `cancelling`.
+    pub const Cancelling: Self = Self::Known(ProtocolStatus::Cancelling);
+    /// `cancelled`.
+    pub const Cancelled: Self = Self::Known(ProtocolStatus::Cancelled);
+    /// `active`.
+    pub const Active: Self = Self::Known(ProtocolStatus::Active);
+    /// `postcopy-device` (10.2).
+    pub const PostcopyDevice: Self = Self::Known(ProtocolStatus::PostcopyDevice);
+    /// `postcopy-active`.
+    pub const PostcopyActive: Self = Self::Known(ProtocolStatus::PostcopyActive);
+    /// `postcopy-paused`.
+    pub const PostcopyPaused: Self = Self::Known(ProtocolStatus::PostcopyPaused);
+    /// `postcopy-recover-setup` (10.x).
+    pub const PostcopyRecoverSetup: Self = Self::Known(ProtocolStatus::PostcopyRecoverSetup);
+    /// `postcopy-recover`.
+    pub const PostcopyRecover: Self = Self::Known(ProtocolStatus::PostcopyRecover);
+    /// `completed`.
+    pub const Completed: Self = Self::Known(ProtocolStatus::Completed);
+    /// `failed`.
+    pub const Failed: Self = Self::Known(ProtocolStatus::Failed);
+    /// `colo`.
+    pub const Colo: Self = Self::Known(ProtocolStatus::Colo);
+    /// `pre-switchover`.
+    pub const PreSwitchover: Self = Self::Known(ProtocolStatus::PreSwitchover);
+    /// `device`.
+    pub const Device: Self = Self::Known(ProtocolStatus::Device);
+    /// `wait-unplug`.
+    pub const WaitUnplug: Self = Self::Known(ProtocolStatus::WaitUnplug);
 }
 
 impl MigrationStatus {
     /// The QAPI name (`"postcopy-paused"`).
     pub fn as_str(&self) -> &str {
         match self {
-            Self::None => "none",
-            Self::Setup => "setup",
-            Self::Cancelling => "cancelling",
-            Self::Cancelled => "cancelled",
-            Self::Active => "active",
-            Self::PostcopyDevice => "postcopy-device",
-            Self::PostcopyActive => "postcopy-active",
-            Self::PostcopyPaused => "postcopy-paused",
-            Self::PostcopyRecoverSetup => "postcopy-recover-setup",
-            Self::PostcopyRecover => "postcopy-recover",
-            Self::Completed => "completed",
-            Self::Failed => "failed",
-            Self::Colo => "colo",
-            Self::PreSwitchover => "pre-switchover",
-            Self::Device => "device",
-            Self::WaitUnplug => "wait-unplug",
+            Self::Known(s) => s.as_str(),
             Self::Other(s) => s,
         }
     }
 
     /// The status by QAPI name; unknown names give [`MigrationStatus::Other`].
     pub fn from_qapi(name: &str) -> Self {
-        serde_json::from_value(Value::String(name.to_owned()))
-            .unwrap_or_else(|_| Self::Other(name.to_owned()))
+        ProtocolStatus::from_qapi(name).map_or_else(|| Self::Other(name.to_owned()), Self::Known)
     }
 
     /// The state machines' status of the same name (`None` for [`MigrationStatus::Other`]).
-    pub fn to_machine(&self) -> Option<qmig_protocol::machine::MigrationStatus> {
-        qmig_protocol::machine::MigrationStatus::from_qapi(self.as_str())
+    pub fn to_machine(&self) -> Option<ProtocolStatus> {
+        match self {
+            Self::Known(s) => Some(*s),
+            Self::Other(_) => None,
+        }
     }
 }
 
-impl From<qmig_protocol::machine::MigrationStatus> for MigrationStatus {
-    fn from(s: qmig_protocol::machine::MigrationStatus) -> Self {
-        Self::from_qapi(s.as_str())
+impl From<ProtocolStatus> for MigrationStatus {
+    fn from(s: ProtocolStatus) -> Self {
+        Self::Known(s)
+    }
+}
+
+impl Serialize for MigrationStatus {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for MigrationStatus {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(d)?;
+        Ok(Self::from_qapi(&name))
     }
 }
 

@@ -258,3 +258,150 @@ fn run(
     }
     st
 }
+
+/// A `--workload` specification of qmig-src or qmig-dst:
+/// `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE][,write]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkloadSpec {
+    /// Visiting order.
+    pub pattern: Pattern,
+    /// Threads (1..=256).
+    pub threads: usize,
+    /// Per-thread rate (`rate=0`: unlimited).
+    pub rate: Rate,
+    /// Working set in bytes from the start of the main block (`None`: the whole block).
+    pub working_set: Option<u64>,
+    /// What each operation does.
+    pub access: Access,
+}
+
+/// How a binary reads the access part of a [`WorkloadSpec`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AccessOption {
+    /// The access without the `write` option.
+    pub default: Access,
+    /// The access with `write` (`None`: the option is refused).
+    pub write: Option<Access>,
+}
+
+impl AccessOption {
+    /// qmig-src: the guest always writes; no `write` option.
+    pub const SOURCE: AccessOption = AccessOption {
+        default: Access::Write,
+        write: None,
+    };
+    /// qmig-dst: the guest reads (faulting missing pages in); `write` makes it read then write.
+    pub const DESTINATION: AccessOption = AccessOption {
+        default: Access::Read,
+        write: Some(Access::ReadWrite),
+    };
+}
+
+impl WorkloadSpec {
+    /// Parses `random|sequential[,threads=N][,rate=PAGES/S][,working-set=SIZE][,write]`, the
+    /// `write` option as `access` says.
+    pub fn parse(s: &str, access: AccessOption) -> Result<WorkloadSpec, String> {
+        let mut parts = s.split(',');
+        let pattern = match parts.next() {
+            Some("random") => Pattern::Random,
+            Some("sequential") => Pattern::Sequential,
+            other => return Err(format!("workload pattern {other:?}: random or sequential")),
+        };
+        let mut w = WorkloadSpec {
+            pattern,
+            threads: 1,
+            rate: Rate::Unlimited,
+            working_set: None,
+            access: access.default,
+        };
+        for p in parts {
+            match (p.split_once('='), access.write) {
+                (Some(("threads", v)), _) => {
+                    w.threads = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=256).contains(n))
+                        .ok_or_else(|| format!("threads={v}: 1..=256"))?;
+                }
+                (Some(("rate", v)), _) => {
+                    let r: u64 = v
+                        .parse()
+                        .map_err(|_| format!("rate={v}: pages per second"))?;
+                    w.rate = if r == 0 {
+                        Rate::Unlimited
+                    } else {
+                        Rate::PagesPerSec(r)
+                    };
+                }
+                (Some(("working-set", v)), _) => {
+                    w.working_set = Some(crate::size::parse_nonzero_size(v)?)
+                }
+                (None, Some(a)) if p == "write" => w.access = a,
+                _ => return Err(format!("unknown workload option {p:?}")),
+            }
+        }
+        Ok(w)
+    }
+
+    /// Pages of the working set (`u64::MAX`, clipped to the block later, for the whole block).
+    pub fn pages(&self) -> u64 {
+        self.working_set
+            .map_or(u64::MAX, |b| b.div_ceil(PAGE_SIZE as u64))
+    }
+}
+
+#[cfg(test)]
+mod spec_tests {
+    use super::*;
+
+    #[test]
+    fn destination_specs() {
+        let d = AccessOption::DESTINATION;
+        let w =
+            WorkloadSpec::parse("sequential,threads=3,rate=100,working-set=1M,write", d).unwrap();
+        assert_eq!(
+            w,
+            WorkloadSpec {
+                pattern: Pattern::Sequential,
+                threads: 3,
+                rate: Rate::PagesPerSec(100),
+                working_set: Some(1 << 20),
+                access: Access::ReadWrite,
+            }
+        );
+        assert_eq!(w.pages(), 256);
+        let r = WorkloadSpec::parse("random", d).unwrap();
+        assert_eq!(
+            (r.access, r.rate, r.pages()),
+            (Access::Read, Rate::Unlimited, u64::MAX)
+        );
+        assert!(WorkloadSpec::parse("linear", d).is_err());
+        assert!(WorkloadSpec::parse("random,threads=0", d).is_err());
+        assert!(WorkloadSpec::parse("random,threads=257", d).is_err());
+        assert!(WorkloadSpec::parse("random,working-set=0", d).is_err());
+    }
+
+    #[test]
+    fn source_specs_always_write_and_refuse_the_write_option() {
+        let s = AccessOption::SOURCE;
+        let w = WorkloadSpec::parse("sequential,threads=2,rate=500,working-set=1M", s).unwrap();
+        assert_eq!(
+            (w.pattern, w.threads, w.rate, w.working_set, w.access),
+            (
+                Pattern::Sequential,
+                2,
+                Rate::PagesPerSec(500),
+                Some(1 << 20),
+                Access::Write
+            )
+        );
+        assert_eq!(
+            WorkloadSpec::parse("random,rate=0", s).unwrap().rate,
+            Rate::Unlimited
+        );
+        assert!(WorkloadSpec::parse("random,write", s).is_err());
+        assert!(WorkloadSpec::parse("lazy", s).is_err());
+        assert!(WorkloadSpec::parse("random,threads=0", s).is_err());
+        assert!(WorkloadSpec::parse("random,colour=red", s).is_err());
+    }
+}
