@@ -12,7 +12,9 @@ use std::time::Duration;
 use qmig_host::qmp_client::QmpClient;
 use qmig_protocol::limits::Limits;
 use qmig_protocol::profile::Profile;
+use qmig_protocol::ram::RamBody;
 use qmig_protocol::rp::{RpDecoder, RpMessage};
+use qmig_protocol::stream::{Channel, Item, StreamDecoder};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
@@ -241,4 +243,44 @@ pub fn check_rp(
         assert_eq!(g[nb], Rp::ResumeAck(1), "{what}: RESUME_ACK after bitmaps");
     }
     assert_eq!(strip(&g), strip(&e), "{what}: return path messages differ");
+}
+
+/// Pages of a recorded main channel sent again after a first copy that was a ZERO record
+/// (on qmig-dst: a lazy zero page, nothing mapped, when the resend arrives), as
+/// `(block name, offset)`, in order of the resends. Decodes up to EOF (or the end of the
+/// recording).
+pub fn resent_after_zero(stream: &[u8], profile: Profile) -> Vec<(Vec<u8>, u64)> {
+    let mut d = StreamDecoder::new(Channel::Main, profile, Limits::DEFAULT);
+    let mut first_zero: std::collections::HashMap<(Vec<u8>, u64), bool> = Default::default();
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < stream.len() {
+        let Ok((item, n)) = d.decode(&stream[pos..]) else {
+            break;
+        };
+        pos += n;
+        match item {
+            Item::Ram(rec) => {
+                let zero = match rec.body {
+                    RamBody::Zero { .. } => true,
+                    RamBody::Page(_) | RamBody::Xbzrle(_) | RamBody::Compressed(_) => false,
+                    _ => continue,
+                };
+                let Some(name) = rec.block(d.ram()) else {
+                    continue;
+                };
+                let key = (name.to_vec(), rec.addr);
+                match first_zero.get(&key) {
+                    Some(true) => out.push(key),
+                    Some(false) => {}
+                    None => {
+                        first_zero.insert(key, zero);
+                    }
+                }
+            }
+            Item::Eof => break,
+            _ => {}
+        }
+    }
+    out
 }

@@ -40,6 +40,19 @@
 //!   thread resolves it itself with `UFFDIO_ZEROPAGE` and never forwards it.
 //! * **Discard.** [`UffdRam::discard`] drops pages with `MADV_DONTNEED` and clears their received
 //!   bits, so they fault again (as `MIG_CMD_POSTCOPY_RAM_DISCARD` requires).
+//! * **Touching placed memory without faulting.** The thread that places pages is often the
+//!   thread that resolves faults (a driver polling a [`FaultSource`]); if it ever touched a
+//!   missing page it would sleep in the kernel's `handle_userfault` waiting for itself, for
+//!   ever. So the placing side never dereferences guest memory except through
+//!   [`UffdRam::overwrite`], [`UffdRam::overwrite_zero`] and [`UffdRam::read_received`], which
+//!   make every page they touch present first: a one-page `UFFDIO_ZEROPAGE` (an ioctl, which
+//!   cannot fault; `EEXIST` when the page is already there) before the store or load. Lazy
+//!   zero pages are not mapped at all by these calls: a zero overwrite of one is a no-op and a
+//!   read of one yields zeros. Nothing can make the page missing again between the ioctl and
+//!   the access: [`UffdRam::discard`] (the only unmapping operation) takes the same lock, and
+//!   the kernel never turns a present anonymous page back into a missing one by itself (swap,
+//!   migration, compaction and THP collapse or split leave a non-empty entry; collapse skips
+//!   userfaultfd-armed ranges with missing pages).
 //! * **Cancel.** [`UffdRam::cancel`] unregisters every block (which wakes every waiter) and
 //!   wakes each range once more; woken threads retry the access and see ordinary zero-fill
 //!   anonymous memory. Placement afterwards fails with [`UffdError::Cancelled`].
@@ -52,6 +65,8 @@
 pub mod batch;
 pub mod faults;
 pub mod sys;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::io;
@@ -197,6 +212,9 @@ pub(crate) struct Shared {
     counters: Counters,
     cancelled: AtomicBool,
     cfg: PlaceConfig,
+    /// Held across "make present, then touch" and across `discard`, so no page is unmapped
+    /// between the two steps.
+    touch: Mutex<()>,
 }
 
 impl Shared {
@@ -329,6 +347,45 @@ impl Shared {
         st.received.set_range(first, n, true);
         self.resolve_pending(block, first, n);
     }
+
+    /// Makes the page at `offset` of `block` present without touching it: a one-page
+    /// `UFFDIO_ZEROPAGE`, which maps a zero page if the page is missing and fails with `EEXIST`
+    /// (nothing done) if it is present. Afterwards a load or store cannot fault to userfaultfd.
+    /// A page that had to be mapped becomes received (it was a lazy zero page).
+    fn ensure_present(&self, block: usize, offset: u64) -> Result<(), UffdError> {
+        let dst = self.base(block, offset);
+        let mut again = 0u32;
+        loop {
+            if self.cancelled.load(Ordering::SeqCst) {
+                return Err(UffdError::Cancelled);
+            }
+            match self
+                .fd
+                .zeropage(dst, PAGE_SIZE, true)
+                .map_err(os("UFFDIO_ZEROPAGE (make present)"))?
+            {
+                Fill::Exists => return Ok(()),
+                Fill::Done | Fill::Partial(_) => {
+                    self.counters.zero_calls.fetch_add(1, Ordering::Relaxed);
+                    self.counters.zero_pages.fetch_add(1, Ordering::Relaxed);
+                    self.mark_received(block, offset, PAGE_SIZE as u64);
+                    return Ok(());
+                }
+                Fill::Again => {
+                    self.counters.again_retries.fetch_add(1, Ordering::Relaxed);
+                    again += 1;
+                    if again > self.cfg.max_again {
+                        return Err(UffdError::Busy { block, offset });
+                    }
+                    std::thread::yield_now();
+                }
+            }
+        }
+    }
+
+    fn lock_touch(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.touch.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// A [`GuestRam`] whose blocks are registered with userfaultfd for postcopy placement.
@@ -396,6 +453,7 @@ impl UffdRam {
             counters: Counters::default(),
             cancelled: AtomicBool::new(false),
             cfg,
+            touch: Mutex::new(()),
         });
         Ok(shared)
     }
@@ -469,12 +527,103 @@ impl UffdRam {
     /// fault again on next touch.
     pub fn discard(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
         self.check(block, offset, len)?;
+        let _touch = self.shared.lock_touch();
         let st = &self.shared.blocks[block];
         let (first, n) = (offset / PAGE_SIZE as u64, len / PAGE_SIZE as u64);
         st.received.set_range(first, n, false);
         st.lazy_zero.set_range(first, n, false);
         self.shared.ram.block(block)?.discard(offset, len)?;
         Ok(())
+    }
+
+    /// Writes `data` (a page-multiple run) at page-aligned `offset` of `block`, whatever the
+    /// pages' state, without ever faulting (see "Touching placed memory" in the module doc):
+    /// a page received already (a precopy resend) is made present and stored to, replacing
+    /// its content; a page not received yet is placed with `UFFDIO_COPY` (atomic).
+    pub fn overwrite(&self, block: usize, offset: u64, data: &[u8]) -> Result<(), UffdError> {
+        self.check(block, offset, data.len() as u64)?;
+        let b = self.shared.ram.block(block)?;
+        let _touch = self.shared.lock_touch();
+        for (i, page) in data.chunks(PAGE_SIZE).enumerate() {
+            let at = offset + (i * PAGE_SIZE) as u64;
+            if self.is_received(block, at) {
+                self.shared.ensure_present(block, at)?;
+                b.write(at, page)?;
+            } else {
+                self.shared.fill(block, at, PAGE_SIZE, Some(page))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `[offset, offset+len)` of `block` zero without ever faulting: lazy zero pages
+    /// are left as they are (already zero, nothing mapped), other received pages are made
+    /// present and zeroed with stores, pages not received yet are recorded as lazy zero pages
+    /// ([`UffdRam::mark_zero`]).
+    pub fn overwrite_zero(&self, block: usize, offset: u64, len: u64) -> Result<(), UffdError> {
+        self.check(block, offset, len)?;
+        let b = self.shared.ram.block(block)?;
+        let st = &self.shared.blocks[block];
+        let zero = [0u8; PAGE_SIZE];
+        let _touch = self.shared.lock_touch();
+        let mut at = offset;
+        while at < offset + len {
+            let p = at / PAGE_SIZE as u64;
+            if st.lazy_zero.test(p) {
+                // Zero already; mapping it only to store zeros would cost memory.
+            } else if st.received.test(p) {
+                self.shared.ensure_present(block, at)?;
+                b.write(at, &zero)?;
+            } else {
+                self.mark_zero(block, at, PAGE_SIZE as u64)?;
+            }
+            at += PAGE_SIZE as u64;
+        }
+        Ok(())
+    }
+
+    /// Copies received pages `[offset, offset + out.len())` of `block` into `out` without ever
+    /// faulting (see "Touching placed memory" in the module doc): lazy zero pages read as
+    /// zeros without being mapped, other pages are made present, then read. Returns
+    /// `Ok(false)`, leaving `out` unspecified, if any page of the range is not received (its
+    /// content does not exist yet).
+    pub fn read_received(
+        &self,
+        block: usize,
+        offset: u64,
+        out: &mut [u8],
+    ) -> Result<bool, UffdError> {
+        self.check(block, offset, out.len() as u64)?;
+        let b = self.shared.ram.block(block)?;
+        let st = &self.shared.blocks[block];
+        let _touch = self.shared.lock_touch();
+        for (i, chunk) in out.chunks_mut(PAGE_SIZE).enumerate() {
+            let at = offset + (i * PAGE_SIZE) as u64;
+            let p = at / PAGE_SIZE as u64;
+            if !st.received.test(p) {
+                return Ok(false);
+            }
+            if st.lazy_zero.test(p) {
+                chunk.fill(0);
+            } else {
+                self.shared.ensure_present(block, at)?;
+                b.read(at, chunk)?;
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether the page at `offset` of `block` is a lazy zero page: received as zero and not
+    /// mapped ([`UffdRam::mark_zero`]).
+    pub fn is_lazy_zero(&self, block: usize, offset: u64) -> bool {
+        self.shared
+            .blocks
+            .get(block)
+            .map(|st| {
+                let p = offset / PAGE_SIZE as u64;
+                p < self.shared.ram.blocks()[block].pages() && st.lazy_zero.test(p)
+            })
+            .unwrap_or(false)
     }
 
     /// Whether the page at `offset` of `block` has been received (placed or lazily zero).
