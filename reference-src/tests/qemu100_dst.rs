@@ -10,8 +10,8 @@
 
 mod common;
 
+use common::qemu;
 use common::scenario::{run, Case, Dest, Mode, RAM_MB};
-use common::{qemu, retry_qemu_before_run_race};
 use qmig_conformance::qemu::{Machine, Qemu, QemuVersion};
 use serde_json::{json, Value};
 
@@ -36,7 +36,7 @@ fn go(mode: Mode, microvm: bool, workload: Option<&'static str>, params: Value) 
     } else {
         Machine::NoneNoCpu
     };
-    Some(retry_qemu_before_run_race(|| {
+    Some({
         let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
         let case = if microvm {
             Case {
@@ -59,7 +59,7 @@ fn go(mode: Mode, microvm: bool, workload: Option<&'static str>, params: Value) 
             },
             Dest::Qemu(Box::new(dst)),
         )
-    }))
+    })
 }
 
 #[test]

@@ -12,8 +12,8 @@
 
 mod common;
 
+use common::qemu;
 use common::scenario::{run, Case, Dest, Mode, RAM_MB};
-use common::{qemu, retry_qemu_before_run_race};
 use qmig_conformance::qemu::{Machine, Qemu, QemuVersion};
 use serde_json::{json, Value};
 
@@ -26,7 +26,7 @@ fn go(mode: Mode, with_cpu: bool, workload: Option<&'static str>, params: Value)
     } else {
         Machine::NoneNoCpu
     };
-    Some(retry_qemu_before_run_race(|| {
+    Some({
         let dst = Qemu::launch(&bin, machine, RAM_MB, true, &[]).expect("QEMU destination");
         run(
             Case {
@@ -39,7 +39,7 @@ fn go(mode: Mode, with_cpu: bool, workload: Option<&'static str>, params: Value)
             },
             Dest::Qemu(Box::new(dst)),
         )
-    }))
+    })
 }
 
 #[test]

@@ -172,31 +172,12 @@ pub fn decode_main(stream: &[u8], profile: Profile) -> StreamDecoder {
     d
 }
 
-/// Runs one live scenario against a QEMU destination, again (at most three times in all) when it
-/// failed with QEMU's own `loadvm failed`: QEMU announces `postcopy-active` at LISTEN, before it
-/// has processed POSTCOPY_RUN, and a cut or `migrate-pause` that lands in that window is an error
-/// before RUN, which is fatal by design (SM-FATAL-BEFORE-RUN; spec/deviations.md). Any other
-/// failure propagates at once.
-pub fn retry_qemu_before_run_race<T>(mut scenario: impl FnMut() -> T) -> T {
-    let mut attempt = 1;
-    loop {
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut scenario)) {
-            Ok(v) => return v,
-            Err(e) => {
-                let msg = e
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-                    .unwrap_or_default();
-                if attempt < 3 && msg.contains("loadvm failed") {
-                    eprintln!(
-                        "attempt {attempt} hit QEMU's before-RUN window, running again: {msg}"
-                    );
-                    attempt += 1;
-                    continue;
-                }
-                std::panic::resume_unwind(e);
-            }
-        }
+/// Waits until the destination has processed POSTCOPY_RUN (its run state leaves `inmigrate`).
+/// QEMU announces `postcopy-active` at LISTEN already, and a cut or `migrate-pause` before RUN
+/// is fatal by design (SM-FATAL-BEFORE-RUN; spec/deviations.md), so a scenario that cuts or
+/// pauses waits for this first (the interop matrix's rule, shared from there).
+pub fn wait_destination_ran(qmp: &mut QmpClient) {
+    if let Err(e) = qmig_conformance::interop::cell::wait_destination_ran(qmp, PHASE) {
+        panic!("{e:#}");
     }
 }

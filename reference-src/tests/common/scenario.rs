@@ -264,6 +264,9 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
         src.cmd("migrate-start-postcopy", Value::Null);
         dst.wait("postcopy-active");
         src.wait("postcopy-active");
+        if matches!(case.mode, Mode::PostcopyCut | Mode::PostcopyPause) {
+            super::wait_destination_ran(dst.qmp());
+        }
         requests_expected = dst.read_pages();
     }
     match case.mode {
