@@ -231,11 +231,6 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
     );
     let qtest = dir.join("qtest.sock");
     vals.set("QTEST", qtest.display().to_string());
-    if source_caps(v).iter().any(|c| c == "multifd") {
-        return Ok(Verdict::Skip(
-            "multifd: the runner plays no multifd destination (it accepts one connection)".into(),
-        ));
-    }
     let argv = shim::expand(&target.template, &vals)?;
     let mut t = match Target::start(argv, dir, &dir.join("qmp.sock")) {
         Ok(t) => t,
@@ -450,6 +445,12 @@ fn drive(
             )));
         }
         return Err(anyhow!(e).context("migrate-set-capabilities"));
+    }
+    if caps.iter().any(|c| c == "multifd") {
+        // The target would open extra connections the runner does not accept.
+        return Ok(Verdict::Skip(
+            "multifd: the runner plays no multifd destination (it accepts one connection)".into(),
+        ));
     }
     if postcopy {
         t.qmp
