@@ -64,9 +64,21 @@ impl StreamDecoder {
             }
             _ => {
                 if self.in_package() {
-                    let looks_like_header = input.len() >= 4
-                        && u32::from_be_bytes([input[0], input[1], input[2], input[3]])
-                            == QEVM_MAGIC;
+                    // Whether the bytes are a header decides the rule, so a prefix of the
+                    // magic waits for the rest (the same rule for any chunking), unless the
+                    // input is all there is (the channel's or the package's end).
+                    let magic = QEVM_MAGIC.to_be_bytes();
+                    let n = input.len().min(magic.len());
+                    let at_end = self.is_final
+                        || self
+                            .package_end
+                            .is_some_and(|end| at + input.len() as u64 >= end);
+                    if n < magic.len() && input[..n] == magic[..n] && !at_end {
+                        return Err(WireError::Incomplete {
+                            needed: magic.len() - n,
+                        });
+                    }
+                    let looks_like_header = input.len() >= 4 && input[..4] == magic;
                     if ty == SectionType::CONFIGURATION || looks_like_header {
                         return Err(WireError::invalid(
                             at,
