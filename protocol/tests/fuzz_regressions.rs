@@ -218,3 +218,52 @@ fn header_in_a_package_is_the_same_violation_for_any_chunking() {
     };
     assert_eq!(r, WireError::invalid(body_at, Rule::SecType, 0x51));
 }
+
+/// Found while profiling `fuzz/fuzz_targets/roundtrip.rs`: the footer scan looked for a footer
+/// in the whole input, not only within the device cap. It scanned more than the cap (up to
+/// all the bytes a caller had buffered, at every candidate of a lookahead), and a payload
+/// longer than the cap broke SEC-DEVICE-LEN with a value that depended on the chunking: the
+/// offset of a footer found past the cap when the input held one, else the input's length.
+/// The scan now stops at cap + 5 bytes (the last place a footer within the cap can end); the
+/// value is that window's length.
+#[test]
+fn device_payload_over_the_cap_is_the_same_violation_for_any_chunking() {
+    let limits = Limits {
+        max_device_payload: 16,
+        ..Limits::DEFAULT
+    };
+    let mut s = complete_stream();
+    s.pop();
+    SectionHeader::Full(SectionIdent {
+        section_id: 3,
+        idstr: b"timer",
+        instance_id: 0,
+        version_id: 1,
+    })
+    .encode(&mut s);
+    let payload_at = s.len() as u64;
+    s.put(&[0x11; 20]);
+    encode_footer(3, &mut s);
+    s.put_u8(SectionType::EOF.0);
+    let expected = WireError::invalid(payload_at, Rule::SecDeviceLen, 16 + 5);
+    for feed in [1, 3, 7, s.len()] {
+        let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, limits);
+        let (mut pos, mut end) = (0, 0);
+        let r = loop {
+            end = end.max(pos);
+            let r = if end == s.len() {
+                d.decode_final(&s[pos..end])
+            } else {
+                d.decode(&s[pos..end])
+            };
+            match r {
+                Ok((_, n)) => pos += n,
+                Err(WireError::Incomplete { .. }) if end < s.len() => {
+                    end = (end + feed).min(s.len())
+                }
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(r, expected, "fed {feed} bytes at a time");
+    }
+}

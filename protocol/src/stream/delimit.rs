@@ -73,10 +73,11 @@ impl StreamDecoder {
         let cap = self.limits.max_device_payload as usize;
         let is_final = self.is_final || package_limited;
         let invalid = |rule, value| Err(WireError::invalid(self.offset, rule, value));
-        while let Some(q) = find(input, from, &pat) {
-            if q > cap {
-                return (invalid(Rule::SecDeviceLen, q as u64), q, Saved::default());
-            }
+        // A footer within the cap lies inside the first cap + FOOTER_LEN bytes: nothing after
+        // them is looked at, so the scan costs at most the cap, and the violation for a payload
+        // without one (its value: that window's length) is the same for any chunking.
+        let window = &input[..input.len().min(cap.saturating_add(FOOTER_LEN))];
+        while let Some(q) = find(window, from, &pat) {
             if self.depth == 0 {
                 return (Ok(q), q, Saved::default());
             }
@@ -86,9 +87,9 @@ impl StreamDecoder {
                 (Err(e), look) => return (Err(e), q, look),
             }
         }
-        if input.len() >= cap + FOOTER_LEN {
+        if window.len() >= cap.saturating_add(FOOTER_LEN) {
             return (
-                invalid(Rule::SecDeviceLen, input.len() as u64),
+                invalid(Rule::SecDeviceLen, window.len() as u64),
                 from,
                 Saved::default(),
             );
@@ -101,7 +102,7 @@ impl StreamDecoder {
             );
         }
         // No candidate starts before the last FOOTER_LEN - 1 bytes.
-        let next = from.max(input.len().saturating_sub(FOOTER_LEN - 1));
+        let next = from.max(window.len().saturating_sub(FOOTER_LEN - 1));
         (
             Err(WireError::Incomplete { needed: 1 }),
             next,
