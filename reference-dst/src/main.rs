@@ -44,14 +44,7 @@ use control::{Ctl, CtlSender, Waker};
 use state::{Shared, View};
 
 fn main() -> ExitCode {
-    qmig_host::logging::init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qmig-dst: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qmig_host::logging::main("qmig-dst", || run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<(), String> {

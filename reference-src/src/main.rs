@@ -30,14 +30,7 @@ use qmig_protocol::profile::Version;
 use crate::cli::{parse_fill, Args, FillSpec};
 
 fn main() -> ExitCode {
-    qmig_host::logging::init();
-    match run(Args::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("qmig-src: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    qmig_host::logging::main("qmig-src", || run(Args::parse()))
 }
 
 fn run(args: Args) -> Result<(), String> {

@@ -1,8 +1,11 @@
-//! Logging set-up of the qmig binaries (qmig-src, qmig-dst).
+//! Logging set-up and top-level exit of the qmig binaries (qmig-src, qmig-dst).
 //!
 //! This module owns [`init`]: `tracing` output to stderr, filtered by `QMIG_LOG` (qmig-src's
 //! variable), else `RUST_LOG` (qmig-dst's), else `info`; the value is an `EnvFilter` directive
-//! such as `debug` or `qmig_dst=trace,info`.
+//! such as `debug` or `qmig_dst=trace,info`. [`main`] is a binary's whole `main`: logging, then
+//! the binary's run function, its error printed as `NAME: error` with a failure exit status.
+
+use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
@@ -23,4 +26,16 @@ pub fn init() {
         .with_env_filter(filter())
         .with_writer(std::io::stderr)
         .init();
+}
+
+/// [`init`], then `run`; an error is printed as `name: error` and exits with failure.
+pub fn main(name: &str, run: impl FnOnce() -> Result<(), String>) -> ExitCode {
+    init();
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
