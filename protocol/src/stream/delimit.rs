@@ -227,16 +227,6 @@ fn restore(_: &mut Saved, _: usize) -> Option<Held> {
 
 /// The first position at or after `from` where `pat` starts in `hay`.
 fn find(hay: &[u8], from: usize, pat: &[u8; FOOTER_LEN]) -> Option<usize> {
-    let mut i = from;
-    while i + FOOTER_LEN <= hay.len() {
-        let j = hay[i..hay.len() - FOOTER_LEN + 1]
-            .iter()
-            .position(|&b| b == pat[0])?
-            + i;
-        if hay[j..j + FOOTER_LEN] == *pat {
-            return Some(j);
-        }
-        i = j + 1;
-    }
-    None
+    let tail = hay.get(from..)?;
+    memchr::memmem::find(tail, pat).map(|j| from + j)
 }
