@@ -31,28 +31,10 @@ fn run_once(dst: &str, filter: &str) -> Vec<CaseResult> {
     .unwrap()
 }
 
-/// QEMU 7.2's known nondeterminism at a mid-postcopy cut: depending on how its last read meets
-/// the end of the channel, it sometimes fails (`loadvm failed: -22` after a footer read, or
-/// `-5` while loading the RAM section) instead
-/// of pausing. The runner reports that as a failure; here a case failing with exactly that
-/// QEMU message is rerun (at most twice), every attempt printed.
+/// A replay's cut waits until the destination ran POSTCOPY_RUN (its run state left
+/// `inmigrate`), so no case needs a rerun.
 fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
-    let mut r = run_once(dst, filter);
-    for c in r.iter_mut() {
-        for _ in 0..2 {
-            let flaky = matches!(&c.status, Status::Fail(m) if m.contains("loadvm failed"));
-            if !flaky {
-                break;
-            }
-            eprintln!(
-                "rerunning {} (QEMU 7.2 failed instead of pausing at the cut)",
-                c.name
-            );
-            let again = run_once(dst, &c.name);
-            *c = again.into_iter().find(|x| x.name == c.name).unwrap();
-        }
-    }
-    r
+    run_once(dst, filter)
 }
 
 fn failures(r: &[CaseResult]) -> Vec<String> {

@@ -615,10 +615,14 @@ fn drive(
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
         let breakage = target_breakage;
         let rp = if cut {
-            // The captured cut happened mid-postcopy: deliver it only once the target runs in
-            // postcopy (POSTCOPY_RUN processed), or a fast reader would see the end of the
-            // channel before RUN, which is fatal rather than a pause (SM-FATAL-BEFORE-RUN).
+            // The captured cut happened mid-postcopy: deliver it only once the target ran
+            // POSTCOPY_RUN, or a fast reader would see the end of the channel before RUN,
+            // which is fatal rather than a pause (SM-FATAL-BEFORE-RUN). QEMU announces
+            // `postcopy-active` already at LISTEN; its run state leaves `inmigrate` only in
+            // the bottom half RUN schedules (qmig-dst: from RUN on).
             wait_status(t, "postcopy-active").context("before the cut")?;
+            crate::interop::cell::wait_destination_ran(&mut t.qmp, PHASE)
+                .context("before the cut")?;
             let rp = conn.cut();
             wait_status(t, "postcopy-paused").context("after the cut")?;
             rp
