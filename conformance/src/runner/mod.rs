@@ -8,6 +8,7 @@
 //! | [`replay_dst`] | replay of captured sources against a destination target |
 //! | [`replay_src`] | replay against a source target: the runner plays the destination |
 //! | [`play_dst`] | the played destination (decoder, `Destination` machine, the runner's books) |
+//! | [`play_multifd`] | the played destination's multifd connections |
 //! | [`broken_src`] | deliberately broken sources (tamper stage on the recovery channel) |
 //! | [`skip`] | skip lists with a reason per entry |
 //! | [`report`] | results, text lines, JUnit and JSON |
@@ -17,6 +18,7 @@
 pub mod broken_src;
 pub mod decode;
 pub mod play_dst;
+pub mod play_multifd;
 pub mod replay_dst;
 pub mod replay_src;
 pub mod report;

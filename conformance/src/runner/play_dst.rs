@@ -235,6 +235,31 @@ impl Player {
         self.flush_rp(sock)
     }
 
+    /// A page that came on a multifd connection: placed in RAM and counted as arrived on the
+    /// first connection (`data` `None`: a zero page).
+    pub fn place_multifd(
+        &mut self,
+        block: &str,
+        addr: u64,
+        data: Option<&[u8]>,
+    ) -> Result<(), Fail> {
+        let b = self
+            .block_index(block.as_bytes())
+            .ok_or_else(|| format!("multifd page for unknown block {block}"))?;
+        let page = addr / TPS;
+        if addr % TPS != 0 || page >= self.blocks[b].1 {
+            return Err(format!("multifd page at {addr:#x} outside block {block}"));
+        }
+        let r = match data {
+            Some(d) if d.len() == TPS as usize => self.mem.place_page(b, addr, d),
+            Some(d) => return Err(format!("multifd page of {} bytes", d.len())),
+            None => self.mem.place_zero(b, addr, TPS),
+        };
+        r.map_err(|e| format!("multifd page: {e}"))?;
+        self.first[b].set(page);
+        Ok(())
+    }
+
     fn block_index(&self, name: &[u8]) -> Option<usize> {
         self.blocks.iter().position(|(n, _)| n.as_bytes() == name)
     }

@@ -23,8 +23,8 @@
 //!   each once, and none for a set page.
 //!
 //! A template using `{QTEST}` (QEMU: [`QEMU_SRC_TEMPLATE`]) gets its RAM written through qtest
-//! instead of `{RAM_FILE}`. Vectors whose source had `multifd` are skipped (the runner accepts
-//! one connection).
+//! instead of `{RAM_FILE}`. A source with `multifd` gets the captured `multifd-channels`; the
+//! runner accepts those connections after the main one ([`super::play_multifd`]).
 //!
 //! Then `completed` on both sides, every page of every block received, the main block equal
 //! to the image the source started from, and to the source's own `pmemsave`.
@@ -40,6 +40,7 @@ use serde_json::{json, Value};
 
 use super::broken_src::{SrcBreakage, Tamper};
 use super::play_dst::{End, Fail, NoStop, Player, Stop, TPS};
+use super::play_multifd::MultifdReceiver;
 use super::replay_dst::{block_list, values_for, Verdict};
 use super::shim::{self, scratch_dir, StartError, Target};
 use super::vector::Vector;
@@ -446,11 +447,16 @@ fn drive(
         }
         return Err(anyhow!(e).context("migrate-set-capabilities"));
     }
-    if caps.iter().any(|c| c == "multifd") {
-        // The target would open extra connections the runner does not accept.
-        return Ok(Verdict::Skip(
-            "multifd: the runner plays no multifd destination (it accepts one connection)".into(),
-        ));
+    // Multifd: the captured number of channels; the runner accepts them after the main one.
+    let multifd = caps.iter().any(|c| c == "multifd").then(|| {
+        v.manifest["sides"]["source"]["parameters"]["multifd-channels"]
+            .as_u64()
+            .unwrap_or(2)
+    });
+    if let Some(n) = multifd {
+        t.qmp
+            .execute("migrate-set-parameters", json!({"multifd-channels": n}))
+            .context("migrate-set-parameters multifd-channels")?;
     }
     if postcopy {
         t.qmp
@@ -465,6 +471,14 @@ fn drive(
         .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
         .context("migrate")?;
     let mut sock = accept(&listener, t)?;
+    let mfd = match multifd {
+        Some(n) => Some(MultifdReceiver::start(
+            listener.try_clone()?,
+            n as usize,
+            v.profile(),
+        )),
+        None => None,
+    };
     let machine = v.manifest["machine"]["type"].as_str().unwrap_or("none");
     let mut p = Player::new(
         v.profile(),
@@ -583,6 +597,22 @@ fn drive(
                 p.status()
             ),
         );
+    }
+    if let Some(m) = mfd {
+        let pages = match m.finish() {
+            Ok(x) => x,
+            Err(e) => return fail(&p, e),
+        };
+        let n = pages.len();
+        for (name, addr, data) in pages {
+            if let Err(e) = p.place_multifd(&name, addr, data.as_deref()) {
+                return fail(&p, e);
+            }
+        }
+        notes.push(format!(
+            "{} multifd connection(s): {n} pages",
+            multifd.unwrap_or(0)
+        ));
     }
     wait_status(t, "completed").context("at the end")?;
     // Page requests.
