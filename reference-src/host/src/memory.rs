@@ -17,7 +17,9 @@
 //! On a destination whose blocks are registered with userfaultfd (see [`crate::uffd`]), reading a
 //! page that has not been placed yet blocks in the kernel until it is: do not call
 //! [`RamBlock::snapshot`] or [`RamBlock::sha256`] there before every page is placed or the range is
-//! unregistered.
+//! unregistered. The thread that resolves faults must never touch such memory through
+//! [`RamBlock::read`] / [`RamBlock::write`] at all (it would wait for itself for ever): it goes
+//! through `UffdRam::overwrite`, `overwrite_zero` and `read_received`, which never fault.
 
 use std::fs::File;
 use std::io::{self, Write};
