@@ -482,7 +482,9 @@ pub fn profile_of(manifest: &Value) -> Profile {
 /// Fills the decoded fields into `manifest` from the files in `dir`: per channel `records`,
 /// `summary`, `truncated_at` (offset of the `TRUNCATED` record, as in the shared manifests),
 /// `rp_messages`, `page_requests`, `vmdesc_devices`; vector-wide `mig_cmds_present` and
-/// `rp_msgs_present` (first-appearance order). Returns the number of records and messages.
+/// `rp_msgs_present` (first-appearance order); a capture-tool manifest's
+/// `capture.decoded_fields` note says where they come from. Returns the number of records and
+/// messages.
 pub fn annotate(manifest: &mut Value, dir: &Path) -> Result<(usize, usize), DecodeError> {
     let profile = profile_of(manifest);
     let read = |f: &str| {
@@ -552,6 +554,9 @@ pub fn annotate(manifest: &mut Value, dir: &Path) -> Result<(usize, usize), Deco
         prev = Some(r.decoder);
     }
     let names = |v: Counts| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
+    if manifest["capture"]["decoded_fields"].is_string() {
+        manifest["capture"]["decoded_fields"] = json!(super::capture::DECODED_FIELDS);
+    }
     let m = manifest.as_object_mut().expect("manifest object");
     m.insert("mig_cmds_present".into(), json!(names(cmds)));
     m.insert("rp_msgs_present".into(), json!(names(rps)));
