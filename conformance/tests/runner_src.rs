@@ -228,3 +228,59 @@ fn every_captured_vector_passes_against_a_qemu_source() {
         }
     }
 }
+
+/// The played destination on every invalid synthetic main-channel stream, sent by a plain
+/// socket writer: the case fails with the vector's rule id and offset (from the runner's own
+/// decoder or from the `Destination` machine), except a stream that just stops (a truncated
+/// one: the source closed the connection early, which `replay-src` reports as such).
+#[test]
+fn the_played_destination_reports_each_invalid_stream_with_rule_and_offset() {
+    use qmig_conformance::runner::play_dst::{End, NoStop, Player};
+    use qmig_conformance::runner::vector;
+    use std::io::Write;
+    let mut checked = 0;
+    for v in vector::discover(&vector::default_dir()).unwrap() {
+        let Some(s) = v.synthetic() else { continue };
+        if s["class"] != "invalid" || s["channel"] != "main" {
+            continue;
+        }
+        let rule = s["expected"]["rule"].as_str().unwrap().to_string();
+        let offset = s["expected"]["offset"].as_u64().unwrap();
+        let blocks: Vec<(String, u64)> = s["blocks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b[0].as_str().unwrap().to_string(), b[1].as_u64().unwrap()))
+            .collect();
+        let postcopy = s["flags"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f == "postcopy-ram");
+        let machine = v.manifest["machine"]["type"].as_str().unwrap().to_string();
+        let bytes = v.read("stream.bin").unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let writer = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+            let _ = c.write_all(&bytes);
+            let _ = c.shutdown(std::net::Shutdown::Write);
+            // Hold the connection until the reader is done with it.
+            let mut sink = [0u8; 4096];
+            while matches!(std::io::Read::read(&mut c, &mut sink), Ok(n) if n > 0) {}
+        });
+        let (mut sock, _) = l.accept().unwrap();
+        let mut p = Player::new(v.profile(), &machine, &blocks, postcopy, None).unwrap();
+        let r = p.serve(&mut sock, &mut NoStop);
+        drop(sock);
+        writer.join().unwrap();
+        let want = format!("{rule} at offset {offset} ");
+        match r {
+            Err(m) => assert!(m.contains(&want), "{}: {m} (want {want})", v.id),
+            Ok(End::Closed) if rule == "STREAM-TRUNCATED" => {}
+            Ok(e) => panic!("{}: accepted ({e:?}, status {})", v.id, p.status()),
+        }
+        checked += 1;
+    }
+    assert!(checked > 40, "{checked} invalid streams");
+}
