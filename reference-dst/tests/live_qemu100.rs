@@ -102,7 +102,7 @@ fn wait_pong(proxy: &Proxy, n: u32) {
             .wait_forwarded(0, Dir::DstToSrc, seen + 1, GUARD)
             .unwrap_or_else(|e| panic!("no PONG {n} from qmig-dst: {e}"));
         let rp = proxy.recordings()[0].d2s.bytes.clone();
-        if complete_prefix(&rp).iter().any(|m| *m == Rp::Pong(n)) {
+        if complete_prefix(&rp).contains(&Rp::Pong(n)) {
             return;
         }
         seen = got;
