@@ -287,6 +287,7 @@ impl Player {
         let mut vbuf: Vec<u8> = Vec::new();
         let mut dbuf: Vec<u8> = Vec::new();
         let mut buf = vec![0u8; 1 << 16];
+        let mut done = false;
         loop {
             let n = match sock.read(&mut buf) {
                 Ok(n) => n,
@@ -294,12 +295,19 @@ impl Player {
                     if e.kind() == std::io::ErrorKind::WouldBlock
                         || e.kind() == std::io::ErrorKind::TimedOut =>
                 {
+                    if done {
+                        // Completed, and the source keeps its side open: that is its choice.
+                        let now = self.tick();
+                        self.dest.handle_channel_closed(now);
+                        self.events()?;
+                        return Ok(End::Completed);
+                    }
                     return Err(format!(
                         "no bytes from the source for 120 s (connection {}, offset {}, status {})",
                         self.conns,
                         self.dec.offset(),
                         self.status()
-                    ))
+                    ));
                 }
                 Err(_) => 0,
             };
@@ -330,10 +338,13 @@ impl Player {
                     End::Closed
                 });
             }
-            if self.status() == MigrationStatus::Completed && self.eof_seen {
+            if !done && self.status() == MigrationStatus::Completed && self.eof_seen {
                 // Done: our side closes for writing; the source closes after its last bytes
                 // (the VM description after a precopy EOF), which are still read and checked.
+                // A source that keeps its side open gets 5 s.
+                done = true;
                 let _ = sock.shutdown(Shutdown::Write);
+                let _ = sock.set_read_timeout(Some(Duration::from_secs(5)));
             }
             if stop.cut_now(self, sock)? {
                 let _ = sock.shutdown(Shutdown::Both);
