@@ -2,7 +2,8 @@
 //!
 //! A target is a command-line template. The runner splits it into words (whitespace; single or
 //! double quotes group), then replaces placeholders inside each word. A word that is exactly a
-//! list placeholder (`{CPU}`, `{BIOS}`, `{VMDESC}`) expands to zero or more words.
+//! list placeholder (`{CPU}`, `{BIOS}`, `{VMDESC}`, `{BLOCK_ARGS}`, `{DEVICES}`) expands to zero
+//! or more words.
 //!
 //! | placeholder | value |
 //! |---|---|
@@ -19,6 +20,10 @@
 //! | `{BIOS}` | list: `-bios FILE` (the generated test firmware) on microvm, else nothing |
 //! | `{VMDESC}` | list: `--vmdesc FILE` when the vector has a VM description, else nothing |
 //! | `{DIR}` | a private scratch directory |
+//! | `{RAM_FILE}` | (sources) a raw image of the main RAM block the source starts from |
+//! | `{BLOCK_ARGS}` | (sources) list: `--block NAME:BYTES` per RAM block beyond the main one |
+//! | `{DEVICES}` | (sources) list: `--device-template FILE` on microvm, else nothing |
+//! | `{QTEST}` | (sources) a qtest socket path: if used, the runner writes the RAM image through it |
 //!
 //! Exit code [`EXIT_UNSUPPORTED`] (89) from the target at any point means "this case is not
 //! supported": the case is skipped, not failed.
