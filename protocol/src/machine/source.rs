@@ -154,6 +154,8 @@ pub struct Source {
     sync_asked: bool,
     events: VecDeque<Event>,
     pages_sent: u64,
+    /// Page records sent as zero pages (`RAM_SAVE_FLAG_ZERO`).
+    zero_pages_sent: u64,
     sent_log: Option<Vec<(usize, u64)>>,
     last_activity: Instant,
     /// The next target page of a host page being sent (they go consecutively).
@@ -206,6 +208,7 @@ impl Source {
             sync_asked: false,
             events: VecDeque::new(),
             pages_sent: 0,
+            zero_pages_sent: 0,
             sent_log: None,
             last_activity: Instant(0),
             hp_cont: None,
@@ -231,6 +234,18 @@ impl Source {
     /// Page records sent so far.
     pub fn pages_sent(&self) -> u64 {
         self.pages_sent
+    }
+
+    /// Page records sent so far as zero pages (a subset of [`Source::pages_sent`]): the caller
+    /// counts zero and data pages from these two without reading guest memory again.
+    pub fn zero_pages_sent(&self) -> u64 {
+        self.zero_pages_sent
+    }
+
+    /// Whether requested pages (page requests from the return path) wait to be sent: a caller
+    /// that paces bulk data sends these at once (SM-URGENT-FIRST).
+    pub fn urgent_pending(&self) -> bool {
+        self.channel_open && !self.urgent.is_empty()
     }
 
     /// Starts (or stops) recording every page record sent, as (block, target page index).
@@ -608,8 +623,15 @@ impl Source {
             }
     }
 
+    /// Whether any page is dirty: the scan position first (where the next dirty page almost
+    /// always is), then every word, stopping at the first set one (this runs once per RAM
+    /// section part, so it must not count the whole bitmap).
     fn any_dirty(&self) -> bool {
-        self.dirty.iter().any(|d| d.count_ones() > 0)
+        let (b, p) = self.cursor;
+        if self.dirty.get(b).is_some_and(|d| next_set(d, p).is_some()) {
+            return true;
+        }
+        self.dirty.iter().any(|d| d.words().iter().any(|&w| w != 0))
     }
 
     /// Writes main-channel bytes into `out`, whole records, until at least `budget` bytes are
@@ -795,6 +817,7 @@ impl Source {
             Some(self.cfg.blocks[b].name.as_bytes())
         };
         let (flags, body) = if is_zero(data) {
+            self.zero_pages_sent += 1;
             (RamFlags::ZERO, RamBody::Zero { fill: 0 })
         } else {
             (RamFlags::PAGE, RamBody::Page(data))
@@ -827,10 +850,16 @@ impl Source {
         }
         .encode(o);
         for _ in 0..self.cfg.pages_per_section.max(1) {
+            let urgent = !self.urgent.is_empty();
             let Some((b, p)) = self.next_page() else {
                 break;
             };
             self.send_page(mem, b, p, o);
+            // The part that carries requested pages ends with the last of them (and its host
+            // page), so the destination can place them without waiting for background pages.
+            if urgent && self.urgent.is_empty() && self.hp_cont.is_none() {
+                break;
+            }
         }
         self.eos_footer(o);
     }
@@ -998,6 +1027,94 @@ fn next_set(bm: &PageBitmap, from: u64) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guest memory whose every page is 0xab.
+    struct Pages;
+    static PAGE: [u8; 4096] = [0xab; 4096];
+    impl SourceMemory for Pages {
+        fn page(&self, _block: usize, _offset: u64) -> &[u8] {
+            &PAGE
+        }
+    }
+
+    #[test]
+    fn a_requested_page_goes_out_alone_in_the_next_part() {
+        let blocks = alloc::vec![RamBlockSpec::new("pc.ram", 64 * 4096, 4096)];
+        let mut cfg = SourceConfig::new(Profile::QEMU_7_2, "pc", blocks, true);
+        cfg.pages_per_section = 16;
+        let mut s = Source::new(cfg);
+        s.handle_channel_opened(Instant(0)).unwrap();
+        let mut out = Vec::new();
+        s.poll_transmit(&Pages, &mut out, 1);
+        s.handle_control(Instant(1), Control::StartPostcopy)
+            .unwrap();
+        s.poll_transmit(&Pages, &mut out, 1);
+        assert_eq!(s.status(), MigrationStatus::PostcopyActive);
+        let sent = s.pages_sent();
+
+        let mut rp = Vec::new();
+        RpMessage::ReqPagesId {
+            start: 40 * 4096,
+            len: 4096,
+            name: b"pc.ram",
+        }
+        .encode(&mut rp);
+        assert_eq!(s.handle_return_path(Instant(2), &rp), Ok(rp.len()));
+        assert!(s.urgent_pending());
+
+        // Budget 1: one part, and it holds the requested page only (the background scan's
+        // pages would otherwise fill it up to 16 pages ahead of the destination's placement).
+        out.clear();
+        s.poll_transmit(&Pages, &mut out, 1);
+        let mut want = Vec::new();
+        SectionHeader::Part { section_id: 2 }.encode(&mut want);
+        RamRecord {
+            flags: RamFlags::PAGE,
+            addr: 40 * 4096,
+            name: Some(b"pc.ram"),
+            body: RamBody::Page(&PAGE),
+        }
+        .encode(&mut want);
+        RamRecord {
+            flags: RamFlags::EOS,
+            addr: 0,
+            name: None,
+            body: RamBody::Eos,
+        }
+        .encode(&mut want);
+        Item::Footer { section_id: 2 }.encode(&mut want);
+        assert_eq!(out, want);
+        assert_eq!(s.pages_sent(), sent + 1);
+        assert!(!s.urgent_pending());
+
+        // Then the background scan fills whole parts again, from after the requested page.
+        out.clear();
+        s.poll_transmit(&Pages, &mut out, 1);
+        assert_eq!(s.pages_sent(), sent + 17);
+        assert!(!s.dirty(0).unwrap().test(41) && !s.dirty(0).unwrap().test(56));
+        assert!(s.dirty(0).unwrap().test(57));
+    }
+
+    #[test]
+    fn zero_pages_are_counted_apart() {
+        struct Mixed;
+        static ZERO: [u8; 4096] = [0; 4096];
+        impl SourceMemory for Mixed {
+            fn page(&self, _block: usize, offset: u64) -> &[u8] {
+                if (offset / 4096) % 2 == 0 {
+                    &ZERO
+                } else {
+                    &PAGE
+                }
+            }
+        }
+        let blocks = alloc::vec![RamBlockSpec::new("pc.ram", 10 * 4096, 4096)];
+        let mut s = Source::new(SourceConfig::new(Profile::QEMU_7_2, "pc", blocks, false));
+        s.handle_channel_opened(Instant(0)).unwrap();
+        let mut out = Vec::new();
+        s.poll_transmit(&Mixed, &mut out, usize::MAX);
+        assert_eq!((s.pages_sent(), s.zero_pages_sent()), (10, 5));
+    }
 
     #[test]
     fn next_set_scans_words() {
