@@ -170,7 +170,11 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
             }
         }
         _ => {
-            wait(src, "source", "active")?;
+            // Postcopy from the source's first iteration (allowed from `setup` on): nearly all
+            // RAM is then left for the postcopy phase, so a cut or pause after the destination's
+            // RUN lands before completion even on a mostly-zero guest, which QEMU sends at
+            // about one 32 KiB buffer per 100 ms rate-limit epoch whatever the bandwidth cap.
+            wait(src, "source", "setup")?;
             src.cmd("migrate-start-postcopy", Value::Null)?;
             wait(dst, "destination", "postcopy-active")?;
             wait(src, "source", "postcopy-active")?;
