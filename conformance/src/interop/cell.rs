@@ -27,14 +27,15 @@ pub enum CellError {
     Fail(String),
 }
 
-/// The guest of a pair: QEMU 7.2 pairs use `-M none` with a CPU and qtest, QEMU 10.0 pairs
-/// microvm with qtest, every other pair `-M none` without CPU (the only machine both QEMU
-/// versions and qmig migrate between each other).
+/// The guest of a pair: a QEMU 7.2 source (to QEMU 7.2 or qmig-dst) runs `-M none` with a CPU
+/// and qtest, a QEMU 10.0 source (to QEMU 10.0 or qmig-dst) microvm with the test firmware and
+/// qtest, so the pattern is written and `precopy-dirty` writes during the migration; mixed QEMU
+/// versions and a qmig source run `-M none` without CPU (the machine every side can migrate).
 pub fn guest(s: Impl, d: Impl, m: Mode) -> Guest {
     let postcopy = !matches!(m, Mode::Precopy | Mode::PrecopyDirty);
     let (machine, ram_mb) = match (s, d) {
-        (Impl::Qemu72, Impl::Qemu72) => (Machine::NoneCpu, 32),
-        (Impl::Qemu100, Impl::Qemu100) => (Machine::Microvm, 32),
+        (Impl::Qemu72, Impl::Qemu72 | Impl::Qmig) => (Machine::NoneCpu, 32),
+        (Impl::Qemu100, Impl::Qemu100 | Impl::Qmig) => (Machine::Microvm, 32),
         _ => (Machine::NoneNoCpu, if postcopy { 64 } else { 32 }),
     };
     Guest {
@@ -145,7 +146,7 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
             // own workload), then let it converge.
             while src.status() == "active" && n < 300 {
                 let p = 1 + (n as u64 * 7919) % (pages - 1);
-                if matches!(g.machine, Machine::Microvm) && (192..256).contains(&p) {
+                if g.machine.reserved_pages().contains(&p) {
                     n += 1;
                     continue;
                 }
@@ -215,9 +216,14 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
     wait(dst, "destination", "completed")?;
     let bytes = g.ram_mb << 20;
     let a = src.ram(bytes)?;
-    let b = dst.ram(bytes)?;
+    let mut b = dst.ram(bytes)?;
     if a.len() as u64 != bytes || b.len() as u64 != bytes {
         bail!("pmemsave sizes {} / {} (want {bytes})", a.len(), b.len());
+    }
+    if g.machine == Machine::Microvm {
+        if let Some(n) = firmware_view(src, dst, &mut b)? {
+            notes.push(n);
+        }
     }
     if let Some(p) = crate::qemu::driver::first_diff_page(&a, &b) {
         bail!(
@@ -248,6 +254,49 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
         s.push_str(&n);
     }
     Ok(s)
+}
+
+/// microvm's firmware window: QEMU maps the last 128 KiB of `pc.bios` over RAM here (an alias),
+/// so QEMU's `pmemsave` from 0 shows the firmware there, not `microvm.ram`.
+const FIRMWARE_WINDOW: std::ops::Range<usize> = 0xe0000..0x100000;
+/// Where QEMU maps the whole `pc.bios` (it ends at 4 GiB).
+const FIRMWARE_TOP: u64 = 1 << 32;
+
+/// With a qmig-dst destination on microvm, whose `pmemsave` reads the `microvm.ram` block
+/// itself: checks qmig-dst's `pc.bios` block against QEMU's firmware (read where QEMU maps it,
+/// below 4 GiB) and qmig-dst's RAM under the window (zero: nothing on the QEMU side writes it,
+/// the VM never runs and the harness never writes there), then shows qmig-dst's RAM the way
+/// QEMU's address space does (the firmware in the window), so the comparison that follows is
+/// over the whole guest-physical range. `None` when the destination is not qmig-dst.
+fn firmware_view(src: &mut Side, dst: &mut Side, b: &mut [u8]) -> anyhow::Result<Option<String>> {
+    let Some(bios) = dst.block("pc.bios")? else {
+        return Ok(None);
+    };
+    let len = bios.len() as u64;
+    let Some(src_bios) = src.phys(FIRMWARE_TOP - len, len)? else {
+        return Ok(None);
+    };
+    if bios != src_bios {
+        let p = crate::qemu::driver::first_diff_page(&src_bios, &bios).unwrap_or(0);
+        bail!("pc.bios differs ({len} bytes): first page {p}");
+    }
+    if bios.len() < FIRMWARE_WINDOW.len() || bios.iter().all(|&x| x == 0) {
+        bail!("qmig-dst's pc.bios is {len} bytes, all zero or smaller than the firmware window");
+    }
+    let hidden = &mut b[FIRMWARE_WINDOW];
+    if let Some(i) = hidden.iter().position(|&x| x != 0) {
+        bail!(
+            "qmig-dst's microvm.ram under the firmware window is not zero at 0x{:x}",
+            FIRMWARE_WINDOW.start + i
+        );
+    }
+    hidden.copy_from_slice(&bios[bios.len() - FIRMWARE_WINDOW.len()..]);
+    Ok(Some(format!(
+        "pc.bios equal ({len} bytes); qmig-dst's microvm.ram under the firmware window \
+         0x{:x}-0x{:x} zero, compared through the firmware as QEMU maps it",
+        FIRMWARE_WINDOW.start,
+        FIRMWARE_WINDOW.end - 1
+    )))
 }
 
 /// Waits until the destination behind `qmp` has processed POSTCOPY_RUN: its run state

@@ -123,8 +123,8 @@ pub fn unsupported(src: Impl, dst: Impl, mode: Mode) -> Option<&'static str> {
     if mode == Mode::DoubleFailure && qemu72 {
         return Some("QEMU 7.2 cannot survive a failure during postcopy-recover (it has no postcopy-recover-setup state; the 7.2 side fails instead of pausing again)");
     }
-    if mode == Mode::PrecopyDirty && src != Impl::Qmig && (mixed_qemu || dst == Impl::Qmig) {
-        return Some("mixed QEMU versions or a QEMU source with qmig run -M none without a CPU: no qtest, so the QEMU guest cannot be written during the migration");
+    if mode == Mode::PrecopyDirty && mixed_qemu {
+        return Some("mixed QEMU versions run -M none without a CPU: no qtest, so the QEMU guest cannot be written during the migration");
     }
     None
 }

@@ -98,6 +98,11 @@ impl Side {
                 ];
                 if incoming {
                     argv.extend(["-m".into(), format!("{}M", g.ram_mb)]);
+                    if let Some(vd) = dst_vmdesc(g.machine, peer) {
+                        // The CPU's (and microvm's) device sections are delimited by the VM
+                        // description of the QEMU they come from.
+                        argv.extend(["--vmdesc".into(), vd]);
+                    }
                 } else {
                     argv.extend([
                         "--ram".into(),
@@ -161,6 +166,42 @@ impl Side {
         }
     }
 
+    /// `len` bytes of guest-physical memory from `addr` as the guest sees them (QEMU only:
+    /// `pmemsave`, so ROM and firmware mapped over RAM read as such).
+    pub fn phys(&mut self, addr: u64, len: u64) -> anyhow::Result<Option<Vec<u8>>> {
+        match self {
+            Side::Qemu(q) => Ok(Some(
+                q.pmemsave(addr, len)
+                    .map_err(|e| anyhow!("pmemsave: {e}"))?,
+            )),
+            Side::Qmig(..) => Ok(None),
+        }
+    }
+
+    /// One whole RAM block by name (qmig only: `x-qmig-ramsave`).
+    pub fn block(&mut self, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        match self {
+            Side::Qemu(_) => Ok(None),
+            Side::Qmig(t, dir) => {
+                let f = dir.join("ramsave.bin");
+                t.qmp
+                    .execute(
+                        "x-qmig-ramsave",
+                        json!({"block": name, "filename": f.display().to_string()}),
+                    )
+                    .map_err(|e| anyhow!("x-qmig-ramsave {name}: {e}"))?;
+                let d = std::fs::read(&f).context("x-qmig-ramsave output")?;
+                let _ = std::fs::remove_file(&f);
+                Ok(Some(d))
+            }
+        }
+    }
+
+    /// Whether this is qmig (`qmig-src` / `qmig-dst`).
+    pub fn is_qmig(&self) -> bool {
+        matches!(self, Side::Qmig(..))
+    }
+
     /// Console output (last part).
     pub fn log(&self) -> String {
         match self {
@@ -185,6 +226,21 @@ impl Side {
             _ => Ok(false),
         }
     }
+}
+
+/// The VM description qmig-dst needs to delimit the device sections of a QEMU source on a
+/// machine with a CPU: the one captured from that QEMU version on that machine (`None` for
+/// `-M none` without CPU, which has no device sections, and for a qmig source).
+fn dst_vmdesc(machine: Machine, peer: Impl) -> Option<String> {
+    let version = match (machine, peer) {
+        (Machine::NoneNoCpu, _) | (_, Impl::Qmig) => return None,
+        (_, Impl::Qemu72) => "qemu-7.2",
+        (_, Impl::Qemu100) => "qemu-10.0",
+    };
+    Some(format!(
+        "{}/vectors/{version}/postcopy/vmdesc.json",
+        env!("CARGO_MANIFEST_DIR")
+    ))
 }
 
 impl Drop for Side {
