@@ -2,6 +2,7 @@
 //! reduced to the smallest stream that showed the problem.
 
 use qmig_protocol::codes::{RamFlags, SectionType};
+use qmig_protocol::command::Command;
 use qmig_protocol::header::{encode_configuration, encode_header};
 use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::{
@@ -205,7 +206,7 @@ fn header_in_a_package_is_the_same_violation_for_any_chunking() {
     assert_eq!(r, Err(WireError::invalid(0, Rule::SecType, 0x51)));
     let mut s = complete_stream();
     s.pop();
-    qmig_protocol::command::Command::Packaged { len: 1 }.encode(&mut s);
+    Command::Packaged { len: 1 }.encode(&mut s);
     let body_at = s.len() as u64;
     s.put(b"Q");
     let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_7_2, Limits::DEFAULT);
@@ -266,4 +267,69 @@ fn device_payload_over_the_cap_is_the_same_violation_for_any_chunking() {
         };
         assert_eq!(r, expected, "fed {feed} bytes at a time");
     }
+}
+
+/// Found reading the code of finding 3: `resume_from` (the decoder of a postcopy recovery
+/// channel, offset 0) copied the footer-scan progress of the old channel, keyed by offset only.
+/// A recovery channel whose first device payload starts at the offset where the old channel's
+/// scan stopped resumed that scan: it skipped the candidates before the old one and continued
+/// the old lookahead, and here missed the real footer (SEC-DELIMIT at the end). The recovery
+/// decoder now starts without it.
+#[test]
+fn a_recovery_channel_does_not_inherit_the_old_channels_footer_scan() {
+    // Old channel: a device payload whose footer has not arrived; the scan stops with a
+    // waiting lookahead after the lookalike `7E 00000003`.
+    let mut s = complete_stream();
+    s.pop();
+    let ident = |section_id, idstr| SectionIdent {
+        section_id,
+        idstr,
+        instance_id: 0,
+        version_id: 1,
+    };
+    SectionHeader::Full(ident(3, b"timer")).encode(&mut s);
+    let payload_at = s.len();
+    s.put(&[0x55; 40]);
+    encode_footer(3, &mut s);
+    SectionHeader::Full(ident(4, b"blob")).encode(&mut s);
+    s.put(&[0xaa; 8]);
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let mut pos = 0;
+    loop {
+        match d.decode(&s[pos..]) {
+            Ok((_, n)) => pos += n,
+            Err(e) => {
+                assert!(e.is_incomplete(), "{e:?}");
+                break;
+            }
+        }
+    }
+    assert_eq!(pos, payload_at);
+    // Recovery channel: commands as padding (PING: 9 bytes, OPEN_RETURN_PATH: 5), then a PART
+    // of section 3 whose payload starts at the same offset as the old channel's waiting
+    // payload, with its footer 3 bytes later.
+    let mut r = StreamDecoder::resume_from(&d);
+    let mut rec = Vec::new();
+    while (payload_at - 5 - rec.len()) % 5 != 0 {
+        Command::Ping(7).encode(&mut rec);
+    }
+    while rec.len() < payload_at - 5 {
+        Command::OpenReturnPath.encode(&mut rec);
+    }
+    SectionHeader::Part { section_id: 3 }.encode(&mut rec);
+    let rec_payload_at = rec.len();
+    assert_eq!(rec_payload_at, payload_at);
+    rec.put(&[1, 2, 3]);
+    encode_footer(3, &mut rec);
+    rec.put_u8(SectionType::EOF.0);
+    let mut pos = 0;
+    let mut payload = None;
+    while let Ok((item, n)) = r.decode_final(&rec[pos..]) {
+        if let Item::DeviceData(p) = item {
+            payload = Some((pos, p));
+        }
+        pos += n;
+    }
+    assert_eq!(payload, Some((rec_payload_at, &[1u8, 2, 3][..])));
+    assert_eq!(pos, rec.len(), "{:?}", r.decode_final(&rec[pos..]));
 }

@@ -158,6 +158,8 @@ impl StreamDecoder {
         d.offset = 0;
         d.package_end = None;
         d.current = None;
+        // Footer-scan progress belongs to the old channel's bytes.
+        d.scan_hint = None;
         d.is_final = false;
         d.postcopy = true;
         d
