@@ -26,10 +26,9 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{decode_rp, Dst, Rp, GUARD};
+use common::{decode_rp, wait_pong, Dst, Rp, GUARD};
 use qmig_conformance::qemu::driver::pattern;
 use qmig_conformance::qemu::pattern::{random_page, PAGE};
-use qmig_conformance::qemu::proxy::Dir;
 use qmig_conformance::qemu::{find_qemu, Machine, Proxy, Qemu, QemuVersion};
 use qmig_protocol::profile::Profile;
 use serde_json::{json, Value};
@@ -92,35 +91,6 @@ fn start(seed: u64, random_pages: u64, postcopy: bool, workload: Option<&str>) -
         .expect("source capabilities");
     dst.cmd("migrate-set-capabilities", caps(postcopy, &[]));
     Some(Pair { src, dst })
-}
-
-/// Waits until qmig-dst has answered PING `n` on connection 0 of `proxy` (its return path).
-fn wait_pong(proxy: &Proxy, n: u32) {
-    let mut seen = 0;
-    loop {
-        let got = proxy
-            .wait_forwarded(0, Dir::DstToSrc, seen + 1, GUARD)
-            .unwrap_or_else(|e| panic!("no PONG {n} from qmig-dst: {e}"));
-        let rp = proxy.recordings()[0].d2s.bytes.clone();
-        if complete_prefix(&rp).contains(&Rp::Pong(n)) {
-            return;
-        }
-        seen = got;
-    }
-}
-
-/// The return-path messages of the longest whole-message prefix of `rp`.
-fn complete_prefix(rp: &[u8]) -> Vec<Rp> {
-    // A message header is type (2) + length (2); RECV_BITMAP bodies never occur before RUN.
-    let mut end = 0;
-    while end + 4 <= rp.len() {
-        let len = u16::from_be_bytes([rp[end + 2], rp[end + 3]]) as usize;
-        if end + 4 + len > rp.len() {
-            break;
-        }
-        end += 4 + len;
-    }
-    decode_rp(&rp[..end], Profile::QEMU_10)
 }
 
 impl Pair {

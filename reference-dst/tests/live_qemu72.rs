@@ -11,7 +11,7 @@ mod common;
 
 use std::net::SocketAddr;
 
-use common::{Dst, GUARD};
+use common::{wait_pong, Dst, GUARD};
 use qmig_conformance::qemu::driver::{first_diff_page, pattern};
 use qmig_conformance::qemu::pattern::{random_page, PAGE};
 use qmig_conformance::qemu::{find_qemu, Machine, Proxy, Qemu, QemuVersion};
@@ -282,6 +282,7 @@ fn postcopy_link_cut_then_recover() {
     let proxy = Proxy::start(addr).expect("proxy");
     p.migrate(proxy.addr(), false);
     p.start_postcopy();
+    wait_pong(&proxy, 4);
     proxy.cut();
     p.paused();
     let rec = &proxy.recordings()[0];
@@ -324,6 +325,7 @@ fn postcopy_two_failures_in_a_row() {
     let proxy = Proxy::start(addr).expect("proxy");
     p.migrate(proxy.addr(), false);
     p.start_postcopy();
+    wait_pong(&proxy, 4);
     proxy.cut();
     p.paused();
     let before = p.requests();

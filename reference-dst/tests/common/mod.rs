@@ -9,6 +9,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use qmig_conformance::qemu::proxy::Dir;
+use qmig_conformance::qemu::Proxy;
 use qmig_host::qmp_client::QmpClient;
 use qmig_protocol::limits::Limits;
 use qmig_protocol::profile::Profile;
@@ -283,4 +285,36 @@ pub fn resent_after_zero(stream: &[u8], profile: Profile) -> Vec<(Vec<u8>, u64)>
         }
     }
     out
+}
+
+/// Waits until qmig-dst has answered PING `n` on connection 0 of `proxy` (its return path).
+/// qmig-dst handles its stream in order on one thread, so PONG 4 (QEMU sends PING 4 after
+/// the package that ends with POSTCOPY_RUN) proves RUN was processed: a failure injected
+/// after it pauses (SM-PAUSE-AFTER-RUN) instead of failing (SM-FATAL-BEFORE-RUN).
+pub fn wait_pong(proxy: &Proxy, n: u32) {
+    let mut seen = 0;
+    loop {
+        let got = proxy
+            .wait_forwarded(0, Dir::DstToSrc, seen + 1, GUARD)
+            .unwrap_or_else(|e| panic!("no PONG {n} from qmig-dst: {e}"));
+        let rp = proxy.recordings()[0].d2s.bytes.clone();
+        if complete_prefix(&rp).contains(&Rp::Pong(n)) {
+            return;
+        }
+        seen = got;
+    }
+}
+
+/// The return-path messages of the longest whole-message prefix of `rp`.
+pub fn complete_prefix(rp: &[u8]) -> Vec<Rp> {
+    // A message header is type (2) + length (2); RECV_BITMAP bodies never occur before RUN.
+    let mut end = 0;
+    while end + 4 <= rp.len() {
+        let len = u16::from_be_bytes([rp[end + 2], rp[end + 3]]) as usize;
+        if end + 4 + len > rp.len() {
+            break;
+        }
+        end += 4 + len;
+    }
+    decode_rp(&rp[..end], Profile::QEMU_10)
 }
