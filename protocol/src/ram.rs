@@ -5,7 +5,8 @@
 //! optional block name, and the body each record type carries ([`RamRecord`], [`RamBody`],
 //! [`decode_record`]); the per-channel CONTINUE state ([`RamChannel`]); the MEM_SIZE block list
 //! ([`MemSizeList`]); XBZRLE deltas ([`xbzrle_apply`], [`xbzrle_encode`]) and, with the
-//! `compress` feature, zlib pages of QEMU 7.2 (`compress_page_decode`).
+//! `compress` feature, zlib pages of QEMU 7.2 (`compress_page_decode`); with `alloc`, a
+//! sender's per-page choice of body with its XBZRLE page cache (`page_codec`).
 //!
 //! What it does not own: whether a named block exists, whether an offset lies inside its block
 //! (`RAM-BLOCK-UNKNOWN`, the "inside its block" half of `RAM-OFFSET`) and where MEM_SIZE may
@@ -16,6 +17,9 @@
 mod memsize;
 mod record;
 mod xbzrle;
+
+#[cfg(feature = "alloc")]
+pub mod page_codec;
 
 #[cfg(feature = "compress")]
 mod compress;

@@ -23,9 +23,10 @@ use crate::bitmap::PageBitmap;
 use crate::codes::{RamFlags, QEVM_VERSION};
 use crate::command::{encode_ranges, Advise, Command, Discard};
 use crate::error::{Violation, WireError};
-use crate::header::encode_configuration;
+use crate::header::{capabilities_from, encode_configuration, ConfigSubsection};
 use crate::limits::Limits;
 use crate::profile::{Profile, Version};
+use crate::ram::page_codec::{PageCaps, PageChoice, PageCodec, PageCtx};
 use crate::ram::{encode_mem_size, BlockInfo, RamBody, RamRecord};
 use crate::rp::{RpDecoder, RpMessage};
 use crate::rule::Rule;
@@ -78,6 +79,8 @@ pub struct SourceConfig {
     /// A return path silent for longer than this many nanoseconds while an answer is awaited
     /// counts as a lost channel (SM-TIMEOUT), checked by [`Source::handle_timeout`].
     pub silence_timeout: Option<u64>,
+    /// Page encodings: `xbzrle`, `compress`, `x-ignore-shared` (see [`PageCaps`]).
+    pub page_caps: PageCaps,
 }
 
 impl SourceConfig {
@@ -100,6 +103,7 @@ impl SourceConfig {
             pages_per_section: 32,
             silence_timeout: None,
             vmdesc: None,
+            page_caps: PageCaps::default(),
         }
     }
 }
@@ -160,6 +164,8 @@ pub struct Source {
     last_activity: Instant,
     /// The next target page of a host page being sent (they go consecutively).
     hp_cont: Option<(usize, u64)>,
+    /// Per-page body choice (XBZRLE cache, zlib).
+    codec: PageCodec,
 }
 
 /// A sink that counts what passes through it.
@@ -212,6 +218,7 @@ impl Source {
             sent_log: None,
             last_activity: Instant(0),
             hp_cont: None,
+            codec: PageCodec::new(cfg.page_caps.clone(), tps as usize),
             cfg,
         }
     }
@@ -240,6 +247,11 @@ impl Source {
     /// counts zero and data pages from these two without reading guest memory again.
     pub fn zero_pages_sent(&self) -> u64 {
         self.zero_pages_sent
+    }
+
+    /// The page encoder (XBZRLE / zlib counters).
+    pub fn page_codec(&self) -> &PageCodec {
+        &self.codec
     }
 
     /// Whether requested pages (page requests from the return path) wait to be sent: a caller
@@ -311,6 +323,9 @@ impl Source {
                 d.and_not(x);
                 self.sync_asked = false;
             }
+        }
+        if block == 0 {
+            self.codec.dirty_sync();
         }
     }
 
@@ -710,7 +725,18 @@ impl Source {
         }
         .encode(o);
         if self.cfg.profile.configuration {
-            encode_configuration(self.cfg.machine.as_bytes(), &[], o);
+            let mut buf = [0u8; 32];
+            let caps = self
+                .cfg
+                .page_caps
+                .ignore_shared
+                .then(|| capabilities_from(&[b"x-ignore-shared"], &mut buf))
+                .flatten();
+            let subs: &[ConfigSubsection<'_>] = match &caps {
+                Some(c) => &[ConfigSubsection::Capabilities(*c)],
+                None => &[],
+            };
+            encode_configuration(self.cfg.machine.as_bytes(), subs, o);
         }
         if self.cfg.return_path || self.cfg.postcopy_ram {
             Command::OpenReturnPath.encode(o);
@@ -735,12 +761,14 @@ impl Source {
         o.put_be64(total | RamFlags::MEM_SIZE.0);
         let tps = self.tps;
         let postcopy = self.cfg.postcopy_ram;
+        let ignore_shared = self.cfg.page_caps.ignore_shared;
         encode_mem_size(
             self.cfg.blocks.iter().map(|b| BlockInfo {
                 name: b.name.as_bytes(),
                 used_length: b.len,
                 page_size: (postcopy && b.page_size != tps).then_some(b.page_size),
-                mr_addr: None,
+                // Every block of this source is private RAM at address 0 of its region.
+                mr_addr: ignore_shared.then_some(0),
             }),
             o,
         );
@@ -794,6 +822,10 @@ impl Source {
         }
         let n = self.dirty.len();
         for i in 0..=n {
+            if self.cursor.0 + i == n {
+                // The scan passed the last block: a round is complete (XBZRLE starts).
+                self.codec.round_complete();
+            }
             let b = (self.cursor.0 + i) % n.max(1);
             let from = if i == 0 { self.cursor.1 } else { 0 };
             if let Some(p) = next_set(&self.dirty[b], from) {
@@ -816,11 +848,33 @@ impl Source {
         } else {
             Some(self.cfg.blocks[b].name.as_bytes())
         };
-        let (flags, body) = if is_zero(data) {
-            self.zero_pages_sent += 1;
-            (RamFlags::ZERO, RamBody::Zero { fill: 0 })
-        } else {
-            (RamFlags::PAGE, RamBody::Page(data))
+        let zero = is_zero(data);
+        let ctx = PageCtx {
+            // RAM address: the blocks laid out one after the other in MEM_SIZE order.
+            addr: self.cfg.blocks[..b].iter().map(|x| x.len).sum::<u64>() + offset,
+            same_block: continue_flag,
+            last_stage: self.phase == Phase::PrecopyEnd,
+            postcopy: self.phase == Phase::Postcopy,
+        };
+        let (flags, body) = match self.codec.encode(data, zero, ctx) {
+            PageChoice::Zero => {
+                self.zero_pages_sent += 1;
+                (RamFlags::ZERO, RamBody::Zero { fill: 0 })
+            }
+            PageChoice::Page => (RamFlags::PAGE, RamBody::Page(data)),
+            PageChoice::PageCopy => (RamFlags::PAGE, RamBody::Page(self.codec.buf())),
+            PageChoice::Xbzrle => (RamFlags::XBZRLE, RamBody::Xbzrle(self.codec.buf())),
+            PageChoice::Compressed => (
+                RamFlags::COMPRESS_PAGE,
+                RamBody::Compressed(self.codec.buf()),
+            ),
+            PageChoice::Skip => {
+                // Unchanged since the copy the destination holds: nothing is written.
+                self.dirty[b].clear(p);
+                let per = self.cfg.blocks[b].page_size / self.tps;
+                self.hp_cont = (per > 1 && (p + 1) % per != 0).then_some((b, p + 1));
+                return;
+            }
         };
         let flags = if continue_flag {
             flags.with(RamFlags::CONTINUE)

@@ -91,11 +91,51 @@ fn put_uleb_small(out: &mut impl Sink, v: usize) {
     }
 }
 
+/// The length of the delta from `old` to `new` with QEMU's overflow checks against `cap`
+/// (see [`xbzrle_encode`]); `None` on overflow.
+fn measure(old: &[u8], new: &[u8], cap: usize) -> Option<usize> {
+    let uleb = |v: usize| if v < 0x80 { 1 } else { 2 };
+    let n = old.len();
+    let (mut i, mut d) = (0usize, 0usize);
+    while i < n {
+        if d + 2 > cap {
+            return None;
+        }
+        let zs = i;
+        while i < n && old[i] == new[i] {
+            i += 1;
+        }
+        if i == n {
+            // Unchanged page (0) or a final zero run, which is left out.
+            return Some(d);
+        }
+        d += uleb(i - zs);
+        if d + 2 > cap {
+            return None;
+        }
+        let ns = i;
+        while i < n && old[i] != new[i] {
+            i += 1;
+        }
+        d += uleb(i - ns);
+        if d + (i - ns) > cap {
+            return None;
+        }
+        d += i - ns;
+    }
+    Some(d)
+}
+
 /// Encodes the difference from `old` to `new` (equal lengths, at most 16 KiB so that every run
 /// fits in 14 bits) into `out`, as a sender would. Returns the delta's length, or `None` without
 /// writing anything if the pages differ in length or are longer than 16383 bytes, or if the
-/// delta would be longer than `max_len` (a sender then sends the page raw). Identical pages give
-/// `Some(0)`.
+/// delta overflows `max_len` (a sender then sends the page raw). Identical pages give `Some(0)`.
+///
+/// The overflow test is QEMU's, not just "longer than `max_len`": before each run length the
+/// encoder wants two free bytes (also before deciding that only a final zero run is left), and
+/// after a non-zero run's length the run's literals must fit. So a delta that ends within the
+/// last byte of `max_len` may still overflow, exactly as QEMU's sender decides (a sender that
+/// passes the target page size as `max_len` chooses between delta and raw page like QEMU).
 pub fn xbzrle_encode(old: &[u8], new: &[u8], max_len: usize, out: &mut impl Sink) -> Option<usize> {
     if old.len() != new.len() || old.len() > 0x3fff {
         return None;
@@ -120,13 +160,7 @@ pub fn xbzrle_encode(old: &[u8], new: &[u8], max_len: usize, out: &mut impl Sink
         }
         let _ = &mut emit;
     };
-    let mut len = 0usize;
-    runs(&mut |z, _, nz| {
-        len += if z < 0x80 { 1 } else { 2 } + if nz < 0x80 { 1 } else { 2 } + nz;
-    });
-    if len > max_len {
-        return None;
-    }
+    let len = measure(old, new, max_len)?;
     runs(&mut |z, ns, nz| {
         put_uleb_small(out, z);
         put_uleb_small(out, nz);
