@@ -16,6 +16,13 @@ use crate::qemu::pattern::{random_page, sha256_hex, PAGE};
 use crate::qemu::{Machine, Proxy};
 use crate::runner::shim::free_port;
 
+/// Where `double-failure` cuts the recovery channel: after 4 bytes, inside the source's first
+/// MIG_CMD_RECV_BITMAP (type byte, be16 command, first byte of the be16 length), so both sides
+/// are still in `postcopy-recover` whatever the guest. (At byte 64, used before, a one-block
+/// guest's channel is already past RECV_BITMAP `ram` (9 bytes) and POSTCOPY_RESUME (5 bytes):
+/// the destination had finished its side of the recovery before the cut.)
+const SECOND_CUT: u64 = 4;
+
 /// Failure guard for one phase.
 const PHASE: Duration = Duration::from_secs(90);
 
@@ -198,14 +205,17 @@ fn migrate(src: &mut Side, dst: &mut Side, g: Guest, m: Mode) -> anyhow::Result<
                     cut(&proxies[0], 1024)?;
                     paused(src, dst)?;
                     if m == Mode::DoubleFailure {
-                        // The second failure: the recovery connection is cut after 64 bytes
-                        // (inside the RECV_BITMAP exchange); both sides pause again.
-                        let p = recover(src, dst, Some(64))?;
+                        // The second failure: the recovery connection is cut after its first
+                        // SECOND_CUT bytes, inside the source's first MIG_CMD_RECV_BITMAP;
+                        // both sides pause again from postcopy-recover.
+                        let p = recover(src, dst, Some(SECOND_CUT))?;
                         p.wait_closed(0, PHASE)
                             .map_err(|e| anyhow!("second cut: {e}"))?;
                         paused(src, dst).context("after the second cut")?;
                         proxies.push(p);
-                        notes.push("second cut at byte 64 of the recovery channel".into());
+                        notes.push(format!(
+                            "second cut at byte {SECOND_CUT} of the recovery channel"
+                        ));
                     }
                     proxies.push(recover(src, dst, None)?);
                 }
