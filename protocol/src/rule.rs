@@ -130,6 +130,9 @@ rules! {
     MfdMagic = "MFD-MAGIC", "a multifd packet starts with be32 0x11223344";
     MfdVersion = "MFD-VERSION", "a multifd packet has version 1";
     MfdPages = "MFD-PAGES", "normal_pages (+ zero_pages) fit in pages_alloc, at most 128";
+    MfdChannel = "MFD-CHANNEL", "a multifd connection is configured and its init packet names a channel id below multifd-channels, each once";
+    MfdFlags = "MFD-FLAGS", "a multifd packet's compression and device-state flags match what the receiver negotiated";
+    MfdSync = "MFD-SYNC", "each multifd channel's SYNC packets match the main channel's sync points; no page follows the last";
     // --- state machines --------------------------------------------------------------------
     SmFatalBeforeRun = "SM-FATAL-BEFORE-RUN", "an error before POSTCOPY_RUN fails the migration";
     SmPauseAfterRun = "SM-PAUSE-AFTER-RUN", "an error or channel loss after POSTCOPY_RUN pauses the migration";

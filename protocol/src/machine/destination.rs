@@ -46,6 +46,9 @@ use crate::rule::Rule;
 use crate::section::SectionHeader;
 use crate::stream::{Channel, Item, StreamDecoder};
 
+mod multifd;
+pub use multifd::MultifdConfig;
+
 /// Largest host page a block may have (1 GiB hugetlbfs): the assembly buffer's bound.
 pub const MAX_HOST_PAGE: u64 = 1 << 30;
 
@@ -68,6 +71,8 @@ pub struct DestinationConfig {
     /// Most device-section bytes kept for dumping over the whole migration (SEC-DEVICE-LEN
     /// beyond it); each section is also capped by `limits.max_device_payload`.
     pub max_device_bytes: usize,
+    /// Multifd connections (capability `multifd`), see [`Destination::handle_multifd`].
+    pub multifd: Option<MultifdConfig>,
     /// A VM description used to delimit device payloads (instead of the footer scan).
     #[cfg(feature = "vmdesc")]
     pub vmdesc: Option<crate::vmdesc::VmDesc>,
@@ -89,6 +94,7 @@ impl DestinationConfig {
             postcopy_ram,
             silence_timeout: None,
             max_device_bytes: 64 << 20,
+            multifd: None,
             #[cfg(feature = "vmdesc")]
             vmdesc: None,
         }
@@ -177,6 +183,7 @@ pub struct Destination {
     device_bytes: usize,
     has_huge: bool,
     hp_buf: Vec<u8>,
+    mfd: Option<multifd::MultifdState>,
 }
 
 /// A failure while acting on one item: a violation of the peer, or a machine bug.
@@ -219,7 +226,11 @@ impl Destination {
             .iter()
             .map(|b| PageBitmap::new(b.pages(tps)))
             .collect();
+        let mfd = cfg
+            .multifd
+            .map(|m| multifd::MultifdState::new(m, cfg.profile, cfg.limits));
         Ok(Destination {
+            mfd,
             tps,
             status: MigrationStatus::None,
             pc: Pc::None,
@@ -583,6 +594,9 @@ impl Destination {
         let mut asm = HostPageAssembler::new(&mut hp_buf, self.tps as usize);
         let mut mark: Option<(usize, StreamDecoder)> = None;
         let result = loop {
+            if self.mfd_main_blocked() {
+                break Ok(pos);
+            }
             let Some(dec) = self.decoder.as_mut() else {
                 break Ok(pos);
             };
@@ -604,6 +618,7 @@ impl Destination {
                     if let Err(stop) = self.on_item(item, at, mem, &mut asm) {
                         break Err(stop);
                     }
+                    self.mfd_after_item(&item);
                     if !asm.is_partial() {
                         mark = None;
                     } else if mark.is_none() {
@@ -733,6 +748,7 @@ impl Destination {
                 if self.status == MigrationStatus::PostcopyRecover || self.pc == Pc::Listening {
                     return Err(Violation::new(at, Rule::CmdOrder, 0).into());
                 }
+                self.mfd_check_complete(at)?;
                 self.step(Trigger::Complete).map_err(|e| local_bug(at, e))?;
                 if self.rp_open {
                     // SM-SHUT-LAST: nothing is sent after SHUT.

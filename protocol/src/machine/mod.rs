@@ -22,7 +22,7 @@ pub mod source;
 pub mod status;
 
 pub use control::{Control, ControlError};
-pub use destination::{Destination, DestinationConfig, DeviceSection, FaultOutcome};
+pub use destination::{Destination, DestinationConfig, DeviceSection, FaultOutcome, MultifdConfig};
 pub use events::{ChannelKind, Event, Instant};
 pub use memory::{GuestMemory, MemoryError, RamBlockSpec, SourceMemory};
 pub use source::{DeviceState, Source, SourceConfig};
