@@ -6,7 +6,8 @@
 //!   reader thread per connection that feeds return-path bytes into the driver's inbox, so the
 //!   sender never blocks on the return path;
 //! * writes `poll_transmit` output in small budgets paced by a token bucket (`max-bandwidth`,
-//!   `max-postcopy-bandwidth`), so a requested page never waits behind more than one short
+//!   `max-postcopy-bandwidth`), requested pages unpaced, and keeps the kernel's unsent queue
+//!   short (`TCP_NOTSENT_LOWAT`), so a requested page never waits behind more than one short
 //!   burst of bulk data;
 //! * answers `NeedDirtySync` with a kernel dirty-bitmap sync ([`DirtyTracker`]) and decides
 //!   convergence: when the dirty bytes at the measured rate fit in `downtime-limit`, it stops the
@@ -41,6 +42,9 @@ use crate::state::{Msg, Shared};
 const CHUNK: usize = 32 * 1024;
 /// Kernel send buffer of a TCP main channel (the kernel doubles it).
 const SEND_BUFFER: usize = 256 * 1024;
+/// Unsent bytes the kernel may hold before a write blocks (`TCP_NOTSENT_LOWAT`): with the
+/// destination's bounded receive window, what a requested page queues behind.
+const NOTSENT_LOWAT: u32 = 32 * 1024;
 /// How often an idle driver checks the return-path silence bound.
 const TIMEOUT_TICK: Duration = Duration::from_millis(200);
 /// Pages per RAM section part.
@@ -79,8 +83,8 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
     cfg.pages_per_section = PAGES_PER_SECTION;
     cfg.vmdesc = Some(plan.vmdesc);
     cfg.silence_timeout = Some(Shared::get(&shared.rp_timeout).saturating_mul(1_000_000));
-    let mut src = Source::new(cfg);
-    src.record_sent_pages(true);
+    cfg.page_caps = shared.page_params.caps(&|c| shared.cap(c));
+    let src = Source::new(cfg);
     let (tx, rx) = mpsc::channel();
     {
         let mut g = shared.lock();
@@ -206,6 +210,12 @@ impl Driver {
             if self.writer.is_some() && self.src.wants_transmit() {
                 let rate = self.rate();
                 let avail = self.bucket.available(Instant::now(), rate);
+                if avail == 0 && self.src.urgent_pending() {
+                    // Requested pages are not paced: `max-postcopy-bandwidth` caps the
+                    // background scan (the bucket goes negative and the scan waits longer).
+                    self.transmit(1);
+                    continue;
+                }
                 if avail == 0 {
                     let wait = self
                         .bucket
@@ -285,6 +295,7 @@ impl Driver {
         if let Socket::Tcp(t) = c.socket() {
             // Keep little bulk data queued in the kernel ahead of a requested page.
             rustix::net::sockopt::set_socket_send_buffer_size(t, SEND_BUFFER)?;
+            transport::set_notsent_lowat(t, NOTSENT_LOWAT)?;
         }
         self.conn += 1;
         self.shared.lock().cutter = Some(c.cutter());
@@ -303,20 +314,16 @@ impl Driver {
     fn transmit(&mut self, budget: usize) {
         self.out.clear();
         let ram = self.shared.guest.ram.clone();
+        let (pages0, zero0) = (self.src.pages_sent(), self.src.zero_pages_sent());
         let n = self.src.poll_transmit(&*ram, &mut self.out, budget);
         let c = &self.shared.recorder.counters;
-        for (b, p) in self.src.take_sent_pages() {
-            let mut page = [0u8; PAGE_SIZE];
-            let zero = ram.blocks()[b]
-                .read(p * PAGE_SIZE as u64, &mut page)
-                .is_ok()
-                && page.iter().all(|&x| x == 0);
-            if zero {
-                c.add_zero_page();
-            } else {
-                c.add_page();
-            }
-        }
+        // The machine knows which records were zero pages: no second read of guest memory.
+        let zero = self.src.zero_pages_sent() - zero0;
+        let data = self.src.pages_sent() - pages0 - zero;
+        c.zero_pages
+            .fetch_add(zero, std::sync::atomic::Ordering::Relaxed);
+        c.pages
+            .fetch_add(data, std::sync::atomic::Ordering::Relaxed);
         if n == 0 {
             return;
         }

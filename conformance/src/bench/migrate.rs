@@ -201,12 +201,19 @@ pub struct Recovery {
     pub src_resume_to_active: f64,
     /// From the same command to the destination's `postcopy-active` event, seconds.
     pub dst_resume_to_active: f64,
+    /// From the same command to the completion of a destination access of a missing page that
+    /// was blocked during the pause, seconds (qmig-dst's `x-qmig-probe-read`; `None` for a
+    /// destination without the probe, or when the access did not complete after the command).
+    pub blocked_access_wait: Option<f64>,
 }
 
 /// Postcopy throttled to 8 MiB/s so it is still running, `migrate-pause` on the source, both
 /// sides `postcopy-paused`, bandwidth unlimited, `migrate-recover` on the destination, then
-/// `migrate resume=true`; measures resume to `postcopy-active` and lets it complete.
-pub fn recovery(src: &mut Peer, dst: &mut Peer) -> Result<Recovery, String> {
+/// `migrate resume=true`; measures resume to `postcopy-active` and lets it complete. With
+/// `probe = Some(offset)` (a qmig destination), a destination access of guest-physical
+/// `offset` (a page still missing: the top of RAM, which the throttled scan has not reached) is
+/// started while both sides are paused, and its completion is timed from the resume command.
+pub fn recovery(src: &mut Peer, dst: &mut Peer, probe: Option<u64>) -> Result<Recovery, String> {
     prepare(src, dst, true)?;
     src.exec(
         "migrate-set-parameters",
@@ -220,19 +227,40 @@ pub fn recovery(src: &mut Peer, dst: &mut Peer) -> Result<Recovery, String> {
     src.exec("migrate-pause", Value::Null)?;
     wait(src, "src", "postcopy-paused")?;
     wait(dst, "dst", "postcopy-paused")?;
+    if let Some(offset) = probe {
+        dst.exec("x-qmig-probe-read", json!({ "offset": offset }))?;
+    }
     src.exec(
         "migrate-set-parameters",
         json!({"max-postcopy-bandwidth": 0}),
     )?;
     let uri = listen(dst, "migrate-recover")?;
     let t0 = Instant::now();
+    let t0_ns = qmig_host::stats::monotonic_ns();
     src.exec("migrate", json!({"uri": uri, "resume": true}))?;
     let s = wait(src, "src", "postcopy-active")?;
     let d = wait(dst, "dst", "postcopy-active")?;
     wait(src, "src", "completed")?;
     wait(dst, "dst", "completed")?;
+    let blocked_access_wait = match probe {
+        None => None,
+        Some(_) => {
+            let r = dst.exec("x-qmig-probe-result", Value::Null)?;
+            if r.get("monotonic-ns")
+                .and_then(Value::as_u64)
+                .map_or(true, |t| t < t0_ns)
+            {
+                eprintln!("bench: the probe access did not complete after the resume: {r}");
+            }
+            r.get("monotonic-ns")
+                .and_then(Value::as_u64)
+                .filter(|&t| t >= t0_ns)
+                .map(|t| (t - t0_ns) as f64 / 1e9)
+        }
+    };
     Ok(Recovery {
         src_resume_to_active: s.saturating_duration_since(t0).as_secs_f64(),
         dst_resume_to_active: d.saturating_duration_since(t0).as_secs_f64(),
+        blocked_access_wait,
     })
 }

@@ -5,7 +5,8 @@
 //! bytes, pages, zero pages, page requests, sync passes, faults, recoveries; atomics) and
 //! [`RateMeter`] (throughput over a sliding window from samples of a cumulative counter), and
 //! [`MigrationRecorder`], which holds one of each for a migration and builds the
-//! `query-migrate` reply ([`MigrationInfo`]) from them.
+//! `query-migrate` reply ([`MigrationInfo`]) from them; and [`monotonic_ns`], a timestamp two
+//! processes on the host can compare.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -13,6 +14,23 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::qmp_types::{LatencySummary, MigrationInfo, MigrationStats, MigrationStatus, QmigInfo};
+
+/// `CLOCK_MONOTONIC` now, in nanoseconds: the clock behind `std::time::Instant`, shared by every
+/// process on the host, so a benchmark can compare a peer's reported instant with its own.
+pub fn monotonic_ns() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid clock id and a pointer to a live timespec.
+    let r = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    if r != 0 {
+        return 0;
+    }
+    (t.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(t.tv_nsec as u64)
+}
 
 /// Sub-buckets per power of two: bucket width is at most 1/`SUB` of its values.
 const SUB_BITS: u32 = 7;

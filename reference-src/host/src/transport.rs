@@ -2,7 +2,7 @@
 //!
 //! This module owns listening, accepting and connecting for a [`MigrationUri`], the socket
 //! options every migration channel gets (`TCP_NODELAY`; silent-drop detection through TCP
-//! keepalive and `TCP_USER_TIMEOUT`), splitting a connection into a reader and a writer that
+//! keepalive and `TCP_USER_TIMEOUT`), [`set_notsent_lowat`] for a bounded send queue, splitting a connection into a reader and a writer that
 //! different threads own, and [`Cutter`]: a cloneable handle that shuts a live connection down
 //! from any thread (what `migrate-pause` does, and how tests inject a network failure), and
 //! [`ListenStopper`], which ends a blocked accept from any thread.
@@ -105,6 +105,30 @@ pub fn configure_tcp(stream: &TcpStream, cfg: &TransportConfig) -> io::Result<()
         sockopt::set_tcp_user_timeout(stream, d.user_timeout_ms)?;
     }
     Ok(())
+}
+
+/// Sets `TCP_NOTSENT_LOWAT`: a write blocks (and `POLLOUT` waits) until fewer than `bytes`
+/// written bytes are still unsent. With a small value the kernel holds little bulk data ahead
+/// of the next write, so a page written on request is not queued behind megabytes of earlier
+/// background pages (the queue is then bounded by this and the peer's receive window).
+pub fn set_notsent_lowat(stream: &TcpStream, bytes: u32) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: a valid socket descriptor, a pointer to a live c_int and its exact size.
+    let r = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_NOTSENT_LOWAT,
+            (&v as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The socket under a [`Connection`].
