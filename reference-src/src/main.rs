@@ -13,6 +13,7 @@ pub mod devices;
 pub mod guest;
 pub mod migration;
 pub mod pacing;
+pub mod page_caps;
 pub mod qmp;
 pub mod state;
 

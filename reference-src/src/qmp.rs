@@ -24,10 +24,12 @@ use qmig_protocol::machine::DeviceState;
 use serde_json::{json, Value};
 
 use crate::migration::{self, Plan};
+use crate::page_caps::{check_cap, check_combination, PAGE_CAPS};
 use crate::state::{Msg, Shared};
 
-/// Capabilities `migrate-set-capabilities` accepts (others are refused, as QEMU refuses
-/// unknown names).
+/// Capabilities `migrate-set-capabilities` accepts besides the page encodings of
+/// [`crate::page_caps`] (`xbzrle`, `compress` with a 7.2 profile, `x-ignore-shared`); others,
+/// `multifd` among them, are refused, as QEMU refuses unknown names.
 const KNOWN_CAPS: &[&str] = &[
     "postcopy-ram",
     "return-path",
@@ -116,14 +118,25 @@ impl SourceQmp {
             return Err(err("There's a migration process in progress"));
         }
         for c in &a.capabilities {
-            if !KNOWN_CAPS.contains(&c.capability.as_str()) && c.state {
+            let name = c.capability.as_str();
+            if !KNOWN_CAPS.contains(&name) && !PAGE_CAPS.contains(&name) && c.state {
                 return Err(err(format!(
                     "capability '{}' is not supported by qmig-src",
                     c.capability
                 )));
             }
+            check_cap(&self.shared.profile, name, c.state).map_err(err)?;
         }
         let mut g = self.shared.lock();
+        let on = |name: &str| {
+            a.capabilities
+                .iter()
+                .rev()
+                .find(|c| c.capability == name)
+                .map(|c| c.state)
+                .unwrap_or_else(|| g.caps.get(name).copied().unwrap_or(false))
+        };
+        check_combination(&on).map_err(err)?;
         for c in a.capabilities {
             g.caps.insert(c.capability, c.state);
         }
@@ -134,6 +147,7 @@ impl SourceQmp {
         let g = self.shared.lock();
         let list: Vec<MigrationCapabilityStatus> = KNOWN_CAPS
             .iter()
+            .chain(PAGE_CAPS)
             .map(|c| MigrationCapabilityStatus {
                 capability: (*c).to_owned(),
                 state: g.caps.get(*c).copied().unwrap_or(false),
@@ -144,6 +158,9 @@ impl SourceQmp {
 
     fn set_params(&self, p: MigrationParameters) -> Result<Value, QmpError> {
         let s = &self.shared;
+        s.page_params
+            .set(&p, s.profile.target_page_size as u64)
+            .map_err(err)?;
         if let Some(b) = p.max_bandwidth {
             s.max_bandwidth.store(b, Ordering::Relaxed);
         }
@@ -168,7 +185,7 @@ impl SourceQmp {
 
     fn query_params(&self) -> Result<Value, QmpError> {
         let s = &self.shared;
-        to_return(&MigrationParameters {
+        let mut params = MigrationParameters {
             max_bandwidth: Some(Shared::get(&s.max_bandwidth)),
             max_postcopy_bandwidth: Some(Shared::get(&s.max_postcopy_bandwidth)),
             downtime_limit: Some(Shared::get(&s.downtime_limit)),
@@ -179,7 +196,9 @@ impl SourceQmp {
             .into_iter()
             .collect(),
             ..MigrationParameters::default()
-        })
+        };
+        s.page_params.query(&mut params, &s.profile);
+        to_return(&params)
     }
 
     fn query_migrate(&self) -> Result<Value, QmpError> {

@@ -107,6 +107,8 @@ pub struct Shared {
     pub downtime_bytes: AtomicU64,
     /// Main-channel bytes sent in postcopy.
     pub postcopy_bytes: AtomicU64,
+    /// `xbzrle-cache-size`, `compress-level`, `compress-threads`.
+    pub page_params: crate::page_caps::PageParams,
 }
 
 impl Shared {
@@ -133,6 +135,7 @@ impl Shared {
             precopy_bytes: AtomicU64::new(0),
             downtime_bytes: AtomicU64::new(0),
             postcopy_bytes: AtomicU64::new(0),
+            page_params: crate::page_caps::PageParams::default(),
         }
     }
 

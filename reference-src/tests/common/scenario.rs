@@ -1,7 +1,9 @@
 //! The live scenarios shared by the QEMU and qmig-dst destination tests: precopy (static or
 //! dirtying guest), postcopy, postcopy with a cut by the recording proxy, postcopy with
 //! `migrate-pause`; each recovered one resumes to a new port. Every scenario ends with the
-//! destination's RAM byte-identical to qmig-src's RAM at switchover.
+//! destination's RAM byte-identical to qmig-src's RAM at switchover. Extra capabilities
+//! (`xbzrle`, `compress`, `x-ignore-shared`) go to both sides; the returned `query-migrate`
+//! answer carries `x-test-records`: the RAM record kinds counted on the first main connection.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -11,7 +13,41 @@ use qmig_conformance::qemu::{Proxy, Qemu};
 use qmig_host::qmp_client::QmpClient;
 use serde_json::{json, Value};
 
+use qmig_protocol::codes::RamFlags;
+use qmig_protocol::limits::Limits;
+use qmig_protocol::profile::Profile;
+use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+
 use super::{first_diff_page, qemu_listen, workspace, Scratch, Src, PHASE};
+
+/// Counts the page records of a main stream by kind (`page`, `zero`, `xbzrle`, `compressed`),
+/// decoding every whole item.
+pub fn record_kinds(stream: &[u8], profile: Profile) -> Value {
+    let mut d = StreamDecoder::new(Channel::Main, profile, Limits::DEFAULT);
+    let (mut pos, mut n) = (0, [0u64; 4]);
+    while let Ok((item, used)) = d.decode(&stream[pos..]) {
+        pos += used;
+        if let Item::Ram(r) = item {
+            for (i, f) in [
+                RamFlags::PAGE,
+                RamFlags::ZERO,
+                RamFlags::XBZRLE,
+                RamFlags::COMPRESS_PAGE,
+            ]
+            .iter()
+            .enumerate()
+            {
+                if r.flags.contains(*f) {
+                    n[i] += 1;
+                }
+            }
+        }
+        if pos == stream.len() {
+            break;
+        }
+    }
+    json!({"page": n[0], "zero": n[1], "xbzrle": n[2], "compressed": n[3], "decoded": pos})
+}
 
 /// Guest RAM of every scenario, MiB.
 pub const RAM_MB: u64 = 64;
@@ -47,6 +83,8 @@ pub struct Case {
     pub skip_pages: std::ops::Range<u64>,
     /// The destination runs the guest after the migration (QEMU started with `-S` does not).
     pub dst_runs: bool,
+    /// More capabilities, on both sides.
+    pub caps: &'static [&'static str],
 }
 
 impl Default for Case {
@@ -60,6 +98,7 @@ impl Default for Case {
             src_args: &[],
             skip_pages: 0..0,
             dst_runs: true,
+            caps: &[],
         }
     }
 }
@@ -243,6 +282,9 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
         caps.push(json!({"capability": "postcopy-ram", "state": true}));
     }
     caps.push(json!({"capability": "events", "state": true}));
+    for c in case.caps {
+        caps.push(json!({"capability": c, "state": true}));
+    }
     dst.cmd(
         "migrate-set-capabilities",
         json!({ "capabilities": caps.clone() }),
@@ -306,7 +348,13 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
     }
     src.wait("completed");
     dst.wait("completed");
-    let info = src.cmd("query-migrate", Value::Null);
+    let mut info = src.cmd("query-migrate", Value::Null);
+    let profile = if case.profile == "7.2" {
+        Profile::QEMU_7_2
+    } else {
+        Profile::QEMU_10
+    };
+    info["x-test-records"] = record_kinds(&proxy.recordings()[0].s2d.bytes, profile);
     let mut src_ram = src.dump(RAM_MB << 20);
     let mut dst_ram = dst.dump(RAM_MB << 20);
     for p in case.skip_pages.clone() {
