@@ -38,7 +38,7 @@ fn xbzrle_resent_pages_go_as_deltas() {
     let Some(info) = go(
         &["xbzrle"],
         Some("random,threads=1,rate=1000,working-set=1M"),
-        json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 20, "xbzrle-cache-size": 8u64 << 20}),
+        json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 5, "xbzrle-cache-size": 8u64 << 20}),
     ) else {
         return;
     };

@@ -28,7 +28,7 @@ fn xbzrle_resent_pages_go_as_deltas() {
     let info = go(
         &["xbzrle"],
         Some("random,threads=1,rate=1000,working-set=1M"),
-        json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 20, "xbzrle-cache-size": 8u64 << 20}),
+        json!({"max-bandwidth": 32u64 << 20, "downtime-limit": 5, "xbzrle-cache-size": 8u64 << 20}),
     );
     let k = &info["x-test-records"];
     assert!(k["xbzrle"].as_u64().unwrap() >= 1, "{info}");
