@@ -75,6 +75,11 @@ fn run(args: Args) -> Result<(), String> {
         guest::Guest::new(ram, args.workload.clone(), args.seed).map_err(|e| e.to_string())?,
     );
     let events = EventSink::new();
+    // The page-encoding capabilities on from the command line pass QMP's checks too.
+    for c in &args.capabilities {
+        page_caps::check_cap(&args.profile, c, true)?;
+    }
+    page_caps::check_combination(&|c| args.capabilities.iter().any(|x| x == c))?;
     let shared = Arc::new(state::Shared::new(
         args.profile,
         guest,

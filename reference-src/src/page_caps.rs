@@ -57,7 +57,7 @@ impl Default for PageParams {
 pub fn check_cap(profile: &Profile, name: &str, on: bool) -> Result<(), String> {
     if on && name == "compress" && profile.version != Version::V7_2 {
         return Err(
-            "capability 'compress' was removed after QEMU 8.2; qmig-src offers it only with a 7.2 profile"
+            "capability 'compress' was removed in QEMU 9.1; qmig-src offers it only with a 7.2 profile"
                 .into(),
         );
     }

@@ -89,3 +89,34 @@ fn compress_with_profile_72_and_its_parameters() {
     assert_eq!(p["compress-level"], 6, "{p}");
     assert_eq!(p["compress-threads"], 2, "{p}");
 }
+
+#[test]
+fn command_line_capabilities_get_the_same_checks() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qmig-src"))
+        .args([
+            "--ram",
+            "1M",
+            "--profile",
+            "10",
+            "--capabilities",
+            "compress",
+        ])
+        .args(["--qmp", "unix:/nonexistent/qmp.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(e.contains("'compress' was removed"), "{e}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_qmig-src"))
+        .args(["--ram", "1M", "--profile", "7.2"])
+        .args(["--capabilities", "compress,postcopy-ram"])
+        .args(["--qmp", "unix:/nonexistent/qmp.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        e.contains("not currently compatible with compression"),
+        "{e}"
+    );
+}
