@@ -53,8 +53,14 @@ fn truncated_desc(offset: u64, left: u64) -> String {
     }
 }
 
-/// Bytes read from the socket per `read`.
-const CHUNK: usize = 256 << 10;
+/// Bytes read from the socket per `read`: small enough that a guest fault waits for at most
+/// one chunk's placement before it becomes a page request (the loop polls the userfaultfd
+/// between chunks).
+const CHUNK: usize = 64 << 10;
+/// Kernel receive buffer of a TCP migration channel (the kernel doubles it). It bounds the
+/// bulk data queued ahead of a requested page: the source's send queue is bounded too
+/// (`TCP_NOTSENT_LOWAT`), so an urgent page waits behind at most these two queues.
+const RECV_BUFFER: usize = 64 << 10;
 /// Most unconsumed bytes kept: beyond every item the decoder accepts under its limits.
 const MAX_BUFFERED: usize = 64 << 20;
 /// Bound on one return-path write.
@@ -98,6 +104,8 @@ struct Loop {
     consumed: u64,
     /// Where the current channel ended inside an item (STREAM-TRUNCATED), for the error-desc.
     truncated: Option<String>,
+    /// Multifd connections (crate::multifd).
+    mfd: crate::multifd::Channels,
 }
 
 fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
@@ -109,17 +117,32 @@ fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
 
 /// Accepts one connection on `l` in a thread of its own and hands it to the migration thread
 /// ([`Ctl::Accepted`]); a [`ListenStopper`] ends the wait (cancel, a new `migrate-recover`).
+/// With multifd, the main channel and `multifd-channels` more, each once its first bytes are
+/// there (so the migration thread can tell them apart without waiting).
 fn spawn_acceptor(l: Listener, sh: &Shared) -> Option<ListenStopper> {
     let stopper = l.stopper();
     let ctl = sh.ctl.clone();
+    let extra = crate::multifd::channels(sh).map_or(0, usize::from);
     let r = std::thread::Builder::new()
         .name("accept".into())
-        .spawn(move || match l.accept() {
-            Ok(c) => {
-                ctl.send(Ctl::Accepted(c));
+        .spawn(move || {
+            for k in 0..=extra {
+                match l.accept() {
+                    Ok(c) => {
+                        if extra > 0 {
+                            let _ = c.socket().set_read_timeout(Some(WRITE_TIMEOUT));
+                            let _ = crate::multifd::peek_is_multifd(&c);
+                            let _ = c.socket().set_read_timeout(None);
+                        }
+                        ctl.send(Ctl::Accepted(c));
+                    }
+                    Err(e) if e.kind() == ErrorKind::ConnectionAborted => return,
+                    Err(e) => {
+                        tracing::warn!("accept {k} failed: {e}");
+                        return;
+                    }
+                }
             }
-            Err(e) if e.kind() == ErrorKind::ConnectionAborted => {}
-            Err(e) => tracing::warn!("accept failed: {e}"),
         });
     match r {
         Ok(_) => Some(stopper),
@@ -150,6 +173,7 @@ pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventS
         finished: false,
         consumed: 0,
         truncated: None,
+        mfd: Default::default(),
     };
     l.run();
 }
@@ -161,16 +185,27 @@ impl Loop {
 
     fn run(&mut self) {
         loop {
-            let (wake, fault, readable) = {
+            let (wake, fault, readable, mfd_ready) = {
                 let waker = self.waker.clone();
                 let mut fds = vec![
                     PollFd::new(&*waker, PollFlags::IN),
                     PollFd::new(&self.cfg.faults, PollFlags::IN),
                 ];
-                let ci = self.conn.as_ref().map(|c| {
+                // A main channel held back by multifd is not read further until it may go on.
+                let main_waits = self.pos < self.buf.len()
+                    && self
+                        .machine
+                        .as_ref()
+                        .is_some_and(Destination::main_waits_for_multifd);
+                let ci = self.conn.as_ref().filter(|_| !main_waits).map(|c| {
                     fds.push(PollFd::from_borrowed_fd(sock_fd(c), PollFlags::IN));
                     fds.len() - 1
                 });
+                let mfd_fds = self.mfd.readable_fds(self.machine.as_ref());
+                let first_mfd = fds.len();
+                for (_, fd) in &mfd_fds {
+                    fds.push(PollFd::from_borrowed_fd(*fd, PollFlags::IN));
+                }
                 match poll(&mut fds, -1) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => continue,
@@ -180,7 +215,13 @@ impl Loop {
                     }
                 }
                 let ready = |i: Option<usize>| i.is_some_and(|i| !fds[i].revents().is_empty());
-                (ready(Some(0)), ready(Some(1)), ready(ci))
+                let mfd_ready: Vec<usize> = mfd_fds
+                    .iter()
+                    .enumerate()
+                    .filter(|(k, _)| ready(Some(first_mfd + k)))
+                    .map(|(_, (i, _))| *i)
+                    .collect();
+                (ready(Some(0)), ready(Some(1)), ready(ci), mfd_ready)
             };
             if wake {
                 self.waker.drain();
@@ -192,9 +233,14 @@ impl Loop {
             }
             if fault {
                 self.faults();
+                // The page requests go out now, before the next chunk of bulk data is placed.
+                self.settle();
             }
             if readable {
                 self.read();
+            }
+            if !mfd_ready.is_empty() {
+                self.mfd_read(&mfd_ready);
             }
             self.settle();
         }
@@ -311,13 +357,28 @@ impl Loop {
             .collect();
         let mut dc = DestinationConfig::new(self.cfg.profile, &self.cfg.machine, blocks, postcopy);
         dc.vmdesc = self.cfg.vmdesc.clone();
+        dc.multifd = crate::multifd::channels(&self.sh)
+            .map(|n| qmig_protocol::machine::MultifdConfig::new(&self.cfg.profile, n));
         Destination::new(dc).map_err(|e| format!("bad configuration: {e:?}"))
     }
 
     fn accept(&mut self, conn: Connection) {
+        if self.conn.is_some()
+            && crate::multifd::channels(&self.sh).is_some()
+            && crate::multifd::peek_is_multifd(&conn)
+        {
+            let i = self.mfd.add(conn);
+            tracing::info!("multifd connection {i}");
+            return;
+        }
         self.listening = None;
         tracing::info!("channel from {}", conn.socket().peer());
         let _ = conn.socket().set_write_timeout(Some(WRITE_TIMEOUT));
+        if let Socket::Tcp(t) = conn.socket() {
+            if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(t, RECV_BUFFER) {
+                tracing::warn!("SO_RCVBUF: {e}");
+            }
+        }
         if self.machine.is_none() {
             match self.new_machine() {
                 Ok(m) => {
@@ -378,6 +439,45 @@ impl Loop {
         self.feed();
     }
 
+    /// Feeds the main channel; with multifd, then lets both sides go on in turn.
+    fn feed(&mut self) {
+        self.feed_main();
+        if self.machine.as_ref().is_some_and(|m| m.config().multifd.is_some()) {
+            self.mfd_pump();
+        }
+    }
+
+    /// Reads the ready multifd connections, then lets each side consume what the other
+    /// unblocked (crate::multifd).
+    fn mfd_read(&mut self, ready: &[usize]) {
+        let now = self.now();
+        let Some(m) = self.machine.as_mut() else {
+            return;
+        };
+        for &i in ready {
+            let _ = self.mfd.read(i, m, &self.sh, now);
+        }
+        self.mfd_pump();
+    }
+
+    /// Main channel and multifd connections in turn until neither consumes more.
+    fn mfd_pump(&mut self) {
+        loop {
+            let before = self.consumed;
+            if self.pos < self.buf.len() {
+                self.feed_main();
+            }
+            let now = self.now();
+            let Some(m) = self.machine.as_mut() else {
+                return;
+            };
+            let fed = self.mfd.feed_all(m, &self.sh, now);
+            if !fed && self.consumed == before {
+                return;
+            }
+        }
+    }
+
     fn close_channel(&mut self) {
         self.conn = None;
         let now = self.now();
@@ -386,7 +486,7 @@ impl Loop {
         }
     }
 
-    fn feed(&mut self) {
+    fn feed_main(&mut self) {
         let now = self.now();
         let Some(m) = self.machine.as_mut() else {
             return;
@@ -496,6 +596,7 @@ impl Loop {
                     MigrationStatus::Completed => self.complete(),
                     MigrationStatus::Failed | MigrationStatus::Cancelled => {
                         self.conn = None;
+                        self.mfd.clear();
                         self.release();
                     }
                     MigrationStatus::PostcopyPaused => self.conn = None,

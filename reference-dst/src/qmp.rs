@@ -6,13 +6,14 @@
 //! `migrate_cancel`, `migrate-set-capabilities` / `-parameters` and their queries,
 //! `query-migrate` (status, RAM figures, `error-desc`, `socket-address`, `x-qmig` with the
 //! fault latency histogram), `query-status`, `pmemsave` (guest-physical 0 is the first RAM
-//! block), `x-qmig-ramsave` (one whole block by name) and `x-qmig-dump-devices`. `qmp_capabilities`, `query-version` and `quit` are the
+//! block), `x-qmig-ramsave` (one whole block by name), `x-qmig-dump-devices`, and
+//! `x-qmig-probe-read` / `x-qmig-probe-result` (one timed guest access, for benchmarks). `qmp_capabilities`, `query-version` and `quit` are the
 //! server's own. Handlers never wait on guest memory except `pmemsave`, which reads pages and
 //! so may wait for a missing page in postcopy; other clients are served meanwhile.
 
 use std::fs::File;
 use std::io::Write;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use qmig_host::qmp_server::QmpHandler;
@@ -50,6 +51,9 @@ const KNOWN_CAPS: &[&str] = &[
 /// qmig-dst's QMP command set.
 pub struct Handler {
     sh: Arc<Shared>,
+    /// The last `x-qmig-probe-read`: `None` before any, `Some(None)` while it waits,
+    /// `Some(Some(t))` once done at `CLOCK_MONOTONIC` nanoseconds `t`.
+    probe: Arc<Mutex<Option<Option<u64>>>>,
 }
 
 fn generic(e: impl std::fmt::Display) -> QmpError {
@@ -59,7 +63,10 @@ fn generic(e: impl std::fmt::Display) -> QmpError {
 impl Handler {
     /// A handler over the shared state.
     pub fn new(sh: Arc<Shared>) -> Self {
-        Handler { sh }
+        Handler {
+            sh,
+            probe: Arc::new(Mutex::new(None)),
+        }
     }
 
     fn listen(&self, uri: &str) -> Result<transport::Listener, QmpError> {
@@ -98,9 +105,6 @@ impl Handler {
             return Err(generic("There's a migration process in progress"));
         }
         for c in &a.capabilities {
-            if c.capability == "multifd" && c.state {
-                return Err(generic("qmig-dst does not support multifd"));
-            }
             if !KNOWN_CAPS.contains(&c.capability.as_str()) && c.capability != "multifd" {
                 return Err(generic(format!("Capability '{}' not found", c.capability)));
             }
@@ -180,6 +184,45 @@ impl Handler {
         Ok(json!({}))
     }
 
+    /// `x-qmig-probe-read {offset}`: a guest access in a thread of its own: reads 8 bytes at
+    /// guest-physical `offset` (the first RAM block) and records when the read returned. On a
+    /// postcopy destination a missing page blocks it until placed, through a pause and a
+    /// recovery if need be. Returns at once; `x-qmig-probe-result` reports the completion.
+    fn probe_read(&self, args: &Value) -> Result<Value, QmpError> {
+        let offset = args
+            .get("offset")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| generic("x-qmig-probe-read needs 'offset'"))?;
+        let ram = self.sh.ram.clone();
+        let len = ram.blocks().first().map_or(0, |b| b.len());
+        if offset.checked_add(8).map_or(true, |end| end > len) {
+            return Err(generic("offset outside the first RAM block"));
+        }
+        let slot = self.probe.clone();
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(None);
+        std::thread::Builder::new()
+            .name("probe-read".into())
+            .spawn(move || {
+                let mut b = [0u8; 8];
+                let _ = ram.blocks()[0].read(offset, &mut b);
+                // The bytes are unused: keep the compiler from dropping the load.
+                std::hint::black_box(&b);
+                let t = qmig_host::stats::monotonic_ns();
+                *slot.lock().unwrap_or_else(|e| e.into_inner()) = Some(Some(t));
+            })
+            .map_err(generic)?;
+        Ok(json!({}))
+    }
+
+    /// `x-qmig-probe-result`: `{"started", "done", "monotonic-ns"}` of the last probe read.
+    fn probe_result(&self) -> Value {
+        match *self.probe.lock().unwrap_or_else(|e| e.into_inner()) {
+            None => json!({"started": false, "done": false}),
+            Some(None) => json!({"started": true, "done": false}),
+            Some(Some(t)) => json!({"started": true, "done": true, "monotonic-ns": t}),
+        }
+    }
+
     fn query_status(&self) -> Value {
         let v = self.sh.view();
         let (status, running) = if v.guest_running {
@@ -239,6 +282,8 @@ impl QmpHandler for Handler {
             "query-status" => Ok(self.query_status()),
             "pmemsave" => self.pmemsave(args),
             "x-qmig-ramsave" => self.ramsave(args),
+            "x-qmig-probe-read" => self.probe_read(args),
+            "x-qmig-probe-result" => Ok(self.probe_result()),
             "x-qmig-dump-devices" => self.sh.ctl.request(Ctl::DumpDevices).map_err(generic),
             "stop" | "cont" => Ok(json!({})),
             _ => Err(QmpError::command_not_found(cmd)),
