@@ -362,3 +362,47 @@ fn pages_after_completion_are_rejected() {
         assert!(mem.blocks == before, "{}: memory unchanged", v.id());
     }
 }
+
+/// A connection that ends mid-packet fails the migration (STREAM-TRUNCATED at the packet's
+/// offset); one that ends on a packet boundary before delivering a SYNC the main channel waits
+/// for fails it with MFD-SYNC.
+#[test]
+fn closed_connections_fail_the_migration_when_needed() {
+    for v in multifd_vectors() {
+        let stream = v.read("stream.bin");
+        let blocks = blocks_of(&v, &stream);
+        let conns = conns_of(&v);
+        let p = first_data_packet(&conns[0]);
+        // invalid: STREAM-TRUNCATED, a multifd connection cut inside a packet.
+        let mut dst = destination(&v, &blocks, conns.len() as u8);
+        let mut mem = Mem::new(&blocks, TPS as usize);
+        let mut inputs = vec![stream.clone()];
+        inputs.extend(conns.iter().cloned());
+        inputs[1].truncate(p + 100);
+        let left = drive(&mut dst, &mut mem, &inputs, 65536, &mut |s| s);
+        assert_eq!(left[1], 100, "{}", v.id());
+        let e = dst.handle_multifd_closed(Instant(99), 0, left[1]).unwrap();
+        assert_eq!((e.rule, e.offset), (Rule::StreamTruncated, p as u64));
+        assert_eq!(dst.status(), S::Failed);
+        // invalid: MFD-SYNC, a connection closed after its init packet only.
+        let mut dst = destination(&v, &blocks, conns.len() as u8);
+        inputs[1].truncate(64);
+        let left = drive(&mut dst, &mut mem, &inputs, 65536, &mut |s| s);
+        assert_eq!(left[1], 0);
+        assert_ne!(dst.status(), S::Failed);
+        let e = dst.handle_multifd_closed(Instant(99), 0, 0).unwrap();
+        assert_eq!((e.rule, e.offset, e.value), (Rule::MfdSync, 64, 0));
+        assert_eq!(dst.status(), S::Failed);
+        // valid: MFD-SYNC, connections closed once the migration completed.
+        let mut dst = destination(&v, &blocks, conns.len() as u8);
+        let mut mem = Mem::new(&blocks, TPS as usize);
+        let mut inputs = vec![stream.clone()];
+        inputs.extend(conns.iter().cloned());
+        drive(&mut dst, &mut mem, &inputs, 65536, &mut |s| s);
+        assert_eq!(dst.status(), S::Completed, "{}", v.id());
+        for i in 0..conns.len() {
+            assert_eq!(dst.handle_multifd_closed(Instant(60), i, 0), None);
+        }
+        assert_eq!(dst.status(), S::Completed);
+    }
+}

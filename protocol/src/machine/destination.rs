@@ -618,7 +618,9 @@ impl Destination {
                     if let Err(stop) = self.on_item(item, at, mem, &mut asm) {
                         break Err(stop);
                     }
-                    self.mfd_after_item(&item);
+                    if let Err(stop) = self.mfd_after_item(&item) {
+                        break Err(stop);
+                    }
                     if !asm.is_partial() {
                         mark = None;
                     } else if mark.is_none() {

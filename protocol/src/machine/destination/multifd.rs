@@ -69,6 +69,8 @@ struct Conn {
     id: Option<u8>,
     /// SYNC packets consumed.
     syncs: u64,
+    /// The connection ended.
+    closed: bool,
 }
 
 /// The destination's multifd state.
@@ -91,6 +93,7 @@ impl MultifdState {
                 decoder: MultifdDecoder::new(profile, limits),
                 id: None,
                 syncs: 0,
+                closed: false,
             })
             .collect();
         MultifdState {
@@ -146,6 +149,54 @@ impl Destination {
             .as_ref()
             .and_then(|m| m.conns.get(conn).map(|c| c.syncs > m.passed))
             .unwrap_or(false)
+    }
+
+    /// Multifd connection `conn` ended with `unconsumed` bytes not taken by
+    /// [`Destination::handle_multifd`]. Mid-item (`unconsumed > 0`) the migration fails
+    /// (STREAM-TRUNCATED at the item's offset); on an item boundary it fails only if the main
+    /// channel needs more from it: it is waiting for its init packet or its SYNC packet
+    /// (MFD-SYNC), now or when it reaches its next sync point. Returns the violation if it failed.
+    pub fn handle_multifd_closed(
+        &mut self,
+        now: Instant,
+        conn: usize,
+        unconsumed: usize,
+    ) -> Option<Violation> {
+        let _ = now;
+        if self.status.is_final() {
+            return None;
+        }
+        let m = self.mfd.as_mut()?;
+        let c = m.conns.get_mut(conn)?;
+        c.closed = true;
+        let at = c.decoder.offset();
+        let v = if unconsumed > 0 {
+            Some(Violation::new(at, Rule::StreamTruncated, unconsumed as u64))
+        } else {
+            self.mfd_starved()
+        };
+        if let Some(v) = v {
+            self.fail_multifd(v);
+        }
+        v
+    }
+
+    /// A violation if the main channel waits for a connection that has ended.
+    fn mfd_starved(&self) -> Option<Violation> {
+        let m = self.mfd.as_ref()?;
+        let c = m.conns.iter().find(|c| {
+            c.closed && (c.id.is_none() || (m.passed < m.arrived && c.syncs < m.arrived))
+        })?;
+        Some(Violation::new(c.decoder.offset(), Rule::MfdSync, c.syncs))
+    }
+
+    fn fail_multifd(&mut self, v: Violation) {
+        self.events.push_back(Event::Error {
+            channel: ChannelKind::Main,
+            violation: v,
+        });
+        let rule = self.loss_rule();
+        self.interrupt(rule);
     }
 
     /// Multifd packets consumed so far, all connections.
@@ -311,13 +362,18 @@ impl Destination {
         self.main_waits_for_multifd()
     }
 
-    /// Main-channel hook, after `item` was acted on: records a sync point.
-    pub(super) fn mfd_after_item(&mut self, item: &Item<'_>) {
+    /// Main-channel hook, after `item` was acted on: records a sync point. A violation if a
+    /// channel that must deliver it has ended (the caller fails the migration).
+    pub(super) fn mfd_after_item(&mut self, item: &Item<'_>) -> Result<(), Stop> {
         if let Some(m) = self.mfd.as_mut() {
             if m.is_sync_point(item) {
                 m.arrived += 1;
                 m.try_pass();
             }
+        }
+        match self.mfd_starved() {
+            Some(v) => Err(Stop::Peer(v)),
+            None => Ok(()),
         }
     }
 
