@@ -19,6 +19,7 @@ mod control;
 mod devices;
 mod memory;
 mod migration;
+mod multifd;
 mod qmp;
 mod state;
 mod workload;

@@ -442,7 +442,11 @@ impl Loop {
     /// Feeds the main channel; with multifd, then lets both sides go on in turn.
     fn feed(&mut self) {
         self.feed_main();
-        if self.machine.as_ref().is_some_and(|m| m.config().multifd.is_some()) {
+        if self
+            .machine
+            .as_ref()
+            .is_some_and(|m| m.config().multifd.is_some())
+        {
             self.mfd_pump();
         }
     }

@@ -3,8 +3,10 @@
 //! Each vector's `stream.bin` is fed on a TCP connection (then EOF); for the recovery vectors
 //! `migrate-recover` is issued and `resume-stream.bin` fed on a new connection. The return path
 //! must follow the manifest's `return_path_rule`, and the destination's RAM (every block) must
-//! equal `final_ram`. Multifd vectors need multifd channels, which qmig-dst does not implement:
-//! for them the test checks that the capability is refused cleanly.
+//! equal `final_ram`. Multifd vectors: `multifd-channels` is set to the number of captured
+//! connections; the main channel connects first, then each `multifd-conn*.bin` on its own
+//! connection, all written concurrently (the destination holds each side back at the sync
+//! points until the other has caught up).
 
 mod common;
 
@@ -55,11 +57,8 @@ fn replay(rel: &str) {
     }
     let mut dst = Dst::spawn(&args);
     if caps.iter().any(|c| c == "multifd") {
-        let e = dst.qmp.execute(
-            "migrate-set-capabilities",
-            json!({"capabilities": [{"capability": "multifd", "state": true}]}),
-        );
-        assert!(e.is_err(), "multifd must be refused, got {e:?}");
+        replay_multifd(rel, &dir, &m, profile, &mut dst);
+        check_final_ram(rel, &m, &mut dst, ram);
         return;
     }
     let channels = m["replay"]["channels"]
@@ -97,6 +96,71 @@ fn replay(rel: &str) {
             );
         }
     }
+    check_final_ram(rel, &m, &mut dst, ram);
+}
+
+/// The multifd connections of a vector, in order.
+fn multifd_files(dir: &std::path::Path) -> Vec<Vec<u8>> {
+    (1..)
+        .map(|i| dir.join(format!("multifd-conn{i}.bin")))
+        .take_while(|p| p.exists())
+        .map(|p| std::fs::read(p).unwrap())
+        .collect()
+}
+
+fn replay_multifd(rel: &str, dir: &std::path::Path, m: &Value, profile: Profile, dst: &mut Dst) {
+    use std::io::{Read, Write};
+    use std::net::{Shutdown, TcpStream};
+    let conns = multifd_files(dir);
+    assert!(conns.len() >= 2, "{rel}: multifd connections");
+    dst.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"multifd-channels": conns.len()}),
+        )
+        .expect("multifd-channels");
+    let addr = dst.listen("migrate-incoming");
+    let stream = std::fs::read(dir.join("stream.bin")).unwrap();
+    // The main channel is connected (and so accepted) first.
+    let main = TcpStream::connect(addr).expect("connect main");
+    let mut r = main.try_clone().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = r.read_to_end(&mut out);
+        out
+    });
+    let mut writers = Vec::new();
+    let mut w = main.try_clone().unwrap();
+    writers.push(std::thread::spawn(move || {
+        let _ = w.write_all(&stream);
+        let _ = w.shutdown(Shutdown::Write);
+    }));
+    let mut keep = vec![main];
+    for data in conns {
+        let s = TcpStream::connect(addr).expect("connect multifd");
+        let mut w = s.try_clone().unwrap();
+        writers.push(std::thread::spawn(move || {
+            let _ = w.write_all(&data);
+            let _ = w.shutdown(Shutdown::Write);
+        }));
+        keep.push(s);
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    let rp = reader.join().unwrap();
+    let ch = &m["replay"]["channels"][0];
+    if let (Some(rule), Some(exp)) = (
+        ch["return_path_rule"].as_str(),
+        ch["expected_return_path"].as_str(),
+    ) {
+        let expected = std::fs::read(dir.join(exp)).unwrap();
+        check_rp(rule, &rp, &expected, profile, true, &format!("{rel} main"));
+    }
+    drop(keep);
+}
+
+fn check_final_ram(rel: &str, m: &Value, dst: &mut Dst, ram: u64) {
     dst.wait_status("completed");
     let info = dst.info();
     assert_eq!(info["status"], "completed", "{info}");
