@@ -339,3 +339,33 @@ fn postcopy_two_failures_in_a_row() {
     assert_eq!(info["x-qmig"]["recoveries"], 2, "{info}");
     assert!(p.requests() >= before);
 }
+
+/// QEMU 7.2 → qmig-dst with `multifd` on, 2, 3 and 4 channels: completed on both sides, RAM
+/// byte-identical (`pmemsave`).
+#[test]
+fn precopy_multifd_2_to_4_channels() {
+    for n in 2..=4u64 {
+        let Some(mut p) = start(300 + n, 400, false, None) else {
+            return;
+        };
+        let mf = json!({"capabilities": [{"capability": "multifd", "state": true}]});
+        p.src
+            .qmp("migrate-set-capabilities", mf.clone())
+            .expect("source multifd");
+        p.dst.cmd("migrate-set-capabilities", mf);
+        p.params(json!({"multifd-channels": n}));
+        p.dst
+            .cmd("migrate-set-parameters", json!({"multifd-channels": n}));
+        let addr = p.dst.listen("migrate-incoming");
+        p.migrate(addr, false);
+        p.finish();
+        let info = p.dst.info();
+        assert_eq!(info["status"], "completed", "{n} channels: {info}");
+        // Every channel was accepted as a multifd connection.
+        let log = p.dst.log();
+        assert!(
+            log.contains(&format!("multifd connection {}", n - 1)),
+            "{n} channels; log:\n{log}"
+        );
+    }
+}
