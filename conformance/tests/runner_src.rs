@@ -1,7 +1,7 @@
 //! The runner against the reference binaries: every captured vector against qmig-src (the
 //! runner plays the destination, `replay-src`), the deliberately broken sources (the suite can
-//! fail), and every vector against qmig-dst (`replay-dst`; the multifd ones are skipped with
-//! "target refuses multifd"); and every captured vector against a QEMU source of the version
+//! fail), and every vector against qmig-dst (`replay-dst`, the multifd captures included, their
+//! connections played alongside); and every captured vector against a QEMU source of the version
 //! it was captured with (RAM written through qtest, multifd connections played; skipped
 //! without QEMU).
 //!
@@ -175,28 +175,28 @@ fn broken_sources_fail_exactly_the_recovery_vectors() {
 }
 
 #[test]
-fn every_vector_passes_against_qmig_dst_but_multifd_which_it_refuses() {
+fn every_vector_passes_against_qmig_dst_multifd_included() {
     let r = run(&[], &["qmig"], "replay-dst[qmig]/*");
     // 35 captures and every synthetic main-channel vector.
     assert!(r.len() > 80, "{} cases", r.len());
     for c in &r {
         match &c.status {
-            Status::Pass(_) => assert!(!c.name.ends_with("/precopy-multifd"), "{}", c.name),
-            Status::Skip(m) => assert!(
-                c.name.ends_with("/precopy-multifd")
-                    && m.starts_with("target refuses multifd: ")
-                    && m.contains("does not support multifd"),
+            Status::Pass(m) => assert!(
+                !c.name.ends_with("/precopy-multifd")
+                    || m.contains("2 multifd connection(s) played alongside"),
                 "{}: {m}",
                 c.name
             ),
+            Status::Skip(m) => panic!("{}: skipped: {m}", c.name),
             Status::Fail(m) => panic!("{}: {m}", c.name),
         }
     }
-    let skipped = r
-        .iter()
-        .filter(|c| matches!(c.status, Status::Skip(_)))
-        .count();
-    assert_eq!(skipped, 2);
+    for name in ["qemu-7.2/precopy-multifd", "qemu-10.0/precopy-multifd"] {
+        assert!(matches!(
+            status(&r, &format!("replay-dst[qmig]/{name}")),
+            Status::Pass(m) if m.contains("final RAM")
+        ));
+    }
     assert!(matches!(
         status(&r, "replay-dst[qmig]/qemu-7.2/postcopy-recover"),
         Status::Pass(m) if m.contains("2 channel(s) replayed")
