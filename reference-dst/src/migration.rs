@@ -365,7 +365,7 @@ impl Loop {
     fn accept(&mut self, conn: Connection) {
         if self.conn.is_some()
             && crate::multifd::channels(&self.sh).is_some()
-            && crate::multifd::peek_is_multifd(&conn)
+            && crate::multifd::is_multifd_now(&conn)
         {
             let i = self.mfd.add(conn);
             tracing::info!("multifd connection {i}");

@@ -64,6 +64,15 @@ pub fn peek_is_multifd(c: &Connection) -> bool {
     }
 }
 
+/// Whether the connection's first four bytes, already received, are the multifd magic (one
+/// non-blocking peek: the migration thread never waits on a connection here).
+pub fn is_multifd_now(c: &Connection) -> bool {
+    let mut b = [0u8; 4];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::DONTWAIT;
+    matches!(rustix::net::recv(sock_fd(c), &mut b, flags), Ok(4))
+        && u32::from_be_bytes(b) == MULTIFD_MAGIC
+}
+
 struct Chan {
     conn: Connection,
     buf: Vec<u8>,
