@@ -50,16 +50,17 @@ pub fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
 }
 
 /// Waits (up to the socket's read timeout) until the connection's first four bytes are there,
-/// without consuming them; true if they are the multifd magic.
+/// without consuming them; true if they are the multifd magic. One blocking `MSG_PEEK |
+/// MSG_WAITALL` receive: the kernel wakes it when all four bytes are queued (or at the timeout,
+/// end of stream or an error, all of which mean "not a multifd connection we can use yet").
 pub fn peek_is_multifd(c: &Connection) -> bool {
     let mut b = [0u8; 4];
+    let flags = rustix::net::RecvFlags::PEEK | rustix::net::RecvFlags::WAITALL;
     loop {
-        match rustix::net::recv(sock_fd(c), &mut b, rustix::net::RecvFlags::PEEK) {
+        match rustix::net::recv(sock_fd(c), &mut b, flags) {
             Ok(4) => return u32::from_be_bytes(b) == MULTIFD_MAGIC,
-            Ok(0) => return false,
-            Ok(_) => std::thread::sleep(std::time::Duration::from_millis(1)),
             Err(rustix::io::Errno::INTR) => {}
-            Err(_) => return false,
+            Ok(_) | Err(_) => return false,
         }
     }
 }
