@@ -556,6 +556,15 @@ impl Loop {
         for ev in errs.into_iter().chain(rest) {
             self.on_event(ev);
         }
+        // The guest runs from POSTCOPY_RUN on, as QEMU's vCPUs do (query-status leaves
+        // `inmigrate` there, not at LISTEN).
+        if self
+            .machine
+            .as_ref()
+            .is_some_and(Destination::postcopy_running)
+        {
+            self.start_guest();
+        }
         for d in self.sh.uffd.take_fault_latencies() {
             self.sh.recorder.fault_latency.record_duration(d);
         }
@@ -595,7 +604,6 @@ impl Loop {
                         if from == MigrationStatus::PostcopyRecover {
                             self.sh.recorder.counters.add_recovery();
                         }
-                        self.start_guest();
                     }
                     MigrationStatus::Completed => self.complete(),
                     MigrationStatus::Failed | MigrationStatus::Cancelled => {

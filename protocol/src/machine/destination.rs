@@ -268,6 +268,13 @@ impl Destination {
         self.status
     }
 
+    /// Whether POSTCOPY_RUN has been processed: from here on the guest runs on this side
+    /// (QEMU starts its vCPUs here, not at LISTEN, where the status already reads
+    /// `postcopy-active`). Stays true through pauses and recoveries.
+    pub fn postcopy_running(&self) -> bool {
+        self.pc == Pc::Running
+    }
+
     /// The configuration.
     pub fn config(&self) -> &DestinationConfig {
         &self.cfg
