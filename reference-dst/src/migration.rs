@@ -600,10 +600,8 @@ impl Loop {
                 self.sh.view().status = to;
                 self.events.migration(to);
                 match to {
-                    MigrationStatus::PostcopyActive => {
-                        if from == MigrationStatus::PostcopyRecover {
-                            self.sh.recorder.counters.add_recovery();
-                        }
+                    MigrationStatus::PostcopyActive if from == MigrationStatus::PostcopyRecover => {
+                        self.sh.recorder.counters.add_recovery();
                     }
                     MigrationStatus::Completed => self.complete(),
                     MigrationStatus::Failed | MigrationStatus::Cancelled => {
