@@ -34,6 +34,9 @@ use crate::section::{SectionHeader, SectionIdent};
 use crate::sink::Sink;
 use crate::stream::Item;
 
+mod multifd;
+pub use multifd::MultifdSourceConfig;
+
 /// Most page-request ranges queued at once; further requests wait for the background scan.
 pub const MAX_URGENT: usize = 4096;
 
@@ -81,6 +84,9 @@ pub struct SourceConfig {
     pub silence_timeout: Option<u64>,
     /// Page encodings: `xbzrle`, `compress`, `x-ignore-shared` (see [`PageCaps`]).
     pub page_caps: PageCaps,
+    /// Multifd connections (capability `multifd`; precopy only: ignored with `postcopy_ram`,
+    /// which QEMU refuses to combine with it), see [`Source::poll_transmit_multifd`].
+    pub multifd: Option<MultifdSourceConfig>,
 }
 
 impl SourceConfig {
@@ -104,6 +110,7 @@ impl SourceConfig {
             silence_timeout: None,
             vmdesc: None,
             page_caps: PageCaps::default(),
+            multifd: None,
         }
     }
 }
@@ -166,6 +173,10 @@ pub struct Source {
     hp_cont: Option<(usize, u64)>,
     /// Per-page body choice (XBZRLE cache, zlib).
     codec: PageCodec,
+    /// Multifd connections' output (precopy only).
+    mfd: Option<multifd::MultifdTx>,
+    /// [`multifd::MultifdTx::total`] when the current `poll_transmit` began.
+    mfd_mark: u64,
 }
 
 /// A sink that counts what passes through it.
@@ -219,6 +230,11 @@ impl Source {
             last_activity: Instant(0),
             hp_cont: None,
             codec: PageCodec::new(cfg.page_caps.clone(), tps as usize),
+            mfd: cfg
+                .multifd
+                .filter(|_| !cfg.postcopy_ram)
+                .map(|m| multifd::MultifdTx::new(m, &cfg.profile)),
+            mfd_mark: 0,
             cfg,
         }
     }
@@ -658,7 +674,8 @@ impl Source {
         budget: usize,
     ) -> usize {
         let mut o = Counted { inner: out, n: 0 };
-        while self.channel_open && o.n < budget {
+        self.mfd_mark = self.mfd_total();
+        while self.channel_open && o.n + self.mfd_spent() < budget {
             let before = o.n;
             match self.phase {
                 Phase::Setup => self.write_setup(&mut o),
@@ -777,7 +794,13 @@ impl Source {
         self.phase = Phase::Precopy;
     }
 
-    fn eos_footer(&self, o: &mut impl Sink) {
+    /// Multifd bytes queued since the current `poll_transmit` began.
+    fn mfd_spent(&self) -> usize {
+        (self.mfd_total() - self.mfd_mark) as usize
+    }
+
+    fn eos_footer(&mut self, o: &mut impl Sink) {
+        self.mfd_sync(o);
         RamRecord {
             flags: RamFlags::EOS,
             addr: 0,
@@ -903,11 +926,25 @@ impl Source {
             section_id: self.cfg.ram_section_id,
         }
         .encode(o);
-        for _ in 0..self.cfg.pages_per_section.max(1) {
+        let mfd = self.mfd_active();
+        let per_part = if mfd {
+            // One sync point per part: parts of many packets per connection.
+            let ppp = crate::multifd::pages_per_packet(&self.cfg.profile) as usize;
+            self.cfg
+                .pages_per_section
+                .max(ppp * self.multifd_channels() * 4)
+        } else {
+            self.cfg.pages_per_section
+        };
+        for _ in 0..per_part.max(1) {
             let urgent = !self.urgent.is_empty();
             let Some((b, p)) = self.next_page() else {
                 break;
             };
+            if mfd {
+                self.mfd_send_page(mem, b, p, o);
+                continue;
+            }
             self.send_page(mem, b, p, o);
             // The part that carries requested pages ends with the last of them (and its host
             // page), so the destination can place them without waiting for background pages.
@@ -960,7 +997,7 @@ impl Source {
         o: &mut Counted<'_, impl Sink>,
         budget: usize,
     ) {
-        while o.n < budget {
+        while o.n + self.mfd_spent() < budget {
             let Some((b, p)) = self.next_page() else {
                 self.eos_footer(o);
                 self.write_devices(o);
@@ -971,7 +1008,11 @@ impl Source {
                 self.finish_stream();
                 return;
             };
-            self.send_page(mem, b, p, o);
+            if self.mfd_active() {
+                self.mfd_send_page(mem, b, p, o);
+            } else {
+                self.send_page(mem, b, p, o);
+            }
         }
     }
 
