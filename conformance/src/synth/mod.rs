@@ -57,11 +57,15 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         if postcopy {
             caps["postcopy-ram"] = json!(true);
         }
-        let flags: Vec<&str> = if postcopy {
+        for cap in cases::extra_caps(&c) {
+            caps[*cap] = json!(true);
+        }
+        let mut flags: Vec<&str> = if postcopy {
             vec!["postcopy-ram", "return-path"]
         } else {
             vec!["return-path"]
         };
+        flags.extend(cases::extra_caps(&c));
         let (channel, checker, input) = match c.base {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
             _ => ("main", "destination", "stream.bin"),
