@@ -28,6 +28,7 @@ use qmig_host::qmp_types::MigrationStatus as QmpStatus;
 use qmig_host::transport::{self, ConnReader, ConnWriter, Socket, TransportConfig};
 use qmig_host::uri::MigrationUri;
 use qmig_protocol::limits::Limits;
+use qmig_protocol::machine::source::MultifdSourceConfig;
 use qmig_protocol::machine::{
     Control, DeviceState, Event, Instant as MInstant, MigrationStatus, RamBlockSpec, Source,
     SourceConfig,
@@ -84,6 +85,10 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
     cfg.vmdesc = Some(plan.vmdesc);
     cfg.silence_timeout = Some(Shared::get(&shared.rp_timeout).saturating_mul(1_000_000));
     cfg.page_caps = shared.page_params.caps(&|c| shared.cap(c));
+    if shared.cap("multifd") && !postcopy {
+        let n = Shared::get(&shared.multifd_channels).clamp(1, 255) as u8;
+        cfg.multifd = Some(MultifdSourceConfig::new(n));
+    }
     let src = Source::new(cfg);
     let (tx, rx) = mpsc::channel();
     {
@@ -103,6 +108,8 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
         rx,
         tx,
         writer: None,
+        mfd_writers: Vec::new(),
+        mfd_out: Vec::new(),
         conn: 0,
         rp_buf: Vec::new(),
         rp_count: RpDecoder::new(profile, Limits::DEFAULT),
@@ -128,6 +135,10 @@ struct Driver {
     rx: Receiver<Msg>,
     tx: Sender<Msg>,
     writer: Option<ConnWriter>,
+    /// The multifd connections, by channel id (opened after the main channel).
+    mfd_writers: Vec<ConnWriter>,
+    /// Scratch buffer for one multifd connection's bytes.
+    mfd_out: Vec<u8>,
     conn: u64,
     rp_buf: Vec<u8>,
     rp_count: RpDecoder,
@@ -262,6 +273,8 @@ impl Driver {
         if let Some(w) = self.writer.take() {
             w.cutter().cut();
         }
+        // Closed, not cut: what was written is delivered before the end of stream.
+        self.mfd_writers.clear();
         let mut g = self.shared.lock();
         g.tx = None;
         g.cutter = None;
@@ -308,7 +321,34 @@ impl Driver {
         self.rp_buf.clear();
         self.rp_count.reset();
         tracing::info!("main channel {conn} connected to {uri}");
+        // Multifd: the connections follow the main one (QEMU 7.2 takes the first connection as
+        // the main channel), all before the first byte is written (the destination starts
+        // loading once every channel is connected). Only the first migration opens them.
+        if self.conn == 1 {
+            for id in 0..self.src.multifd_channels() {
+                let c = transport::connect(uri, &TransportConfig::default())?;
+                let (_r, w) = c.split();
+                self.mfd_writers.push(w);
+                tracing::info!("multifd channel {id} connected to {uri}");
+            }
+        }
         Ok(())
+    }
+
+    /// Writes what the machine queued on each multifd connection; returns the byte count.
+    fn transmit_multifd(&mut self) -> Result<usize, String> {
+        let mut total = 0;
+        for (ch, w) in self.mfd_writers.iter_mut().enumerate() {
+            self.mfd_out.clear();
+            let n = self.src.poll_transmit_multifd(ch, &mut self.mfd_out);
+            if n == 0 {
+                continue;
+            }
+            w.write_all(&self.mfd_out)
+                .map_err(|e| format!("multifd channel {ch} write: {e}"))?;
+            total += n;
+        }
+        Ok(total)
     }
 
     fn transmit(&mut self, budget: usize) {
@@ -330,8 +370,14 @@ impl Driver {
         let Some(w) = self.writer.as_mut() else {
             return;
         };
-        match w.write_all(&self.out) {
-            Ok(()) => {
+        let written = w
+            .write_all(&self.out)
+            .map_err(|e| format!("main channel write: {e}"));
+        let written = written.and_then(|()| self.transmit_multifd());
+        let c = &self.shared.recorder.counters;
+        match written {
+            Ok(m) => {
+                let n = n + m;
                 self.bucket.consume(n);
                 c.add_bytes(n as u64);
                 // Feed the throughput window (`mbps`) as bytes go out, not only when queried.
@@ -349,7 +395,7 @@ impl Driver {
                 phase.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
                 self.iter_bytes += n as u64;
             }
-            Err(e) => self.lost(format!("main channel write: {e}")),
+            Err(e) => self.lost(e),
         }
         self.update_remaining();
     }

@@ -64,10 +64,17 @@ pub fn check_cap(profile: &Profile, name: &str, on: bool) -> Result<(), String> 
     Ok(())
 }
 
-/// Checks the capabilities that would be on together (QEMU refuses postcopy with compress).
+/// Checks the capabilities that would be on together (QEMU refuses postcopy with compress, and
+/// multifd with postcopy or compress).
 pub fn check_combination(on: &dyn Fn(&str) -> bool) -> Result<(), String> {
     if on("compress") && on("postcopy-ram") {
         return Err("Postcopy is not currently compatible with compression".into());
+    }
+    if on("multifd") && on("postcopy-ram") {
+        return Err("Postcopy is not yet compatible with multifd".into());
+    }
+    if on("multifd") && on("compress") {
+        return Err("Multifd is not compatible with compress".into());
     }
     Ok(())
 }

@@ -28,8 +28,9 @@ use crate::page_caps::{check_cap, check_combination, PAGE_CAPS};
 use crate::state::{Msg, Shared};
 
 /// Capabilities `migrate-set-capabilities` accepts besides the page encodings of
-/// [`crate::page_caps`] (`xbzrle`, `compress` with a 7.2 profile, `x-ignore-shared`); others,
-/// `multifd` among them, are refused, as QEMU refuses unknown names.
+/// [`crate::page_caps`] (`xbzrle`, `compress` with a 7.2 profile, `x-ignore-shared`); others
+/// are refused, as QEMU refuses unknown names. `multifd` is precopy only (not with
+/// `postcopy-ram`, as QEMU 7.2 and 10.0 refuse).
 const KNOWN_CAPS: &[&str] = &[
     "postcopy-ram",
     "return-path",
@@ -37,6 +38,7 @@ const KNOWN_CAPS: &[&str] = &[
     "pause-before-switchover",
     "postcopy-blocktime",
     "validate-uuid",
+    "multifd",
 ];
 
 /// The handler; see the module doc.
@@ -161,6 +163,16 @@ impl SourceQmp {
         s.page_params
             .set(&p, s.profile.target_page_size as u64)
             .map_err(err)?;
+        if let Some(n) = p.multifd_channels {
+            if !(1..=255).contains(&n) {
+                return Err(err(
+                    "Parameter 'multifd-channels' expects a value between 1 and 255",
+                ));
+            }
+        }
+        if let Some(n) = p.multifd_channels {
+            s.multifd_channels.store(n, Ordering::Relaxed);
+        }
         if let Some(b) = p.max_bandwidth {
             s.max_bandwidth.store(b, Ordering::Relaxed);
         }
@@ -189,6 +201,7 @@ impl SourceQmp {
             max_bandwidth: Some(Shared::get(&s.max_bandwidth)),
             max_postcopy_bandwidth: Some(Shared::get(&s.max_postcopy_bandwidth)),
             downtime_limit: Some(Shared::get(&s.downtime_limit)),
+            multifd_channels: Some(Shared::get(&s.multifd_channels)),
             other: [(
                 "x-return-path-timeout".to_owned(),
                 json!(Shared::get(&s.rp_timeout)),

@@ -73,6 +73,9 @@ pub struct Inner {
     pub mechanism: Option<&'static str>,
 }
 
+/// QEMU's default `multifd-channels`.
+pub const DEFAULT_MULTIFD_CHANNELS: u64 = 2;
+
 /// See the module doc.
 pub struct Shared {
     /// Mutable fields.
@@ -107,6 +110,8 @@ pub struct Shared {
     pub downtime_bytes: AtomicU64,
     /// Main-channel bytes sent in postcopy.
     pub postcopy_bytes: AtomicU64,
+    /// `multifd-channels` (with capability `multifd`), read when a migration starts.
+    pub multifd_channels: AtomicU64,
     /// `xbzrle-cache-size`, `compress-level`, `compress-threads`.
     pub page_params: crate::page_caps::PageParams,
 }
@@ -135,6 +140,7 @@ impl Shared {
             precopy_bytes: AtomicU64::new(0),
             downtime_bytes: AtomicU64::new(0),
             postcopy_bytes: AtomicU64::new(0),
+            multifd_channels: AtomicU64::new(DEFAULT_MULTIFD_CHANNELS),
             page_params: crate::page_caps::PageParams::default(),
         }
     }

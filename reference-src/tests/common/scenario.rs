@@ -293,6 +293,10 @@ pub fn run(case: Case, mut dst: Dest) -> Value {
     if case.params.as_object().is_some_and(|o| !o.is_empty()) {
         src.cmd("migrate-set-parameters", case.params.clone());
     }
+    if let Some(n) = case.params.get("multifd-channels") {
+        // Both sides must agree on the number of multifd connections.
+        dst.cmd("migrate-set-parameters", json!({ "multifd-channels": n }));
+    }
 
     let port = dst.listen("migrate-incoming");
     let proxy = Proxy::start(([127, 0, 0, 1], port).into()).unwrap();
