@@ -43,7 +43,11 @@ fn compress_is_refused_with_profile_10() {
     assert!(cap_on(&mut src, "xbzrle") && cap_on(&mut src, "x-ignore-shared"));
     src.cmd("migrate-set-capabilities", caps(&["multifd"]));
     assert!(cap_on(&mut src, "multifd"));
-    let e = err(&mut src, "migrate-set-capabilities", caps(&["postcopy-ram"]));
+    let e = err(
+        &mut src,
+        "migrate-set-capabilities",
+        caps(&["postcopy-ram"]),
+    );
     assert!(e.contains("not yet compatible with multifd"), "{e}");
     assert!(!cap_on(&mut src, "postcopy-ram"));
     let p = src.cmd("query-migrate-parameters", Value::Null);
