@@ -9,6 +9,7 @@ use qmig_protocol::header::{
     capabilities_from, encode_configuration, ConfigSubsection, SUB_CAPABILITIES,
     SUB_TARGET_PAGE_BITS,
 };
+use qmig_protocol::limits::Limits;
 use qmig_protocol::ram::{compress_bound, compress_page_encode};
 
 /// Which base channel a case patches.
@@ -163,6 +164,7 @@ pub const PRECOPY_EXERCISES: &[&str] = &[
     "SEC-FOOTER",
     "SEC-FOOTER-ID",
     "SEC-DELIMIT",
+    "SEC-DEVICE-LEN",
     "VMDESC-PLACE",
     "VMDESC-LEN",
     "EOF-TRAILING",
@@ -383,6 +385,12 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "SEC-DELIMIT", "7.2", Precopy, "the globalstate section without its footer (no `7E 00000004` anywhere after its payload)", |p| {
             p.remove("gs_footer"); Some(o(p, "gs_payload"))
         }),
+        case!(Invalid, "SEC-DEVICE-LEN", "7.2", Precopy, "a globalstate payload of 1 MiB + 1 bytes (cap 1 MiB): its footer lies past the cap", |p| {
+            let cap = Limits::DEFAULT.max_device_payload as u64;
+            p.set("gs_payload", vec![0; cap as usize + 1]);
+            // The footer scan looks for `7E <id>` in the first cap + 5 bytes only; none there.
+            Some(o(p, "gs_payload"))
+        }),
         // ---- RAM: MEM_SIZE, XBZRLE, COMPRESS_PAGE ----
         case!(Invalid, "RAM-MEMSIZE-COUNT", "7.2", Precopy, "MEM_SIZE listing 1025 one-page blocks (cap 1024)", |p| {
             let n = 1025u64;
@@ -468,12 +476,11 @@ pub fn all() -> Vec<Case> {
 
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
-    ("CMD-RECV-BITMAP-LEN", "valid: resume-stream.bin of the real recovery vectors (decode check, replay); invalid: synthetic"),
+    ("CMD-RECV-BITMAP-LEN", "invalid: synthetic invalid-cmd-recv-bitmap-len-precopy-72; valid: not generated — RECV_BITMAP is legal only in postcopy-recover, which a single synthetic main channel never reaches; checked on resume-stream.bin of the captured recovery vectors (decode check, replay)"),
     ("SM-FIRST-REQ-NAMED", "behaviour of a destination; protocol machine tests (the replay ignores page requests)"),
     ("SM-SHUT-LAST", "behaviour: valid synthetic and captured replays check SHUT(0) last; no invalid input exists"),
     ("SM-PONG", "behaviour: valid replays check every PONG; the broken-drop-pong self-test is the failing case"),
     ("SM-SWITCHOVER-START", "behaviour of a source: valid 10.x synthetic base; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("SEC-DEVICE-LEN", "needs a > 1 MiB device payload; not generated"),
     ("SEC-UNKNOWN-DEVICE", "needs a destination device table; not generated"),
     ("SEC-VERSION", "needs a destination device table; not generated"),
     ("VMDESC-JSON", "valid: every synthetic precopy base and real precopy vector carries a VM description; invalid: not generated — on the destination path neither StreamDecoder nor the Destination machine parses the JSON (QEMU ignores it too), only `qmig verify` and the protocol vmdesc tests (VmDesc::parse) judge it"),
