@@ -8,7 +8,8 @@
 //! * A synthetic vector: a main channel is fed to the protocol's [`Destination`] machine
 //!   configured from the manifest; a valid one completes with the expected return path and RAM,
 //!   an invalid one stops with `synthetic.expected` (rule and offset). A return path is decoded
-//!   with [`RpDecoder`] (and each received bitmap checked with [`BitmapView`]) under the same
+//!   with [`RpDecoder`] (and each received bitmap checked with [`BitmapView`]), a multifd
+//!   connection with [`MultifdDecoder`] to its end or first violation, under the same
 //!   expectation.
 
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use qmig_protocol::machine::{
     Destination, DestinationConfig, GuestMemory, Instant, MemoryError, MigrationStatus,
     RamBlockSpec,
 };
+use qmig_protocol::multifd::MultifdDecoder;
 use qmig_protocol::ram::RamBody;
 use qmig_protocol::rp::{RpDecoder, RpMessage};
 use qmig_protocol::stream::{Channel, Item, StreamDecoder};
@@ -471,6 +473,26 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 "valid: completed, return path and final RAM as expected ({} bytes)",
                 stream.len()
             ))
+        }
+        Some("multifd") => {
+            // One multifd connection, decoded item by item to its end or first violation.
+            let conn = v.read("multifd-conn0.bin").map_err(|e| e.to_string())?;
+            let mut d = MultifdDecoder::new(v.profile(), Limits::DEFAULT);
+            let (mut pos, mut n, mut got) = (0, 0, None);
+            while pos < conn.len() {
+                match d.decode(&conn[pos..]) {
+                    Ok((_, used)) => {
+                        pos += used;
+                        n += 1;
+                    }
+                    Err(WireError::Invalid(x)) => {
+                        got = Some(x);
+                        break;
+                    }
+                    Err(e) => return Err(format!("connection ends inside a packet: {e:?}")),
+                }
+            }
+            judge(s, got, &format!("{n} multifd items decoded"))
         }
         other => Err(format!("unknown synthetic checker {other:?}")),
     }

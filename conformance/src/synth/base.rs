@@ -1,5 +1,6 @@
-//! The three synthetic base channels every case starts from: a precopy main channel, a postcopy
-//! main channel (ADVISE, DISCARD, PACKAGED with LISTEN/RUN), and a return path; all for machine
+//! The synthetic base channels every case starts from: a precopy main channel, a postcopy
+//! main channel (ADVISE, DISCARD, PACKAGED with LISTEN/RUN), a return path and one multifd
+//! connection (decode checks only); all for machine
 //! `none` with one RAM block `ram` of [`RAM_BYTES`]. Commands and return-path messages are
 //! encoded with the protocol crate's encoders; sections and RAM records byte by byte (their
 //! fields are what the cases patch).
@@ -7,7 +8,7 @@
 use super::build::{be32, be64, cat, Parts};
 use crate::qemu::pattern::random_page;
 use qmig_protocol::bitmap::PageBitmap;
-use qmig_protocol::codes::{RamFlags, RECV_BITMAP_END_MARK};
+use qmig_protocol::codes::{RamFlags, MULTIFD_MAGIC, RECV_BITMAP_END_MARK};
 use qmig_protocol::command::{Advise, Command, Discard};
 use qmig_protocol::rp::RpMessage;
 
@@ -344,4 +345,58 @@ pub fn rp_channel() -> Parts {
 /// The end mark after a RECV_BITMAP body.
 pub fn end_mark() -> [u8; 8] {
     RECV_BITMAP_END_MARK.to_be_bytes()
+}
+
+/// A multifd RAM packet: the 320 fixed bytes (magic, version, `flags`, `pages_alloc`,
+/// `normal_pages`, `next_packet_size`, `packet_num`, zero pages 0, unused, block `ram`), the
+/// 128 offset slots (`offsets` first, the rest 0) and `data`.
+pub fn multifd_packet(
+    flags: u32,
+    alloc: u32,
+    offsets: &[u64],
+    packet_num: u64,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut block = [0u8; 256];
+    block[..3].copy_from_slice(b"ram");
+    let mut slots = vec![0u8; 128 * 8];
+    for (i, o) in offsets.iter().enumerate() {
+        slots[i * 8..i * 8 + 8].copy_from_slice(&be64(*o));
+    }
+    cat(&[
+        &be32(MULTIFD_MAGIC),
+        &be32(1),
+        &be32(flags),
+        &be32(alloc),
+        &be32(offsets.len() as u32),
+        &be32(data.len() as u32),
+        &be64(packet_num),
+        &[0u8; 32],
+        &block,
+        &slots,
+        data,
+    ])
+}
+
+/// One multifd connection (channel 0): the 64-byte init packet (magic, version 1, zero UUID,
+/// id 0), a RAM packet carrying page 4 filled with [`FILL4`] (128 pages allocated, 1 normal),
+/// then a SYNC packet with no pages.
+pub fn multifd_conn() -> Parts {
+    let mut p = Parts::default();
+    p.push(
+        "init",
+        cat(&[
+            &be32(MULTIFD_MAGIC),
+            &be32(1),
+            &[0u8; 16],
+            &[0u8; 8],
+            &[0u8; 32],
+        ]),
+    );
+    p.push(
+        "pages",
+        multifd_packet(0, 128, &[4 * TPS], 1, &vec![FILL4; TPS as usize]),
+    );
+    p.push("sync", multifd_packet(1, 0, &[], 2, &[]));
+    p
 }

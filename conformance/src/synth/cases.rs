@@ -21,6 +21,8 @@ pub enum Base {
     Postcopy,
     /// [`base::rp_channel`]: a return path judged by a source.
     ReturnPath,
+    /// [`base::multifd_conn`]: one multifd connection, judged by the multifd decoder only.
+    Multifd,
 }
 
 impl Base {
@@ -30,6 +32,7 @@ impl Base {
             Base::Precopy => "precopy",
             Base::Postcopy => "postcopy",
             Base::ReturnPath => "return-path",
+            Base::Multifd => "multifd",
         }
     }
 }
@@ -418,6 +421,13 @@ pub fn all() -> Vec<Case> {
             let n = compress_bound(TPS) as usize + 1;
             p.set("page4", compressed(4 * TPS, &vec![0; n])); Some(o(p, "page4") + 8)
         }),
+        // ---- multifd connection (decode only) ----
+        case!(Valid, "MFD-PAGES", "10", Multifd, "a multifd connection: init packet, one page in a 128-page packet, SYNC", |_| None, &["MFD-MAGIC", "MFD-VERSION"]),
+        case!(Valid, "MFD-PAGES", "7.2", Multifd, "a multifd connection in 7.2's layout: init packet, one page in a 128-page packet, SYNC", |_| None, &["MFD-MAGIC", "MFD-VERSION"]),
+        case!(Invalid, "MFD-MAGIC", "10", Multifd, "an init packet with magic 0x11223345", |p| { set_be32(p, "init", 0, 0x1122_3345); Some(o(p, "init")) }),
+        case!(Invalid, "MFD-VERSION", "10", Multifd, "a RAM packet with version 2", |p| { set_be32(p, "pages", 4, 2); Some(o(p, "pages") + 4) }),
+        case!(Invalid, "MFD-PAGES", "7.2", Multifd, "a RAM packet allocating 129 pages (128 per packet for 4 KiB pages)", |p| { set_be32(p, "pages", 12, 129); Some(o(p, "pages") + 12) }),
+        case!(Invalid, "MFD-PAGES", "10", Multifd, "a RAM packet with 1 normal and 128 zero pages of 128 allocated", |p| { set_be32(p, "pages", 32, 128); Some(o(p, "pages") + 32) }),
         // ---- return path ----
         case!(Invalid, "RP-TYPE", "7.2", ReturnPath, "SWITCHOVER_ACK (7) from a 7.2 destination", |p| {
             p.insert_before("shut", "ack", cat(&[&be16(7), &be16(0)])); Some(o(p, "ack"))
@@ -493,9 +503,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("DEV-SCHEMA", "protocol device decoder tests on real vectors"),
     ("DEV-SUBSECTION", "protocol device decoder tests on real vectors"),
     ("DEV-NESTING", "protocol device decoder tests"),
-    ("MFD-MAGIC", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
-    ("MFD-VERSION", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
-    ("MFD-PAGES", "real multifd vectors (valid, decode check); no invalid synthetic case yet"),
     ("MFD-CHANNEL", "valid: real multifd vectors replayed into qmig-dst and QEMU; invalid: protocol/tests/machine_multifd.rs and reference-dst/tests/multifd_hostile.rs (duplicate and out-of-range ids)"),
     ("MFD-FLAGS", "valid: real multifd vectors replayed; invalid: protocol/tests/machine_multifd.rs (compression bits, device-state packet)"),
     ("MFD-SYNC", "valid: real multifd vectors replayed (SYNC per EOS / MULTIFD_FLUSH); invalid: protocol/tests/machine_multifd.rs (missing SYNC, pages after completion, closed channel)"),

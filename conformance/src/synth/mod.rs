@@ -37,6 +37,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::Precopy => base::precopy(ten),
             Base::Postcopy => base::postcopy(ten),
             Base::ReturnPath => base::rp_channel(),
+            Base::Multifd => base::multifd_conn(),
         };
         let offset = (c.patch)(&mut parts);
         assert_eq!(
@@ -62,18 +63,25 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         }
         let mut flags: Vec<&str> = if postcopy {
             vec!["postcopy-ram", "return-path"]
+        } else if c.base == Base::Multifd {
+            vec!["multifd"]
         } else {
             vec!["return-path"]
         };
         flags.extend(cases::extra_caps(&c));
         let (channel, checker, input) = match c.base {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
+            Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
             _ => ("main", "destination", "stream.bin"),
         };
         files.insert(
             input.into(),
             json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes),
-                   "description": if channel == "main" { "the main channel, source to destination" } else { "the return path, destination to source" }}),
+            "description": match channel {
+                "main" => "the main channel, source to destination",
+                "multifd" => "multifd connection 0, source to destination",
+                _ => "the return path, destination to source",
+            }}),
         );
         out.insert(format!("{dir}{input}"), bytes.clone());
         let mut replay = json!(null);
