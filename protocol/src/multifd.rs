@@ -1,6 +1,7 @@
 //! Multifd connections: the 64-byte init packet and the page packets, in QEMU 7.2's and 10.x's
 //! layouts (decoded here; the destination machine applies them, see
-//! `machine::destination`'s multifd module; qmig-src does not send multifd).
+//! `machine::destination`'s multifd module, and the source machine produces them, see
+//! `machine::source`'s multifd module).
 //!
 //! This module owns the byte layout of a multifd connection as fixed-size big-endian structs
 //! (`zerocopy`), the checks `MFD-MAGIC`, `MFD-VERSION` and `MFD-PAGES`, and the framing of the
