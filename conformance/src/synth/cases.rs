@@ -417,6 +417,10 @@ pub fn all() -> Vec<Case> {
             let z = compress_page_encode(&[base::FILL4; TPS as usize], 1);
             p.set("page4", compressed(4 * TPS, &z)); None
         }, &["RAM-COMPRESS-LEN"]),
+        case!(Invalid, "RAM-COMPRESS-DECODE", "7.2", Precopy, "page 4 as a COMPRESS_PAGE whose zlib stream inflates to 100 bytes, not a page", |p| {
+            let z = compress_page_encode(&[base::FILL4; 100], 1);
+            p.set("page4", compressed(4 * TPS, &z)); Some(o(p, "page4") + 8 + 4)
+        }),
         case!(Invalid, "RAM-COMPRESS-LEN", "7.2", Precopy, "a COMPRESS_PAGE length one above compressBound(4096)", |p| {
             let n = compress_bound(TPS) as usize + 1;
             p.set("page4", compressed(4 * TPS, &vec![0; n])); Some(o(p, "page4") + 8)
@@ -494,7 +498,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SEC-UNKNOWN-DEVICE", "not generated: StreamDecoder checks it only after set_known_devices, and neither the synthetic decode path, the Destination machine nor qmig-dst declares a device table (an invalid case would be accepted by qmig-dst); protocol/src/stream/tests.rs known_devices_rules"),
     ("SEC-VERSION", "not generated: as SEC-UNKNOWN-DEVICE (needs a declared device table); protocol/src/stream/tests.rs known_devices_rules"),
     ("VMDESC-JSON", "valid: every synthetic precopy base and real precopy vector carries a VM description; invalid: not generated — on the destination path neither StreamDecoder nor the Destination machine parses the JSON (QEMU ignores it too), only `qmig verify` and the protocol vmdesc tests (VmDesc::parse) judge it"),
-    ("RAM-COMPRESS-DECODE", "valid: synthetic valid-ram-compress-decode-precopy-72; invalid: not generated — spec/ram.md names the zlib data's first byte, but the Destination machine (protocol/src/machine/destination.rs, compress_page_decode(.., at)) names the record's first byte, so a case at the spec offset fails until that is fixed (reported)"),
     ("RAM-HOSTPAGE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical, records_props.rs"),
     ("RAM-PAGESIZE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical"),
     ("RAM-APPLY", "replay: final RAM compared with final_ram"),

@@ -907,7 +907,9 @@ impl Destination {
             }
             #[cfg(feature = "compress")]
             RamBody::Compressed(z) => {
-                crate::ram::compress_page_decode(z, &mut self.fill, at).map_err(Stop::Peer)?;
+                // The zlib stream starts after the header word, the name and the be32 length.
+                let z_at = at + 8 + rec.name.map_or(0, |n| 1 + n.len() as u64) + 4;
+                crate::ram::compress_page_decode(z, &mut self.fill, z_at).map_err(Stop::Peer)?;
                 mem.place_page(b, offset, &self.fill)
             }
             _ => return Err(Violation::new(at, Rule::RamFlags, rec.flags.0).into()),
