@@ -104,6 +104,8 @@ struct Loop {
     consumed: u64,
     /// Where the current channel ended inside an item (STREAM-TRUNCATED), for the error-desc.
     truncated: Option<String>,
+    /// The main channel has ended: its remaining bytes are fed as the rest of the channel.
+    at_eof: bool,
     /// Multifd connections (crate::multifd).
     mfd: crate::multifd::Channels,
 }
@@ -173,6 +175,7 @@ pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventS
         finished: false,
         consumed: 0,
         truncated: None,
+        at_eof: false,
         mfd: Default::default(),
     };
     l.run();
@@ -425,6 +428,13 @@ impl Loop {
         };
         self.buf.truncate(len + n);
         if n == 0 {
+            // The rest of the channel is all there is: let the decoder decide what waited for
+            // a next byte (a footer, SEC-DELIMIT) before calling what is left truncated.
+            if self.pos < self.buf.len() {
+                self.at_eof = true;
+                self.feed_main();
+                self.at_eof = false;
+            }
             let left = (self.buf.len() - self.pos) as u64;
             // A channel that ends before the stream's EOF ends inside it (STREAM-TRUNCATED).
             let open = self
@@ -497,7 +507,12 @@ impl Loop {
         };
         let uffd = self.sh.uffd.clone();
         let mut placer = Placer::new(&uffd);
-        let r = m.handle_stream(now, &self.buf[self.pos..], &mut placer);
+        let input = &self.buf[self.pos..];
+        let r = if self.at_eof {
+            m.handle_stream_end(now, input, &mut placer)
+        } else {
+            m.handle_stream(now, input, &mut placer)
+        };
         if let Err(e) = placer.finish() {
             tracing::error!("placing staged pages failed: {e}");
             self.sh.view().error_desc = Some(format!("guest memory: {e}"));

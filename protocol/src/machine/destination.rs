@@ -567,6 +567,27 @@ impl Destination {
         });
     }
 
+    /// Feeds the last bytes of a channel that has ended (closed, or a file at its end): like
+    /// [`Destination::handle_stream`], with `input` declared to be the rest of the channel, so
+    /// that decisions needing a next byte (a device payload's footer, SEC-DELIMIT; the end of
+    /// the configuration) are made now rather than waiting. Bytes still unconsumed afterwards
+    /// end inside an item (STREAM-TRUNCATED, the caller's to report).
+    pub fn handle_stream_end(
+        &mut self,
+        now: Instant,
+        input: &[u8],
+        mem: &mut impl GuestMemory,
+    ) -> Result<usize, Violation> {
+        if let Some(d) = self.decoder.as_mut() {
+            d.set_final(true);
+        }
+        let r = self.handle_stream(now, input, mem);
+        if let Some(d) = self.decoder.as_mut() {
+            d.set_final(false);
+        }
+        r
+    }
+
     /// Consumes bytes of the current channel, starting at its first unconsumed byte. Returns how
     /// many were consumed (whole items; keep the rest and call again with more), or the
     /// violation that stopped the channel (the status has then changed to failed or paused, and
