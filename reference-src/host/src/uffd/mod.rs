@@ -283,25 +283,42 @@ impl Shared {
             }
             let dst = self.base(block, offset + done as u64);
             let n = len - done;
+            // Pages are counted before the call, which wakes the faulting threads: a woken
+            // thread that reads the statistics at once must see its page counted. Whatever the
+            // call did not fill is taken back below.
+            let ctr = if src.is_some() {
+                &self.counters.copied_pages
+            } else {
+                &self.counters.zero_pages
+            };
+            let counted = (n / PAGE_SIZE) as u64;
+            ctr.fetch_add(counted, Ordering::Relaxed);
             let res = match src {
                 Some(s) => {
                     self.counters.copy_calls.fetch_add(1, Ordering::Relaxed);
                     // SAFETY: `s[done..]` is a live slice of at least `n` bytes; `dst..dst+n` is
                     // inside a registered block (the caller checked offset and length).
                     unsafe { self.fd.copy(dst, s[done..].as_ptr(), n, true) }
-                        .map_err(os("UFFDIO_COPY"))?
+                        .map_err(os("UFFDIO_COPY"))
+                        .inspect_err(|_| {
+                            ctr.fetch_sub(counted, Ordering::Relaxed);
+                        })?
                 }
                 None => {
                     self.counters.zero_calls.fetch_add(1, Ordering::Relaxed);
                     self.fd
                         .zeropage(dst, n, true)
-                        .map_err(os("UFFDIO_ZEROPAGE"))?
+                        .map_err(os("UFFDIO_ZEROPAGE"))
+                        .inspect_err(|_| {
+                            ctr.fetch_sub(counted, Ordering::Relaxed);
+                        })?
                 }
             };
             let filled = match res {
                 Fill::Done => n,
                 Fill::Partial(k) => k as usize,
                 Fill::Exists => {
+                    ctr.fetch_sub(counted, Ordering::Relaxed);
                     self.counters
                         .already_present
                         .fetch_add(1, Ordering::Relaxed);
@@ -313,6 +330,7 @@ impl Shared {
                     continue;
                 }
                 Fill::Again => {
+                    ctr.fetch_sub(counted, Ordering::Relaxed);
                     self.counters.again_retries.fetch_add(1, Ordering::Relaxed);
                     again += 1;
                     if again > self.cfg.max_again {
@@ -326,12 +344,7 @@ impl Shared {
                 }
             };
             let pages = (filled / PAGE_SIZE) as u64;
-            let ctr = if src.is_some() {
-                &self.counters.copied_pages
-            } else {
-                &self.counters.zero_pages
-            };
-            ctr.fetch_add(pages, Ordering::Relaxed);
+            ctr.fetch_sub(counted - pages.min(counted), Ordering::Relaxed);
             self.mark_received(block, offset + done as u64, filled as u64);
             done += filled;
             again = 0;
