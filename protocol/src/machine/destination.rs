@@ -567,6 +567,36 @@ impl Destination {
         });
     }
 
+    /// Ends one feeding call (main channel or multifd connection): reports the pages it placed
+    /// and, if it stopped on a violation, reports it and loses the channel under the rule the
+    /// status decides (failed before RUN, paused after).
+    fn conclude(
+        &mut self,
+        placed_before: u64,
+        result: Result<usize, Stop>,
+    ) -> Result<usize, Violation> {
+        let placed = self.pages_placed - placed_before;
+        if placed > 0 {
+            self.events.push_back(Event::PagesPlaced { count: placed });
+        }
+        match result {
+            Ok(n) => Ok(n),
+            Err(stop) => {
+                let (channel, v) = match stop {
+                    Stop::Peer(v) => (ChannelKind::Main, v),
+                    Stop::Local(v) => (ChannelKind::Local, v),
+                };
+                self.events.push_back(Event::Error {
+                    channel,
+                    violation: v,
+                });
+                let rule = self.loss_rule();
+                self.interrupt(rule);
+                Err(v)
+            }
+        }
+    }
+
     /// Feeds the last bytes of a channel that has ended (closed, or a file at its end): like
     /// [`Destination::handle_stream`], with `input` declared to be the rest of the channel, so
     /// that decisions needing a next byte (a device payload's footer, SEC-DELIMIT; the end of
@@ -672,26 +702,7 @@ impl Destination {
             }
         };
         self.hp_buf = hp_buf;
-        let placed = self.pages_placed - placed_before;
-        if placed > 0 {
-            self.events.push_back(Event::PagesPlaced { count: placed });
-        }
-        match result {
-            Ok(n) => Ok(n),
-            Err(stop) => {
-                let (channel, v) = match stop {
-                    Stop::Peer(v) => (ChannelKind::Main, v),
-                    Stop::Local(v) => (ChannelKind::Local, v),
-                };
-                self.events.push_back(Event::Error {
-                    channel,
-                    violation: v,
-                });
-                let rule = self.loss_rule();
-                self.interrupt(rule);
-                Err(v)
-            }
-        }
+        self.conclude(placed_before, result)
     }
 
     fn block_index(&mut self, name: &[u8]) -> Option<usize> {

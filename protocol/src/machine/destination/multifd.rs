@@ -251,26 +251,7 @@ impl Destination {
                 Err(WireError::Invalid(v)) => break Err(Stop::Peer(v)),
             }
         };
-        let placed = self.pages_placed - placed_before;
-        if placed > 0 {
-            self.events.push_back(Event::PagesPlaced { count: placed });
-        }
-        match result {
-            Ok(n) => Ok(n),
-            Err(stop) => {
-                let (channel, v) = match stop {
-                    Stop::Peer(v) => (ChannelKind::Main, v),
-                    Stop::Local(v) => (ChannelKind::Local, v),
-                };
-                self.events.push_back(Event::Error {
-                    channel,
-                    violation: v,
-                });
-                let rule = self.loss_rule();
-                self.interrupt(rule);
-                Err(v)
-            }
-        }
+        self.conclude(placed_before, result)
     }
 
     fn on_multifd_item(
