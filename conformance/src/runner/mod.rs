@@ -271,89 +271,82 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
             },
         );
     }
-    for spec in &opts.dst {
-        if spec == "none" {
-            continue;
-        }
-        for v in &vectors {
-            if v.replay_channels().is_empty() {
-                continue;
-            }
-            let label = match spec.as_str() {
-                "qemu" | "qmig" => spec.clone(),
-                s if s.starts_with("broken-") => s.to_string(),
-                _ => "custom".into(),
-            };
-            let name = format!("replay-dst[{label}]/{}", v.id);
-            if !selected(&opts.filter, &name) {
-                continue;
-            }
-            let t0 = Instant::now();
-            let status = if let Some(r) = skip::reason(&opts.skips, &name) {
-                Status::Skip(r.to_string())
-            } else {
-                match dst_target(spec, v.qemu_version()) {
-                    Err(e) => Status::Fail(format!("no target: {e}")),
-                    Ok(t) => match replay_dst::replay(v, &t) {
-                        Verdict::Pass(m) => Status::Pass(m),
-                        Verdict::Fail(m) => Status::Fail(m),
-                        Verdict::Skip(m) => Status::Skip(m),
-                    },
-                }
-            };
-            push(
-                &mut out,
-                opts,
-                CaseResult {
-                    name,
-                    status,
-                    time: t0.elapsed(),
-                },
-            );
-        }
-    }
-    for spec in &opts.src {
-        if spec == "none" {
-            continue;
-        }
-        for v in &vectors {
-            if v.synthetic().is_some() || v.replay_channels().is_empty() {
-                continue;
-            }
-            let label = match spec.as_str() {
-                "qemu" | "qmig" => spec.clone(),
-                s if s.starts_with("broken-") => s.to_string(),
-                _ => "custom".into(),
-            };
-            let name = format!("replay-src[{label}]/{}", v.id);
-            if !selected(&opts.filter, &name) {
-                continue;
-            }
-            let t0 = Instant::now();
-            let status = if let Some(r) = skip::reason(&opts.skips, &name) {
-                Status::Skip(r.to_string())
-            } else {
-                match src_target(spec, v.qemu_version()) {
-                    Err(e) => Status::Fail(format!("no target: {e}")),
-                    Ok(t) => match replay_src::replay(v, &t) {
-                        Verdict::Pass(m) => Status::Pass(m),
-                        Verdict::Fail(m) => Status::Fail(m),
-                        Verdict::Skip(m) => Status::Skip(m),
-                    },
-                }
-            };
-            push(
-                &mut out,
-                opts,
-                CaseResult {
-                    name,
-                    status,
-                    time: t0.elapsed(),
-                },
-            );
-        }
-    }
+    replay_cases(
+        &mut out,
+        opts,
+        &vectors,
+        &opts.dst,
+        "dst",
+        |v| !v.replay_channels().is_empty(),
+        |spec, v| match dst_target(spec, v.qemu_version()) {
+            Err(e) => Status::Fail(format!("no target: {e}")),
+            Ok(t) => verdict_status(replay_dst::replay(v, &t)),
+        },
+    );
+    replay_cases(
+        &mut out,
+        opts,
+        &vectors,
+        &opts.src,
+        "src",
+        |v| v.synthetic().is_none() && !v.replay_channels().is_empty(),
+        |spec, v| match src_target(spec, v.qemu_version()) {
+            Err(e) => Status::Fail(format!("no target: {e}")),
+            Ok(t) => verdict_status(replay_src::replay(v, &t)),
+        },
+    );
     Ok(out)
+}
+
+/// One replay case per target spec (`none` skipped) and vector `wants`: named
+/// `replay-<side>[<label>]/<vector>`, filtered, looked up in the skip list, timed.
+fn replay_cases(
+    out: &mut Vec<CaseResult>,
+    opts: &Options,
+    vectors: &[vector::Vector],
+    specs: &[String],
+    side: &str,
+    wants: impl Fn(&vector::Vector) -> bool,
+    run: impl Fn(&str, &vector::Vector) -> Status,
+) {
+    for spec in specs {
+        if spec == "none" {
+            continue;
+        }
+        let label = match spec.as_str() {
+            "qemu" | "qmig" => spec.clone(),
+            s if s.starts_with("broken-") => s.to_string(),
+            _ => "custom".into(),
+        };
+        for v in vectors.iter().filter(|v| wants(v)) {
+            let name = format!("replay-{side}[{label}]/{}", v.id);
+            if !selected(&opts.filter, &name) {
+                continue;
+            }
+            let t0 = Instant::now();
+            let status = match skip::reason(&opts.skips, &name) {
+                Some(r) => Status::Skip(r.to_string()),
+                None => run(spec, v),
+            };
+            push(
+                out,
+                opts,
+                CaseResult {
+                    name,
+                    status,
+                    time: t0.elapsed(),
+                },
+            );
+        }
+    }
+}
+
+fn verdict_status(v: Verdict) -> Status {
+    match v {
+        Verdict::Pass(m) => Status::Pass(m),
+        Verdict::Fail(m) => Status::Fail(m),
+        Verdict::Skip(m) => Status::Skip(m),
+    }
 }
 
 /// `qmig conformance`: prints one line per case and the summary; exit 0 when nothing failed.
