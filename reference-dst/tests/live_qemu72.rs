@@ -186,25 +186,48 @@ fn precopy_static_guest() {
 
 /// Regression test of the 1 GiB benchmark hang, at 64 MiB (the size does not matter): on a
 /// guest left all zero, every page arrives as ZERO and qmig-dst records it as a lazy zero page
-/// (nothing mapped); QEMU 7.2 then sends page 0 again in its completion pass. qmig-dst used to
-/// store that resend straight into the unmapped page, faulting its own migration thread (the
-/// thread that resolves faults) into `handle_userfault` for ever. The recorded stream proves
-/// the resend happened; completion and equal RAM prove it was placed without a hang.
+/// (nothing mapped); a later copy of such a page as data used to be stored straight into the
+/// unmapped page, faulting qmig-dst's migration thread (the thread that resolves faults) into
+/// `handle_userfault` for ever. In the benchmark the resend came from QEMU's vCPU dirtying page
+/// 0 at a time no test controls; here the test makes it happen: QEMU pauses before switchover
+/// (after its first pass sent page 0 as ZERO), qtest writes data into pages 0 and 1, and the
+/// completion pass must send them again as data. The recording proves the resend; completion
+/// and equal RAM prove it was placed without a hang.
 #[test]
 fn precopy_zero_guest_with_a_zero_page_resent() {
     let Some(mut p) = start_guest(None, false, None) else {
         return;
     };
+    p.src
+        .qmp(
+            "migrate-set-capabilities",
+            caps(false, &["pause-before-switchover"]),
+        )
+        .expect("caps");
     let addr = p.dst.listen("migrate-incoming");
     let proxy = Proxy::start(addr).expect("proxy");
     p.migrate(proxy.addr(), false);
+    p.src_wait("pre-switchover");
+    let q = p.src.qtest().expect("qtest");
+    for page in 0..2u64 {
+        q.write(page * PAGE as u64, &random_page(9, page, 1))
+            .expect("qtest write");
+    }
+    p.src
+        .qmp("migrate-continue", json!({"state": "pre-switchover"}))
+        .expect("continue");
     let a = p.finish_equal();
-    assert!(a.iter().all(|&b| b == 0), "QEMU's guest was left zero");
+    assert_eq!(
+        &a[..2 * PAGE],
+        &[random_page(9, 0, 1), random_page(9, 1, 1)].concat()[..]
+    );
     let stream = &proxy.recordings()[0].s2d.bytes;
     let resent = common::resent_after_zero(stream, Profile::QEMU_7_2);
+    // The guest has one RAM block, so an offset names the page.
+    let offsets: Vec<u64> = resent.iter().map(|&(_, addr)| addr).collect();
     assert!(
-        !resent.is_empty(),
-        "QEMU 7.2 sent no page twice: the scenario no longer covers the resend"
+        offsets.contains(&0) && offsets.contains(&(PAGE as u64)),
+        "pages 0 and 1 were not sent as data after a ZERO copy: {resent:?}"
     );
     let info = p.dst.info();
     assert_eq!(info["status"], "completed", "{info}");

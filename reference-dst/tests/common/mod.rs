@@ -247,9 +247,9 @@ pub fn check_rp(
     assert_eq!(strip(&g), strip(&e), "{what}: return path messages differ");
 }
 
-/// Pages of a recorded main channel sent again after a first copy that was a ZERO record
-/// (on qmig-dst: a lazy zero page, nothing mapped, when the resend arrives), as
-/// `(block name, offset)`, in order of the resends. Decodes up to EOF (or the end of the
+/// Pages of a recorded main channel sent again as data (a page, XBZRLE or compressed
+/// record) after a first copy that was a ZERO record (on qmig-dst: a lazy zero page, nothing
+/// mapped, when the resend arrives), as `(block name, offset)`, in order of the resends. Decodes up to EOF (or the end of the
 /// recording).
 pub fn resent_after_zero(stream: &[u8], profile: Profile) -> Vec<(Vec<u8>, u64)> {
     let mut d = StreamDecoder::new(Channel::Main, profile, Limits::DEFAULT);
@@ -273,8 +273,8 @@ pub fn resent_after_zero(stream: &[u8], profile: Profile) -> Vec<(Vec<u8>, u64)>
                 };
                 let key = (name.to_vec(), rec.addr);
                 match first_zero.get(&key) {
-                    Some(true) => out.push(key),
-                    Some(false) => {}
+                    Some(true) if !zero => out.push(key),
+                    Some(_) => {}
                     None => {
                         first_zero.insert(key, zero);
                     }
