@@ -5,7 +5,10 @@
 //! yet rejected, and that candidate's lookahead decoder) so that the next call on a longer
 //! input resumes instead of starting over.
 
-use super::{Item, Phase, StreamDecoder, LOOKAHEAD_ITEMS};
+use super::footer_index::direct;
+#[cfg(feature = "alloc")]
+use super::footer_index::FooterSearch;
+use super::{Item, Phase, StreamDecoder, LOOKAHEAD_DEPTH, LOOKAHEAD_ITEMS};
 use crate::error::{WireError, WireResult};
 use crate::rule::Rule;
 use crate::section::{footer_bytes, FOOTER_LEN};
@@ -43,6 +46,7 @@ impl StreamDecoder {
         // whose lookahead was waiting for bytes resumes that lookahead where it stopped (the
         // items it decoded are the same in any extension), so that a payload fed a few bytes
         // at a time costs time linear in its length, not quadratic.
+        self.start_search();
         let (from, saved) = match self.scan_hint.take() {
             Some(h) if h.at == self.offset => (h.from, h.look),
             _ => (0, Saved::default()),
@@ -62,7 +66,7 @@ impl StreamDecoder {
     /// Scans for the first plausible footer at or after payload offset `from`. Also returns
     /// where a later call on a longer input may resume, and the lookahead to resume there.
     fn footer_scan(
-        &self,
+        &mut self,
         input: &[u8],
         section_id: u32,
         package_limited: bool,
@@ -72,12 +76,13 @@ impl StreamDecoder {
         let pat = footer_bytes(section_id);
         let cap = self.limits.max_device_payload as usize;
         let is_final = self.is_final || package_limited;
-        let invalid = |rule, value| Err(WireError::invalid(self.offset, rule, value));
+        let at = self.offset;
+        let invalid = |rule, value| Err(WireError::invalid(at, rule, value));
         // A footer within the cap lies inside the first cap + FOOTER_LEN bytes: nothing after
         // them is looked at, so the scan costs at most the cap, and the violation for a payload
         // without one (its value: that window's length) is the same for any chunking.
         let window = &input[..input.len().min(cap.saturating_add(FOOTER_LEN))];
-        while let Some(q) = find(window, from, &pat) {
+        while let Some(q) = self.find_footer(window, from, &pat) {
             if self.depth == 0 {
                 return (Ok(q), q, Saved::default());
             }
@@ -114,12 +119,15 @@ impl StreamDecoder {
     /// items. `Incomplete` when they run out and the input is not final; the lookahead is then
     /// returned, to be resumed by the next call (`resumed`) on a longer input.
     fn plausible_after(
-        &self,
+        &mut self,
         input: &[u8],
         q: usize,
         is_final: bool,
         resumed: Option<Held>,
     ) -> (WireResult<bool>, Saved) {
+        // Taken out first: a lookahead borrows the search, it never copies it.
+        #[allow(clippy::let_unit_value)] // `()` without alloc
+        let search = core::mem::take(&mut self.search);
         let mut st = resumed.unwrap_or_else(|| {
             let mut look = self.clone();
             look.depth = self.depth - 1;
@@ -135,26 +143,41 @@ impl StreamDecoder {
             })
         });
         st.decoder.is_final = self.is_final;
-        let mut rest = &input[q + FOOTER_LEN + st.used..];
+        // The lookahead (and the scans nested in it) search with this payload's index.
+        st.decoder.search = search;
+        let r = Self::run_lookahead(&mut st, &input[q + FOOTER_LEN..], is_final);
+        self.search = core::mem::take(&mut st.decoder.search);
+        self.count_scan_work(1);
+        match r {
+            Err(e) => (Err(e), save(st)),
+            Ok(v) => (Ok(v), Saved::default()),
+        }
+    }
+
+    /// Decodes the lookahead's items up to [`LOOKAHEAD_ITEMS`] from `after` (the bytes after
+    /// the candidate footer): `Ok(false)` on a violation, `Ok(true)` when they are all there
+    /// (or the input ends and is final), `Incomplete` otherwise.
+    fn run_lookahead(st: &mut Held, after: &[u8], is_final: bool) -> WireResult<bool> {
+        let mut rest = &after[st.used..];
         while st.items < LOOKAHEAD_ITEMS {
             match st.decoder.decode(rest) {
-                Ok((Item::VmDescription(_), _)) => return (Ok(true), Saved::default()),
+                Ok((Item::VmDescription(_), _)) => return Ok(true),
                 Ok((_, n)) => {
                     rest = &rest[n..];
                     st.used += n;
                     st.items += 1;
                 }
-                Err(WireError::Invalid(_)) => return (Ok(false), Saved::default()),
+                Err(WireError::Invalid(_)) => return Ok(false),
                 Err(WireError::Incomplete { .. }) => {
                     return if is_final {
-                        (Ok(true), Saved::default())
+                        Ok(true)
                     } else {
-                        (Err(WireError::Incomplete { needed: 1 }), save(st))
+                        Err(WireError::Incomplete { needed: 1 })
                     }
                 }
             }
         }
-        (Ok(true), Saved::default())
+        Ok(true)
     }
 }
 
@@ -225,8 +248,63 @@ fn restore(_: &mut Saved, _: usize) -> Option<Held> {
     None
 }
 
-/// The first position at or after `from` where `pat` starts in `hay`.
-fn find(hay: &[u8], from: usize, pat: &[u8; FOOTER_LEN]) -> Option<usize> {
-    let tail = hay.get(from..)?;
-    memchr::memmem::find(tail, pat).map(|j| from + j)
+impl StreamDecoder {
+    /// Starts the footer search of the payload at the current offset (the decoder that is no
+    /// lookahead owns it; a lookahead uses the one its parent lends it).
+    #[cfg(feature = "alloc")]
+    fn start_search(&mut self) {
+        if self.depth != LOOKAHEAD_DEPTH {
+            return;
+        }
+        let at = self.offset;
+        match &mut self.search {
+            Some(s) if s.at == at => {}
+            s => {
+                let work = s.as_ref().map_or(0, |s| s.work);
+                *s = Some(alloc::boxed::Box::new(FooterSearch::new(at, work)));
+            }
+        }
+    }
+
+    #[cfg(not(feature = "alloc"))]
+    fn start_search(&mut self) {
+        let _ = LOOKAHEAD_DEPTH;
+    }
+
+    /// The first footer `pat` at or after `from` in `window` (which starts at the payload).
+    #[cfg(feature = "alloc")]
+    fn find_footer(&mut self, window: &[u8], from: usize, pat: &[u8; FOOTER_LEN]) -> Option<usize> {
+        match &mut self.search {
+            Some(s) => s.find(window, self.offset, from, pat),
+            None => direct(window, from, pat),
+        }
+    }
+
+    #[cfg(not(feature = "alloc"))]
+    fn find_footer(&mut self, window: &[u8], from: usize, pat: &[u8; FOOTER_LEN]) -> Option<usize> {
+        direct(window, from, pat)
+    }
+
+    /// Adds `n` to the footer-scan work count.
+    fn count_scan_work(&mut self, n: u64) {
+        #[cfg(feature = "alloc")]
+        if let Some(s) = &mut self.search {
+            s.work += n;
+        }
+        #[cfg(not(feature = "alloc"))]
+        let _ = n;
+    }
+
+    /// The work the footer scans of device payloads have done so far on this channel,
+    /// counted in steps independent of the machine: bytes searched directly, footer positions
+    /// indexed, index probes and candidate footers validated (see `footer_index`). It grows
+    /// linearly in the bytes of the payloads (with the index's logarithmic factor), whatever
+    /// those hold; tests assert bounds on it. Always 0 without `alloc`.
+    #[doc(hidden)]
+    pub fn footer_scan_work(&self) -> u64 {
+        #[cfg(feature = "alloc")]
+        return self.search.as_ref().map_or(0, |s| s.work);
+        #[cfg(not(feature = "alloc"))]
+        return 0;
+    }
 }

@@ -17,6 +17,7 @@
 //! delimiting).
 
 mod delimit;
+mod footer_index;
 pub mod item;
 pub mod table;
 mod top;
@@ -64,6 +65,12 @@ enum Phase {
     Done,
 }
 
+/// The footer search a decoder owns or borrows (nothing is kept without `alloc`).
+#[cfg(feature = "alloc")]
+type Search = Option<alloc::boxed::Box<footer_index::FooterSearch>>;
+#[cfg(not(feature = "alloc"))]
+type Search = ();
+
 /// How many items past a candidate footer the footer scan validates.
 const LOOKAHEAD_ITEMS: usize = 4;
 /// How deep footer scans nest inside a lookahead.
@@ -96,6 +103,8 @@ pub struct StreamDecoder {
     /// Footer-scan progress for the payload at this offset: where to resume looking, and the
     /// lookahead of a candidate footer that was waiting for more bytes.
     scan_hint: Option<delimit::ScanHint>,
+    /// The footer search (and its index) of the payload being delimited; lent to lookaheads.
+    search: Search,
     #[cfg(feature = "vmdesc")]
     vmdesc: Option<alloc::sync::Arc<crate::vmdesc::VmDesc>>,
 }
@@ -144,6 +153,7 @@ impl StreamDecoder {
             is_final: false,
             depth: LOOKAHEAD_DEPTH,
             scan_hint: None,
+            search: Search::default(),
             #[cfg(feature = "vmdesc")]
             vmdesc: None,
         }
@@ -160,6 +170,7 @@ impl StreamDecoder {
         d.current = None;
         // Footer-scan progress belongs to the old channel's bytes.
         d.scan_hint = None;
+        d.search = Search::default();
         d.is_final = false;
         d.postcopy = true;
         d
