@@ -34,12 +34,21 @@ fn build_reference_binaries() {
 }
 
 fn run(src: &[&str], dst: &[&str], filter: &str) -> Vec<CaseResult> {
+    run_with(src, dst, filter, vec![])
+}
+
+fn run_with(
+    src: &[&str],
+    dst: &[&str],
+    filter: &str,
+    skips: Vec<runner::skip::Skip>,
+) -> Vec<CaseResult> {
     build_reference_binaries();
     runner::run_suite(&Options {
         vectors: vec![],
         dst: dst.iter().map(|s| s.to_string()).collect(),
         src: src.iter().map(|s| s.to_string()).collect(),
-        skips: vec![],
+        skips,
         filter: Some(filter.to_string()),
         print: true,
     })
@@ -78,8 +87,9 @@ fn every_captured_vector_passes_against_qmig_src() {
         })
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
-    // 15 QEMU 7.2 + 16 QEMU 10.0 + 4 qmig-captured vectors; the synthetic ones have no source.
-    assert_eq!(r.len(), 35, "{r:#?}");
+    // 15 QEMU 7.2 + 16 QEMU 10.0 + 4 qmig-captured vectors + the 9 source-side synthetic cases
+    // (the other synthetic vectors have no source).
+    assert_eq!(r.len(), 35 + SOURCE_CASES.len(), "{r:#?}");
     for v in MULTIFD {
         match status(&r, &format!("replay-src[qmig]/{v}")) {
             Status::Pass(m) => assert!(
@@ -104,7 +114,7 @@ fn every_captured_vector_passes_against_qmig_src() {
         .iter()
         .filter(|c| matches!(c.status, Status::Pass(_)))
         .count();
-    assert_eq!(passed, 35);
+    assert_eq!(passed, 35 + SOURCE_CASES.len());
     for v in [
         "qemu-7.2/postcopy-recover",
         "qemu-7.2/postcopy-recover-pause",
@@ -130,6 +140,72 @@ fn every_captured_vector_passes_against_qmig_src() {
         status(&r, "replay-src[qmig]/qemu-7.2/precopy-tcp-rp"),
         Status::Pass(m) if m.starts_with("precopy: every byte decoded, completed; RAM (64 MiB) equal")
     ));
+}
+
+/// The source-side synthetic cases: (case, rule and return-path offset qmig-src must name in
+/// `error-desc`; `None`: the valid case).
+const SOURCE_CASES: &[(&str, Option<&str>)] = &[
+    ("valid-rp-req-range-source-postcopy-72", None),
+    (
+        "invalid-rp-order-source-precopy-72",
+        Some("offset 0: RP-ORDER: "),
+    ),
+    (
+        "invalid-rp-order-source-precopy-10",
+        Some("offset 0: RP-ORDER: "),
+    ),
+    (
+        "invalid-rp-pong-unknown-source-precopy-72",
+        Some("offset 4: RP-PONG-UNKNOWN: "),
+    ),
+    (
+        "invalid-rp-pong-unknown-source-precopy-10",
+        Some("offset 4: RP-PONG-UNKNOWN: "),
+    ),
+    (
+        "invalid-rp-req-range-source-precopy-72",
+        Some("offset 4: RP-REQ-RANGE: "),
+    ),
+    (
+        "invalid-rp-req-range-source-precopy-10",
+        Some("offset 4: RP-REQ-RANGE: "),
+    ),
+    (
+        "invalid-rp-shut-error-source-precopy-72",
+        Some("offset 4: RP-SHUT-ERROR: "),
+    ),
+    (
+        "invalid-rp-shut-error-source-precopy-10",
+        Some("offset 4: RP-SHUT-ERROR: "),
+    ),
+];
+
+/// Return-path bytes written to qmig-src at the injection point: each invalid case fails the
+/// migration with the rule and the return-path offset in `error-desc`, qmig-src still answers
+/// QMP and its RAM is untouched; the valid page request is served whole.
+#[test]
+fn source_side_synthetic_cases_against_qmig_src() {
+    let r = run(&["qmig"], &[], "replay-src[qmig]/synthetic/*");
+    assert_eq!(r.len(), SOURCE_CASES.len(), "{r:#?}");
+    for (case, want) in SOURCE_CASES {
+        let name = format!("replay-src[qmig]/synthetic/{case}");
+        match (status(&r, &name), want) {
+            (Status::Pass(m), Some(w)) => assert!(
+                m.contains("source failed")
+                    && m.contains(&format!("error-desc `{w}"))
+                    && m.ends_with("QMP answers; RAM untouched"),
+                "{name}: {m}"
+            ),
+            (Status::Pass(m), None) => assert!(
+                m.contains("completed; requested pages arrived whole")
+                    && m.contains(" 254@+")
+                    && m.contains(" 255@+")
+                    && m.contains("equal to the source's"),
+                "{name}: {m}"
+            ),
+            (s, _) => panic!("{name}: {s:?}"),
+        }
+    }
 }
 
 #[test]
@@ -203,6 +279,14 @@ fn every_vector_passes_against_qmig_dst_multifd_included() {
     ));
 }
 
+fn qemu_skips() -> Vec<runner::skip::Skip> {
+    runner::skip::load(&PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/runner/skip-qemu.txt"
+    )))
+    .unwrap()
+}
+
 #[test]
 fn every_captured_vector_passes_against_a_qemu_source() {
     let have = |v| find_qemu(v).unwrap().is_some();
@@ -212,7 +296,7 @@ fn every_captured_vector_passes_against_a_qemu_source() {
         (false, true) => "replay-src[qemu]/qemu-10.0*",
         (false, false) => return,
     };
-    let r = run(&["qemu"], &[], filter);
+    let r = run_with(&["qemu"], &[], filter, qemu_skips());
     for c in &r {
         match &c.status {
             Status::Pass(m) => assert!(
@@ -220,11 +304,16 @@ fn every_captured_vector_passes_against_a_qemu_source() {
                 "{}: {m}",
                 c.name
             ),
+            // QEMU's leniencies on the source-side synthetic cases (skip-qemu.txt).
+            Status::Skip(_)
+                if c.name.contains("/synthetic/invalid-rp-order-source-")
+                    || c.name
+                        .contains("/synthetic/invalid-rp-pong-unknown-source-") => {}
             s => panic!("{}: {s:?}", c.name),
         }
     }
     if filter == "replay-src[qemu]/*" {
-        assert_eq!(r.len(), 35);
+        assert_eq!(r.len(), 35 + SOURCE_CASES.len());
         // The recovery against real QEMU: the chosen bitmap is honoured exactly.
         for v in [
             "qemu-7.2/postcopy-recover",

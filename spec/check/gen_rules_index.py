@@ -5,6 +5,7 @@ Run after adding a rule to rule.rs and defining it (as a bold bracketed id) in a
 protocol/tests/spec_coverage.rs checks that the index is current.
 """
 import glob
+import json
 import os
 import re
 
@@ -27,5 +28,30 @@ for _, rid, summary in rules:
     f = where.get(rid, 'UNDEFINED')
     summary = summary.replace('\\"', '"').replace('|', '\\|')
     out.append(f'| [{rid}] | [{f}]({f}) | {summary} |')
+# Traceability: each rule -> its synthetic conformance cases (conformance/vectors/synthetic,
+# regenerated with `qmig conformance --generate`), or where it is checked instead.
+index = json.load(open(os.path.join(ROOT, 'conformance/vectors/synthetic/index.json')))
+out += [
+    '', '## Conformance traceability', '',
+    'Each rule with its synthetic conformance cases (`conformance/vectors/synthetic/<case>`, run by',
+    '`qmig conformance`: `decode/synthetic/<case>`, and `replay-dst[...]/synthetic/<case>` or, for',
+    'the `source-*` cases, `replay-src[...]/synthetic/<case>`). A valid case listed in parentheses',
+    'exercises the rule without being about it. A rule without a pair of cases says where it is',
+    'checked instead (`ELSEWHERE` in conformance/src/synth/cases.rs).', '',
+    '| rule | valid cases | invalid cases | checked elsewhere |', '|---|---|---|---|',
+]
+elsewhere = {e['rule']: e['checked_by'] for e in index['not_generated']}
+for _, rid, _ in rules:
+    valid = [c['name'] for c in index['cases'] if c['class'] == 'valid' and c['rule'] == rid]
+    ex = [c['name'] for c in index['cases']
+          if c['class'] == 'valid' and c['rule'] != rid and rid in c.get('exercises', [])]
+    invalid = [c['name'] for c in index['cases'] if c['class'] == 'invalid' and c['rule'] == rid]
+    cell = ', '.join(f'`{n}`' for n in valid)
+    if ex:
+        shown = ex[:3]
+        more = f' +{len(ex) - len(shown)} more' if len(ex) > len(shown) else ''
+        cell += (' ' if cell else '') + '(' + ', '.join(f'`{n}`' for n in shown) + more + ')'
+    els = elsewhere.get(rid, '').replace('|', '\\|')
+    out.append(f"| {rid} | {cell or '-'} | {', '.join(f'`{n}`' for n in invalid) or '-'} | {els or '-'} |")
 open(os.path.join(ROOT, 'spec/rules.md'), 'w').write('\n'.join(out) + '\n')
 print(f'{len(rules)} rules written to spec/rules.md')

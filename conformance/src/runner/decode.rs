@@ -354,6 +354,37 @@ fn judge(s: &Value, got: Option<Violation>, what: &str) -> Result<String, String
 fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
     let blocks = synthetic_blocks(s);
     match s["checker"].as_str() {
+        // Bytes written to a live source: each message is well-formed (the RpDecoder accepts
+        // it); the rule is judged by the source (`replay-src`, [`super::synth_src`]).
+        Some("source-replay") => {
+            let rp = v.read("rp.bin").map_err(|e| e.to_string())?;
+            let mut d = RpDecoder::new(v.profile(), Limits::DEFAULT);
+            let expect = bitmap_bytes_for(&blocks);
+            let mut pos = 0;
+            let mut n_msgs = 0;
+            while pos < rp.len() {
+                match d.decode(&rp[pos..], &expect) {
+                    Ok((_, n)) => {
+                        pos += n;
+                        n_msgs += 1;
+                    }
+                    Err(WireError::Invalid(x)) => {
+                        return Err(format!(
+                            "source-side bytes must be well-formed: {}",
+                            fmt_violation(&x)
+                        ))
+                    }
+                    Err(e) => return Err(format!("return path ends inside a message: {e:?}")),
+                }
+            }
+            Ok(format!(
+                "{n_msgs} well-formed message(s); {} judged by a source (replay-src)",
+                match expected_of(s) {
+                    Some((rule, off)) => format!("{rule} at offset {off} of the injected bytes"),
+                    None => "acceptance".into(),
+                }
+            ))
+        }
         Some("source") => {
             let rp = v.read("rp.bin").map_err(|e| e.to_string())?;
             let mut d = RpDecoder::new(v.profile(), Limits::DEFAULT);

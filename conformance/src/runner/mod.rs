@@ -9,6 +9,7 @@
 //! | [`replay_src`] | replay against a source target: the runner plays the destination |
 //! | [`play_dst`] | the played destination (decoder, `Destination` machine, the runner's books) |
 //! | [`play_multifd`] | the played destination's multifd connections |
+//! | [`synth_src`] | source-side synthetic cases: return-path bytes written to a live source |
 //! | [`broken_src`] | deliberately broken sources (tamper stage on the recovery channel) |
 //! | [`skip`] | skip lists with a reason per entry |
 //! | [`report`] | results, text lines, JUnit and JSON |
@@ -24,6 +25,7 @@ pub mod replay_src;
 pub mod report;
 pub mod shim;
 pub mod skip;
+pub mod synth_src;
 pub mod vector;
 
 use std::path::{Path, PathBuf};
@@ -289,9 +291,13 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
         &vectors,
         &opts.src,
         "src",
-        |v| v.synthetic().is_none() && !v.replay_channels().is_empty(),
+        |v| {
+            synth_src::is_source_case(v)
+                || (v.synthetic().is_none() && !v.replay_channels().is_empty())
+        },
         |spec, v| match src_target(spec, v.qemu_version()) {
             Err(e) => Status::Fail(format!("no target: {e}")),
+            Ok(t) if synth_src::is_source_case(v) => verdict_status(synth_src::replay(v, &t)),
             Ok(t) => verdict_status(replay_src::replay(v, &t)),
         },
     );

@@ -82,6 +82,19 @@ pub struct Request {
     pub arrived_at: Option<u64>,
 }
 
+/// Return-path bytes the runner writes to the source once (a source-side synthetic case).
+#[derive(Clone, Debug)]
+pub struct Inject {
+    /// The bytes.
+    pub bytes: Vec<u8>,
+    /// `false`: once the first RAM page record has arrived; `true`: once POSTCOPY_RUN has.
+    pub after_run: bool,
+    /// Return-path offset of the first injected byte, once written.
+    pub at: Option<u64>,
+    /// Page requests the bytes make (block index, target page), tracked as [`Request`]s.
+    pub pages: Vec<(usize, u64)>,
+}
+
 /// How a connection ended.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum End {
@@ -144,6 +157,11 @@ pub struct Player {
     pub rp_types: Vec<u16>,
     /// A deliberate defect placed between the source and the checks.
     pub tamper: Option<Tamper>,
+    /// Return-path bytes written on the current connection (the machine's and injected ones).
+    pub rp_bytes: u64,
+    /// Bytes to write on the return path once, at a defined point (source-side synthetic
+    /// cases): before the machine's own return-path bytes of that batch.
+    pub inject: Option<Inject>,
     /// Decoder of the return path the machine writes (per connection: REQ_PAGES names no
     /// block and follows the last REQ_PAGES_ID).
     rpd: RpDecoder,
@@ -197,6 +215,8 @@ impl Player {
             bytes: 0,
             rp_types: Vec::new(),
             tamper,
+            rp_bytes: 0,
+            inject: None,
             rpd: RpDecoder::new(profile, Limits::DEFAULT),
             now: 0,
         })
@@ -282,6 +302,7 @@ impl Player {
         }
         self.eof_seen = false;
         self.bytes = 0;
+        self.rp_bytes = 0;
         self.rpd = RpDecoder::new(*self.dec.profile(), Limits::DEFAULT);
         let _ = sock.set_read_timeout(Some(Duration::from_secs(120)));
         let mut vbuf: Vec<u8> = Vec::new();
@@ -320,6 +341,7 @@ impl Player {
             vbuf.extend_from_slice(&data);
             dbuf.extend_from_slice(&data);
             self.validate(&mut vbuf, at_end)?;
+            self.inject_now(sock)?;
             let now = self.tick();
             let used = self
                 .dest
@@ -354,6 +376,39 @@ impl Player {
                 return Ok(End::Cut);
             }
         }
+    }
+
+    /// Writes [`Player::inject`]'s bytes once its point has come.
+    fn inject_now(&mut self, sock: &mut TcpStream) -> Result<(), Fail> {
+        let due = match &self.inject {
+            Some(i) if i.at.is_none() => {
+                if i.after_run {
+                    self.run_seen
+                } else {
+                    self.first.iter().any(|b| b.count_ones() > 0)
+                }
+            }
+            _ => false,
+        };
+        if !due {
+            return Ok(());
+        }
+        let at = self.rp_bytes;
+        let asked_at = self.dec.offset();
+        let i = self.inject.as_mut().expect("due");
+        i.at = Some(at);
+        let (bytes, pages) = (i.bytes.clone(), i.pages.clone());
+        for (block, page) in pages {
+            self.requests.push(Request {
+                block,
+                page,
+                asked_at,
+                arrived_at: None,
+            });
+        }
+        self.rp_bytes += bytes.len() as u64;
+        sock.write_all(&bytes)
+            .map_err(|e| format!("writing the injected return-path bytes: {e}"))
     }
 
     /// The runner's own decoding of everything complete in `vbuf`.
@@ -513,6 +568,7 @@ impl Player {
             }
             pos += n;
         }
+        self.rp_bytes += wire.len() as u64;
         sock.write_all(&wire)
             .map_err(|e| format!("writing the return path: {e}"))
     }

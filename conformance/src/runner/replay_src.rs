@@ -47,7 +47,7 @@ use super::vector::Vector;
 use crate::qemu::pattern::sha256_hex;
 
 /// Failure guard for one migration phase.
-const PHASE: Duration = Duration::from_secs(120);
+pub(super) const PHASE: Duration = Duration::from_secs(120);
 
 /// The qmig-src source template.
 pub const QMIG_SRC_TEMPLATE: &str = "{BIN_DIR}/qmig-src --qmp unix:{QMP} --ram {RAM} --machine {MACHINE} --profile {PROFILE} --fill {RAM_FILE} {BLOCK_ARGS} {DEVICES}";
@@ -191,11 +191,16 @@ pub fn replay(v: &Vector, target: &SrcTarget) -> Verdict {
     if let Some(why) = not_replayable(v) {
         return Verdict::Skip(why);
     }
-    let dir = match scratch_dir("src") {
+    in_scratch("src", |dir| replay_in(v, target, dir))
+}
+
+/// Runs `f` in a fresh scratch directory (removed afterwards); an error fails the case.
+pub(super) fn in_scratch(tag: &str, f: impl FnOnce(&Path) -> anyhow::Result<Verdict>) -> Verdict {
+    let dir = match scratch_dir(tag) {
         Ok(d) => d,
         Err(e) => return Verdict::Fail(format!("{e:#}")),
     };
-    let r = replay_in(v, target, &dir);
+    let r = f(&dir);
     let _ = std::fs::remove_dir_all(&dir);
     match r {
         Ok(v) => v,
@@ -206,30 +211,59 @@ pub fn replay(v: &Vector, target: &SrcTarget) -> Verdict {
 fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdict> {
     let (image, blocks) = ram_image(v, dir).context("rebuilding the vector's RAM")?;
     let fill = std::fs::read(&image)?;
+    let block_args = blocks[1..]
+        .iter()
+        .flat_map(|(n, l)| ["--block".to_string(), format!("{n}:{l}")])
+        .collect();
+    let devices = if v.manifest["machine"]["type"] == "microvm" {
+        vec![
+            "--device-template".into(),
+            v.dir.join("stream.bin").display().to_string(),
+        ]
+    } else {
+        vec![]
+    };
+    let placed = Placed {
+        image: &image,
+        fill: &fill,
+        block_args,
+        devices,
+    };
+    run_source(v, target, dir, placed, |t, l| {
+        drive(v, t, l, &fill, &blocks, target.breakage)
+    })
+}
+
+/// The guest RAM a source target starts with.
+pub(super) struct Placed<'a> {
+    /// The main block's image file (`{RAM_FILE}`).
+    pub image: &'a Path,
+    /// Its bytes (written through qtest when the template uses `{QTEST}`).
+    pub fill: &'a [u8],
+    /// `{BLOCK_ARGS}`.
+    pub block_args: Vec<String>,
+    /// `{DEVICES}`.
+    pub devices: Vec<String>,
+}
+
+/// Starts source `target` for `v` in `dir` with the guest RAM of `ram` and a listener on
+/// `{CONNECT}`, then runs `drive`; an error is reported with the source's status and log
+/// tail, and exit code 89 (or a refused start) as a skip.
+pub(super) fn run_source(
+    v: &Vector,
+    target: &SrcTarget,
+    dir: &Path,
+    ram: Placed<'_>,
+    drive: impl FnOnce(&mut Target, TcpListener) -> anyhow::Result<Verdict>,
+) -> anyhow::Result<Verdict> {
     let mut vals = values_for(v, dir, &target.extra)?;
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let port = listener.local_addr()?.port();
     vals.set("CONNECT", format!("tcp:127.0.0.1:{port}"));
     vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
-    vals.set("RAM_FILE", image.display().to_string());
-    vals.list(
-        "BLOCK_ARGS",
-        blocks[1..]
-            .iter()
-            .flat_map(|(n, l)| ["--block".to_string(), format!("{n}:{l}")])
-            .collect(),
-    );
-    vals.list(
-        "DEVICES",
-        if v.manifest["machine"]["type"] == "microvm" {
-            vec![
-                "--device-template".into(),
-                v.dir.join("stream.bin").display().to_string(),
-            ]
-        } else {
-            vec![]
-        },
-    );
+    vals.set("RAM_FILE", ram.image.display().to_string());
+    vals.list("BLOCK_ARGS", ram.block_args);
+    vals.list("DEVICES", ram.devices);
     let qtest = dir.join("qtest.sock");
     vals.set("QTEST", qtest.display().to_string());
     let argv = shim::expand(&target.template, &vals)?;
@@ -243,10 +277,9 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         Err(StartError::Failed(e)) => return Err(e),
     };
     if target.template.contains("{QTEST}") {
-        load_through_qtest(v, &qtest, &fill).context("writing the guest RAM through qtest")?;
+        load_through_qtest(v, &qtest, ram.fill).context("writing the guest RAM through qtest")?;
     }
-    let r = drive(v, &mut t, listener, &fill, &blocks, target.breakage);
-    match r {
+    match drive(&mut t, listener) {
         Err(e) => {
             if t.exit_code() == Some(shim::EXIT_UNSUPPORTED) {
                 return Ok(Verdict::Skip(format!(
@@ -282,13 +315,13 @@ fn load_through_qtest(v: &Vector, sock: &Path, fill: &[u8]) -> anyhow::Result<()
     Ok(())
 }
 
-fn status_of(t: &mut Target) -> String {
+pub(super) fn status_of(t: &mut Target) -> String {
     t.qmp
         .migration_status()
         .unwrap_or_else(|e| format!("(query-migrate failed: {e})"))
 }
 
-fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
+pub(super) fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
     if status_of(t) == want {
         return Ok(());
     }
@@ -301,8 +334,41 @@ fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Sends `migrate` to the runner's `listener`; in postcopy first the slow precopy (8 KiB/s,
+/// so that pages are left to request after POSTCOPY_RUN) and a 256 KiB/s postcopy cap.
+pub(super) fn start_migration(
+    t: &mut Target,
+    postcopy: bool,
+    listener: &TcpListener,
+) -> anyhow::Result<()> {
+    if postcopy {
+        t.qmp
+            .execute(
+                "migrate-set-parameters",
+                json!({"max-bandwidth": 8192, "max-postcopy-bandwidth": 262144}),
+            )
+            .context("migrate-set-parameters")?;
+    }
+    let port = listener.local_addr()?.port();
+    t.qmp
+        .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
+        .context("migrate")?;
+    Ok(())
+}
+
+/// Lifts the postcopy bandwidth cap (the requested pages arrived: the rest may follow fast).
+pub(super) fn unthrottle(t: &mut Target) -> Result<(), Fail> {
+    t.qmp
+        .execute(
+            "migrate-set-parameters",
+            json!({"max-postcopy-bandwidth": 1u64 << 30}),
+        )
+        .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+    Ok(())
+}
+
 /// Accepts the source's connection (guarded: the target exiting or 30 s).
-fn accept(l: &TcpListener, t: &mut Target) -> anyhow::Result<TcpStream> {
+pub(super) fn accept(l: &TcpListener, t: &mut Target) -> anyhow::Result<TcpStream> {
     l.set_nonblocking(true)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -400,13 +466,7 @@ impl Stop for Postcopy<'_> {
                 Ok(false)
             }
             _ => {
-                self.t
-                    .qmp
-                    .execute(
-                        "migrate-set-parameters",
-                        json!({"max-postcopy-bandwidth": 1u64 << 30}),
-                    )
-                    .map_err(|e| format!("migrate-set-parameters: {e}"))?;
+                unthrottle(self.t)?;
                 Ok(false)
             }
         }
@@ -458,18 +518,7 @@ fn drive(
             .execute("migrate-set-parameters", json!({"multifd-channels": n}))
             .context("migrate-set-parameters multifd-channels")?;
     }
-    if postcopy {
-        t.qmp
-            .execute(
-                "migrate-set-parameters",
-                json!({"max-bandwidth": 8192, "max-postcopy-bandwidth": 262144}),
-            )
-            .context("migrate-set-parameters")?;
-    }
-    let port = listener.local_addr()?.port();
-    t.qmp
-        .execute("migrate", json!({"uri": format!("tcp:127.0.0.1:{port}")}))
-        .context("migrate")?;
+    start_migration(t, postcopy, &listener)?;
     let mut sock = accept(&listener, t)?;
     let mfd = match multifd {
         Some(n) => Some(MultifdReceiver::start(
@@ -718,30 +767,8 @@ fn drive(
     let base = v.manifest["machine"]["ram_guest_physical_base"]
         .as_u64()
         .unwrap_or(0);
-    let file = t.dir.join("src-pmemsave.bin");
-    t.qmp
-        .execute(
-            "pmemsave",
-            json!({"val": base, "size": ram.len(), "filename": file.display().to_string()}),
-        )
-        .context("pmemsave on the source")?;
-    let theirs = std::fs::read(&file).context("pmemsave output")?;
-    let _ = std::fs::remove_file(&file);
-    if theirs.len() != ram.len() {
-        return fail(
-            &p,
-            format!(
-                "source pmemsave wrote {} of {} bytes",
-                theirs.len(),
-                ram.len()
-            ),
-        );
-    }
-    if let Some(i) = diff_page(ram, &theirs, microvm) {
-        return fail(
-            &p,
-            format!("final RAM: page {i} differs from the source's pmemsave"),
-        );
+    if let Some(m) = pmemsave_differs(t, base, ram, microvm)? {
+        return fail(&p, m);
     }
     let mut s = format!(
         "{}: every byte decoded, completed; RAM ({} MiB) equal to the source's",
@@ -760,10 +787,43 @@ fn drive(
 
 /// First differing page (microvm: pages 192-255, the firmware window of a QEMU guest that a
 /// QEMU source's guest cannot write, skipped).
-fn diff_page(a: &[u8], b: &[u8], microvm: bool) -> Option<usize> {
+pub(super) fn diff_page(a: &[u8], b: &[u8], microvm: bool) -> Option<usize> {
     a.chunks(TPS as usize)
         .zip(b.chunks(TPS as usize))
         .enumerate()
         .find(|(i, (x, y))| x != y && !(microvm && (192..256).contains(i)))
         .map(|(i, _)| i)
+}
+
+/// The source's `pmemsave` of `want.len()` bytes from guest-physical `base` compared with
+/// `want`: a message when they differ (microvm: as [`diff_page`]).
+pub(super) fn pmemsave_differs(
+    t: &mut Target,
+    base: u64,
+    want: &[u8],
+    microvm: bool,
+) -> anyhow::Result<Option<String>> {
+    let file = t.dir.join("src-pmemsave.bin");
+    t.qmp
+        .execute(
+            "pmemsave",
+            json!({"val": base, "size": want.len(), "filename": file.display().to_string()}),
+        )
+        .context("pmemsave on the source")?;
+    let theirs = std::fs::read(&file).context("pmemsave output")?;
+    let _ = std::fs::remove_file(&file);
+    if theirs.len() != want.len() {
+        return Ok(Some(format!(
+            "source pmemsave wrote {} of {} bytes",
+            theirs.len(),
+            want.len()
+        )));
+    }
+    Ok(diff_page(want, &theirs, microvm).map(|i| {
+        format!(
+            "final RAM: page {i} differs from the source's pmemsave (sha256 {} want {})",
+            sha256_hex(&theirs[i * TPS as usize..(i + 1) * TPS as usize]),
+            sha256_hex(&want[i * TPS as usize..(i + 1) * TPS as usize])
+        )
+    }))
 }

@@ -342,6 +342,24 @@ pub fn rp_channel() -> Parts {
     p
 }
 
+/// The guest RAM a source under a source-side case starts with. 7.2 profile: every page
+/// non-zero and distinct (byte `j` of page `i` is `(131 i + 7 j) mod 251 + 1`), so each page
+/// travels as data. 10.x profile (`ten`): all zero, because a QEMU 10.0 source of machine
+/// `none` can neither have its RAM written through qtest without a CPU nor migrate an x86 CPU
+/// without an x86 machine.
+pub fn source_ram(ten: bool) -> Vec<u8> {
+    let mut ram = vec![0u8; RAM_BYTES as usize];
+    if ten {
+        return ram;
+    }
+    for (i, pg) in ram.chunks_mut(TPS as usize).enumerate() {
+        for (j, b) in pg.iter_mut().enumerate() {
+            *b = ((131 * i + 7 * j) % 251 + 1) as u8;
+        }
+    }
+    ram
+}
+
 /// The end mark after a RECV_BITMAP body.
 pub fn end_mark() -> [u8; 8] {
     RECV_BITMAP_END_MARK.to_be_bytes()

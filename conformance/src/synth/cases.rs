@@ -11,6 +11,7 @@ use qmig_protocol::header::{
 };
 use qmig_protocol::limits::Limits;
 use qmig_protocol::ram::{compress_bound, compress_page_encode};
+use qmig_protocol::rp::RpMessage;
 
 /// Which base channel a case patches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,12 @@ pub enum Base {
     ReturnPath,
     /// [`base::multifd_conn`]: one multifd connection, judged by the multifd decoder only.
     Multifd,
+    /// Return-path bytes the runner writes to a SOURCE in a precopy migration, once the first
+    /// RAM page record has arrived (judged by the source: `replay-src`).
+    SrcPrecopy,
+    /// Return-path bytes the runner writes to a SOURCE in a postcopy migration, once
+    /// POSTCOPY_RUN has arrived (judged by the source: `replay-src`).
+    SrcPostcopy,
 }
 
 impl Base {
@@ -33,6 +40,8 @@ impl Base {
             Base::Postcopy => "postcopy",
             Base::ReturnPath => "return-path",
             Base::Multifd => "multifd",
+            Base::SrcPrecopy => "source-precopy",
+            Base::SrcPostcopy => "source-postcopy",
         }
     }
 }
@@ -104,6 +113,25 @@ fn caps_config(names: &[&[u8]]) -> Vec<u8> {
 
 /// Offset of the first subsection's marker byte inside the configuration (`0x07`, be32, `none`).
 const SUB_AT: u64 = 9;
+
+/// A REQ_PAGES_ID for block `ram` (what a source-side case writes).
+fn src_request(start: u64, len: u64) -> Vec<u8> {
+    base::rp(RpMessage::ReqPagesId {
+        start,
+        len: len as u32,
+        name: b"ram",
+    })
+}
+
+/// Rules the valid source-side postcopy case exercises: the request comes after
+/// POSTCOPY_RUN (RP-ORDER), is in range (RP-REQ-RANGE), every PONG answers a PING the source
+/// sent (RP-PONG-UNKNOWN), and the destination's SHUT is 0 (RP-SHUT-ERROR).
+pub const SRC_EXERCISES: &[&str] = &[
+    "RP-ORDER",
+    "RP-REQ-RANGE",
+    "RP-PONG-UNKNOWN",
+    "RP-SHUT-ERROR",
+];
 
 /// An XBZRLE|CONTINUE record (encoding 1, be16 length, delta) for the page at `addr`.
 fn xbzrle(addr: u64, delta: &[u8]) -> Vec<u8> {
@@ -462,6 +490,16 @@ pub fn all() -> Vec<Case> {
             p.set("bitmap", m);
             Some(o(p, "bitmap") + 16 + 100 / 8)
         }),
+        // ---- return path judged by a live source (replay-src) ----
+        case!(Valid, "RP-REQ-RANGE", "7.2", SrcPostcopy, "after POSTCOPY_RUN, REQ_PAGES_ID for the block's last two pages: both arrive, whole", |p| { p.push("req", src_request(254 * TPS, 2 * TPS)); None }, SRC_EXERCISES),
+        case!(Invalid, "RP-SHUT-ERROR", "7.2", SrcPrecopy, "SHUT(1) in the middle of a precopy migration", |p| { p.push("shut", base::rp(RpMessage::Shut(1))); Some(4) }),
+        case!(Invalid, "RP-SHUT-ERROR", "10", SrcPrecopy, "SHUT(1) in the middle of a precopy migration", |p| { p.push("shut", base::rp(RpMessage::Shut(1))); Some(4) }),
+        case!(Invalid, "RP-PONG-UNKNOWN", "7.2", SrcPrecopy, "PONG(0x51ab) for a PING the source never sent", |p| { p.push("pong", base::rp(RpMessage::Pong(0x51ab))); Some(4) }),
+        case!(Invalid, "RP-PONG-UNKNOWN", "10", SrcPrecopy, "PONG(0x51ab) for a PING the source never sent", |p| { p.push("pong", base::rp(RpMessage::Pong(0x51ab))); Some(4) }),
+        case!(Invalid, "RP-ORDER", "7.2", SrcPrecopy, "a page request (in range) in precopy, without postcopy-ram", |p| { p.push("req", src_request(5 * TPS, TPS)); Some(0) }),
+        case!(Invalid, "RP-ORDER", "10", SrcPrecopy, "a page request (in range) in precopy, without postcopy-ram", |p| { p.push("req", src_request(5 * TPS, TPS)); Some(0) }),
+        case!(Invalid, "RP-REQ-RANGE", "7.2", SrcPrecopy, "a page request starting at the block's end", |p| { p.push("req", src_request(RAM_BYTES, TPS)); Some(4) }),
+        case!(Invalid, "RP-REQ-RANGE", "10", SrcPrecopy, "a page request starting at the block's end", |p| { p.push("req", src_request(RAM_BYTES, TPS)); Some(4) }),
     ];
     for c in &mut v {
         let kind = match c.class {
@@ -509,11 +547,7 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("MFD-CHANNEL", "valid: real multifd vectors replayed into qmig-dst and QEMU; invalid: protocol/tests/machine_multifd.rs and reference-dst/tests/multifd_hostile.rs (duplicate and out-of-range ids)"),
     ("MFD-FLAGS", "valid: real multifd vectors replayed; invalid: protocol/tests/machine_multifd.rs (compression bits, device-state packet)"),
     ("MFD-SYNC", "valid: real multifd vectors replayed (SYNC per EOS / MULTIFD_FLUSH); invalid: protocol/tests/machine_multifd.rs (missing SYNC, pages after completion, closed channel)"),
-    ("RP-ORDER", "judged by the Source machine, not RpDecoder (the synthetic return-path checker): reference-src/tests/bad_return_path.rs page_request_in_precopy_fails_with_rp_order, conformance/tests/hostile.rs"),
-    ("RP-ATOMIC", "source behaviour (a request is served whole); no synthetic input shape, no test names the rule"),
-    ("RP-PONG-UNKNOWN", "judged by the Source machine, not RpDecoder: protocol/tests/machine_harness.rs (Rule::RpPongUnknown)"),
-    ("RP-SHUT-ERROR", "judged by the Source machine (protocol/src/machine/source.rs), not RpDecoder; no test names the rule"),
-    ("RP-REQ-RANGE", "judged by the Source machine against its host page size, not RpDecoder: reference-src/tests/bad_return_path.rs, conformance/tests/hostile.rs"),
+    ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
     ("SM-FATAL-BEFORE-RUN", "state machine (an error before POSTCOPY_RUN fails, not pauses): conformance/tests/hostile.rs, reference-dst/tests/live_qemu100.rs"),
     ("SM-PAUSE-AFTER-RUN", "replay of postcopy-recover vectors: the target must pause at the cut"),
     ("SM-PAUSE-IN-RECOVER", "interop double-failure mode"),

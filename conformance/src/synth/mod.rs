@@ -38,6 +38,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::Postcopy => base::postcopy(ten),
             Base::ReturnPath => base::rp_channel(),
             Base::Multifd => base::multifd_conn(),
+            Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
         };
         let offset = (c.patch)(&mut parts);
         assert_eq!(
@@ -53,7 +54,8 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         if c.rule == "BITMAP-PADDING" && c.class == Class::Invalid {
             blocks = json!([["ram", 100 * TPS]]);
         }
-        let postcopy = c.base == Base::Postcopy;
+        let postcopy = matches!(c.base, Base::Postcopy | Base::SrcPostcopy);
+        let src_side = matches!(c.base, Base::SrcPrecopy | Base::SrcPostcopy);
         let mut caps = json!({"events": true, "return-path": true});
         if postcopy {
             caps["postcopy-ram"] = json!(true);
@@ -71,6 +73,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         flags.extend(cases::extra_caps(&c));
         let (channel, checker, input) = match c.base {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
+            Base::SrcPrecopy | Base::SrcPostcopy => ("return-path", "source-replay", "rp.bin"),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
             _ => ("main", "destination", "stream.bin"),
         };
@@ -80,6 +83,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             "description": match channel {
                 "main" => "the main channel, source to destination",
                 "multifd" => "multifd connection 0, source to destination",
+                _ if src_side => "return-path bytes the runner writes to the source at the injection point",
                 _ => "the return path, destination to source",
             }}),
         );
@@ -121,7 +125,25 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Some(off) => json!({"rule": c.rule, "offset": off}),
             None => json!(null),
         };
-        let manifest = json!({
+        let source_replay = if src_side {
+            let ram = base::source_ram(ten);
+            let mut r = json!({
+                "mode": if postcopy { "postcopy" } else { "precopy" },
+                "inject": "rp.bin",
+                "inject_after": if postcopy { "postcopy-run" } else { "first-page" },
+                "source_ram": {"generator": "source_ram (conformance/src/synth/base.rs)",
+                               "bytes": ram.len(), "sha256": sha256_hex(&ram)},
+                "expect": if c.class == Class::Valid { "completed" } else { "failed" },
+            });
+            if c.class == Class::Valid {
+                // The pages the injected requests name (block, target page index).
+                r["requested_pages"] = json!([["ram", 254], ["ram", 255]]);
+            }
+            r
+        } else {
+            json!(null)
+        };
+        let mut manifest = json!({
             "format": FORMAT,
             "scenario": c.name,
             "description": c.description,
@@ -146,12 +168,20 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 "generator": "qmig conformance --generate (conformance/src/synth)",
             },
         });
+        if src_side {
+            manifest["source_replay"] = source_replay;
+            // A QEMU 7.2 source's RAM is written through qtest, which needs a CPU there (the
+            // 10.x cases start from zero RAM: see base::source_ram).
+            if !ten {
+                manifest["machine"]["cpu"] = json!("qemu64,apic-id=0");
+            }
+        }
         let mut text = serde_json::to_vec_pretty(&manifest).expect("json");
         text.push(b'\n');
         out.insert(format!("{dir}manifest.json"), text);
         index.push(
             json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
-                          "profile": c.profile, "expected": expected}),
+                          "profile": c.profile, "exercises": c.exercises, "expected": expected}),
         );
     }
     let elsewhere: Vec<Value> = cases::ELSEWHERE
