@@ -46,6 +46,8 @@ use crate::rule::Rule;
 use crate::section::SectionHeader;
 use crate::stream::{Channel, Item, StreamDecoder};
 
+#[cfg(test)]
+mod known_devices_tests;
 mod multifd;
 pub use multifd::MultifdConfig;
 
@@ -73,9 +75,16 @@ pub struct DestinationConfig {
     pub max_device_bytes: usize,
     /// Multifd connections (capability `multifd`), see [`Destination::handle_multifd`].
     pub multifd: Option<MultifdConfig>,
-    /// A VM description used to delimit device payloads (instead of the footer scan).
+    /// A VM description used to delimit device payloads (instead of the footer scan). Its
+    /// devices are also the receiver's device table when `known_devices` is `None`.
     #[cfg(feature = "vmdesc")]
     pub vmdesc: Option<crate::vmdesc::VmDesc>,
+    /// The receiver's devices `(idstr, instance_id, version_id)`: a START/FULL section naming
+    /// another device breaks SEC-UNKNOWN-DEVICE, one with a newer version SEC-VERSION. `None`:
+    /// the devices of `vmdesc` plus the iterative `ram` section (instance 0, version 4) when a
+    /// VM description is configured (QEMU's description lists every non-iterative section),
+    /// else every device is accepted.
+    pub known_devices: Option<Vec<(String, u32, u32)>>,
 }
 
 impl DestinationConfig {
@@ -97,7 +106,27 @@ impl DestinationConfig {
             multifd: None,
             #[cfg(feature = "vmdesc")]
             vmdesc: None,
+            known_devices: None,
         }
+    }
+
+    /// The device table the main channel's decoder checks sections against (see
+    /// `known_devices`), `None` when every device is accepted.
+    pub fn device_table(&self) -> Option<Vec<(String, u32, u32)>> {
+        if let Some(t) = &self.known_devices {
+            return Some(t.clone());
+        }
+        #[cfg(feature = "vmdesc")]
+        if let Some(v) = &self.vmdesc {
+            let mut t: Vec<(String, u32, u32)> = v
+                .devices
+                .iter()
+                .map(|d| (d.name.clone(), d.instance_id, d.version))
+                .collect();
+            t.push((String::from("ram"), 0, 4));
+            return Some(t);
+        }
+        None
     }
 }
 
@@ -373,6 +402,9 @@ impl Destination {
         #[cfg(feature = "vmdesc")]
         if let Some(v) = &self.cfg.vmdesc {
             d.set_vmdesc(v.clone());
+        }
+        if let Some(t) = self.cfg.device_table() {
+            d.set_known_devices(t.iter().map(|(n, i, v)| (n.as_bytes(), *i, *v)));
         }
         let tps = self.tps;
         d.set_huge_page_blocks(
