@@ -228,6 +228,57 @@ fn batcher_groups_contiguous_pages_and_zero_runs() {
 }
 
 #[test]
+fn batcher_flushes_at_once_only_for_a_page_a_fault_waits_on() {
+    let (ram, u, faults) = setup(64, PlaceConfig::default());
+    let got = reader(&ram, 40);
+    assert_eq!(faults.recv_timeout(GUARD).unwrap().offset, 40 * P);
+    assert_eq!(u.pending_faults(), 1);
+    let mut bt = Batcher::new(&u, ZeroPolicy::Lazy);
+    // Pages nobody waits on stay staged although a fault is pending.
+    for p in 0..8 {
+        bt.push_page(0, p * P, &page(4, p)).unwrap();
+    }
+    bt.push_zero(0, 20 * P).unwrap();
+    assert_eq!(
+        u.stats().copy_calls,
+        1,
+        "pages 0..8 in one call when the zero run began"
+    );
+    for p in 38..40 {
+        bt.push_page(0, p * P, &page(4, p)).unwrap();
+    }
+    assert_eq!(u.stats().copy_calls, 1);
+    assert_eq!(got.try_recv().unwrap_err(), TryRecvError::Empty);
+    // The waited-on page goes out at once, alone, ahead of the staged pages 38 and 39.
+    bt.push_page(0, 40 * P, &page(4, 40)).unwrap();
+    let s = u.stats();
+    assert_eq!((s.copied_pages, s.copy_calls), (9, 2));
+    assert_eq!(got.recv_timeout(GUARD).unwrap(), page(4, 40));
+    assert_eq!(u.pending_faults(), 0);
+    drop(bt);
+    let s = u.stats();
+    assert_eq!((s.copied_pages, s.copy_calls), (11, 3));
+    assert_eq!(ram.blocks()[0].read_page(39 * P).unwrap(), page(4, 39));
+}
+
+#[test]
+fn batcher_places_a_resend_of_a_staged_page_after_it() {
+    let (ram, u, faults) = setup(16, PlaceConfig::default());
+    let mut bt = Batcher::new(&u, ZeroPolicy::Lazy);
+    bt.push_page(0, 2 * P, &page(5, 2)).unwrap();
+    bt.push_page(0, 3 * P, &page(5, 3)).unwrap();
+    let got = reader(&ram, 3);
+    assert_eq!(faults.recv_timeout(GUARD).unwrap().offset, 3 * P);
+    // Page 3 again while its first copy is staged: the staged run is placed, then the resend
+    // (which finds the page present), never the other way round.
+    bt.push_page(0, 3 * P, &page(6, 3)).unwrap();
+    assert_eq!(got.recv_timeout(GUARD).unwrap(), page(5, 3));
+    drop(bt);
+    let s = u.stats();
+    assert_eq!((s.copied_pages, s.already_present), (2, 1));
+}
+
+#[test]
 fn out_of_range_and_unaligned_are_typed_errors() {
     let (_ram, u, _faults) = setup(4, PlaceConfig::default());
     assert!(matches!(

@@ -742,6 +742,22 @@ impl UffdRam {
         self.shared.pending_count.load(Ordering::SeqCst)
     }
 
+    /// Whether a forwarded, unresolved fault waits on one of the pages `[first, first + n)` of
+    /// `block` (page indices). Without pending faults this is one atomic load.
+    pub fn pending_in(&self, block: usize, first: u64, n: u64) -> bool {
+        if self.pending_faults() == 0 {
+            return false;
+        }
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        pending
+            .keys()
+            .any(|&(b, p)| b == block && p >= first && p - first < n)
+    }
+
     /// Placement counters.
     pub fn stats(&self) -> PlaceStats {
         let c = &self.shared.counters;
