@@ -6,9 +6,9 @@
 //!   reader thread per connection that feeds return-path bytes into the driver's inbox, so the
 //!   sender never blocks on the return path;
 //! * writes `poll_transmit` output in small budgets paced by a token bucket (`max-bandwidth`,
-//!   `max-postcopy-bandwidth`), requested pages unpaced, and keeps the kernel's unsent queue
-//!   short (`TCP_NOTSENT_LOWAT`), so a requested page never waits behind more than one short
-//!   burst of bulk data;
+//!   `max-postcopy-bandwidth`), requested pages unpaced, and with postcopy keeps the kernel's
+//!   unsent queue short (`TCP_NOTSENT_LOWAT`), so a requested page never waits behind more than
+//!   one short burst of bulk data;
 //! * answers `NeedDirtySync` with a kernel dirty-bitmap sync ([`DirtyTracker`]) and decides
 //!   convergence: when the dirty bytes at the measured rate fit in `downtime-limit`, it stops the
 //!   guest, syncs once more and completes;
@@ -120,6 +120,7 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
         iter_bytes: 0,
         stopped_at: None,
         we_stopped_guest: false,
+        urgent_since: None,
     };
     std::thread::Builder::new()
         .name("migration".into())
@@ -149,6 +150,9 @@ struct Driver {
     iter_bytes: u64,
     stopped_at: Option<Instant>,
     we_stopped_guest: bool,
+    /// Page requests pending since (return-path bytes read, handed to the machine): the
+    /// urgent-path timing logged at `debug` when the requested pages are written.
+    urgent_since: Option<(Instant, Instant)>,
 }
 
 fn reader(mut r: ConnReader, conn: u64, tx: Sender<Msg>) {
@@ -167,6 +171,7 @@ fn reader(mut r: ConnReader, conn: u64, tx: Sender<Msg>) {
                     .send(Msg::Rp {
                         conn,
                         data: buf[..n].to_vec(),
+                        at: Instant::now(),
                     })
                     .is_err()
                 {
@@ -219,14 +224,16 @@ impl Driver {
                 self.pump();
             }
             if self.writer.is_some() && self.src.wants_transmit() {
-                let rate = self.rate();
-                let avail = self.bucket.available(Instant::now(), rate);
-                if avail == 0 && self.src.urgent_pending() {
-                    // Requested pages are not paced: `max-postcopy-bandwidth` caps the
-                    // background scan (the bucket goes negative and the scan waits longer).
+                if self.src.urgent_pending() {
+                    // Requested pages go first, in a write of their own (the machine ends the
+                    // part after them), so the driver is back for the next request as soon as
+                    // the kernel took them. They are not paced: `max-postcopy-bandwidth` caps
+                    // the background scan (the bucket goes negative and the scan waits longer).
                     self.transmit(1);
                     continue;
                 }
+                let rate = self.rate();
+                let avail = self.bucket.available(Instant::now(), rate);
                 if avail == 0 {
                     let wait = self
                         .bucket
@@ -305,8 +312,10 @@ impl Driver {
 
     fn connect(&mut self, uri: &MigrationUri) -> std::io::Result<()> {
         let c = transport::connect(uri, &TransportConfig::default())?;
-        if let Socket::Tcp(t) = c.socket() {
-            // Keep little bulk data queued in the kernel ahead of a requested page.
+        if let (Socket::Tcp(t), true) = (c.socket(), self.shared.cap("postcopy-ram")) {
+            // Keep little bulk data queued in the kernel ahead of a requested page. Without
+            // postcopy no page is ever requested: the kernel's autotuned buffers stay, so the
+            // writer blocks (and waits for the destination to be scheduled) far less often.
             rustix::net::sockopt::set_socket_send_buffer_size(t, SEND_BUFFER)?;
             transport::set_notsent_lowat(t, NOTSENT_LOWAT)?;
         }
@@ -377,6 +386,19 @@ impl Driver {
         let c = &self.shared.recorder.counters;
         match written {
             Ok(m) => {
+                if let Some((read, handled)) = self.urgent_since {
+                    if !self.src.urgent_pending() {
+                        self.urgent_since = None;
+                        let us =
+                            |a: Instant, b: Instant| b.saturating_duration_since(a).as_micros();
+                        let written = Instant::now();
+                        tracing::debug!(
+                            "urgent path: return path read -> handled {} us, handled -> requested pages written {} us",
+                            us(read, handled),
+                            us(handled, written)
+                        );
+                    }
+                }
                 let n = n + m;
                 self.bucket.consume(n);
                 c.add_bytes(n as u64);
@@ -423,7 +445,7 @@ impl Driver {
     fn on_msg(&mut self, m: Msg) {
         let now = self.now();
         match m {
-            Msg::Rp { conn, data } => {
+            Msg::Rp { conn, data, at } => {
                 if conn != self.conn || self.writer.is_none() {
                     return;
                 }
@@ -432,6 +454,9 @@ impl Driver {
                     Ok(n) => {
                         self.count_requests(n);
                         self.rp_buf.drain(..n);
+                        if self.urgent_since.is_none() && self.src.urgent_pending() {
+                            self.urgent_since = Some((at, Instant::now()));
+                        }
                     }
                     Err(v) => {
                         // The machine has paused or failed; the channel is dead.

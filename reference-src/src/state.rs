@@ -38,6 +38,9 @@ pub enum Msg {
         conn: u64,
         /// The bytes.
         data: Vec<u8>,
+        /// When the reader thread's `read` returned them (the urgent-path timing in the
+        /// driver's debug log starts here).
+        at: std::time::Instant,
     },
     /// The return path of connection `conn` ended (EOF or error).
     RpEnd {
