@@ -57,9 +57,13 @@ fn truncated_desc(offset: u64, left: u64) -> String {
 /// one chunk's placement before it becomes a page request (the loop polls the userfaultfd
 /// between chunks).
 const CHUNK: usize = 64 << 10;
+/// Bytes read per `read` without postcopy: no page is ever requested, so nothing waits behind
+/// the placement of a larger chunk (fewer `read`/`poll` turns, larger `UFFDIO_COPY` batches).
+const BULK_CHUNK: usize = 256 << 10;
 /// Kernel receive buffer of a TCP migration channel (the kernel doubles it). It bounds the
 /// bulk data queued ahead of a requested page: the source's send queue is bounded too
-/// (`TCP_NOTSENT_LOWAT`), so an urgent page waits behind at most these two queues.
+/// (`TCP_NOTSENT_LOWAT`), so an urgent page waits behind at most these two queues. Set only
+/// with the `postcopy-ram` capability; a precopy-only channel keeps the kernel's autotuning.
 const RECV_BUFFER: usize = 64 << 10;
 /// Most unconsumed bytes kept: beyond every item the decoder accepts under its limits.
 const MAX_BUFFERED: usize = 64 << 20;
@@ -108,6 +112,10 @@ struct Loop {
     at_eof: bool,
     /// Multifd connections (crate::multifd).
     mfd: crate::multifd::Channels,
+    /// Bytes per `read` of the main channel: [`CHUNK`] with postcopy, else [`BULK_CHUNK`].
+    chunk: usize,
+    /// The guest was started (`RESUME` emitted, workload launched).
+    guest_started: bool,
 }
 
 fn sock_fd(c: &Connection) -> BorrowedFd<'_> {
@@ -177,6 +185,8 @@ pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventS
         truncated: None,
         at_eof: false,
         mfd: Default::default(),
+        chunk: CHUNK,
+        guest_started: false,
     };
     l.run();
 }
@@ -235,9 +245,16 @@ impl Loop {
                 }
             }
             if fault {
-                self.faults();
+                let t = StdInstant::now();
+                let n = self.faults();
                 // The page requests go out now, before the next chunk of bulk data is placed.
                 self.settle();
+                if n > 0 {
+                    tracing::debug!(
+                        "urgent path: {n} faults read -> page requests written {} us",
+                        t.elapsed().as_micros()
+                    );
+                }
             }
             if readable {
                 self.read();
@@ -318,12 +335,14 @@ impl Loop {
         true
     }
 
-    /// Guest faults waiting on the userfaultfd become `handle_fault` calls (page requests).
-    fn faults(&mut self) {
+    /// Guest faults waiting on the userfaultfd become `handle_fault` calls (page requests);
+    /// returns how many were read.
+    fn faults(&mut self) -> usize {
         let mut got: Vec<Fault> = Vec::new();
         if let Err(e) = self.cfg.faults.read(&mut got) {
             tracing::error!("reading guest faults: {e}");
         }
+        let n = got.len();
         for f in got {
             self.sh.recorder.counters.add_fault();
             let Some(m) = self.machine.as_mut() else {
@@ -339,6 +358,7 @@ impl Loop {
                 _ => {}
             }
         }
+        n
     }
 
     fn devices_json(&self) -> Value {
@@ -377,7 +397,9 @@ impl Loop {
         self.listening = None;
         tracing::info!("channel from {}", conn.socket().peer());
         let _ = conn.socket().set_write_timeout(Some(WRITE_TIMEOUT));
-        if let Socket::Tcp(t) = conn.socket() {
+        let postcopy = self.sh.view().cap("postcopy-ram");
+        self.chunk = if postcopy { CHUNK } else { BULK_CHUNK };
+        if let (Socket::Tcp(t), true) = (conn.socket(), postcopy) {
             if let Err(e) = rustix::net::sockopt::set_socket_recv_buffer_size(t, RECV_BUFFER) {
                 tracing::warn!("SO_RCVBUF: {e}");
             }
@@ -413,7 +435,7 @@ impl Loop {
             return;
         };
         let len = self.buf.len();
-        self.buf.resize(len + CHUNK, 0);
+        self.buf.resize(len + self.chunk, 0);
         let r = conn.read(&mut self.buf[len..]);
         let n = match r {
             Ok(n) => n,
@@ -594,10 +616,13 @@ impl Loop {
         }
     }
 
+    /// Starts the guest once: `RESUME`, the running state and the workload (called on every
+    /// loop turn from `POSTCOPY_RUN` on, so it must do nothing after the first call).
     fn start_guest(&mut self) {
-        if self.workload.is_some() {
+        if self.guest_started {
             return;
         }
+        self.guest_started = true;
         self.sh.view().guest_running = true;
         self.events.resume();
         if let Some(spec) = &self.cfg.workload {
