@@ -36,7 +36,11 @@ pub struct Args {
     /// Wire profile of the source: `7.2` or `10`.
     #[arg(long, default_value = "10", value_parser = parse_profile)]
     pub profile: Profile,
-    /// VM description JSON used to delimit (and decode) device sections.
+    /// VM description JSON used to delimit (and decode) device sections. It also declares this
+    /// destination's devices: its devices plus `ram` (instance 0, version 4) are the only
+    /// sections accepted, a section naming another device fails the migration with
+    /// SEC-UNKNOWN-DEVICE and one newer than its described version with SEC-VERSION, as QEMU's
+    /// destination does. Without it every device section is accepted.
     #[arg(long)]
     pub vmdesc: Option<PathBuf>,
     /// Guest workload started when the guest runs (postcopy or completion).

@@ -419,7 +419,8 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             }
             judge(s, got, &format!("{n_msgs} messages decoded"))
         }
-        Some("destination") => {
+        // `destination-devices`: the same, with the destination's device table declared.
+        Some("destination" | "destination-devices") => {
             let stream = v.read("stream.bin").map_err(|e| e.to_string())?;
             let specs: Vec<RamBlockSpec> = blocks
                 .iter()
@@ -431,12 +432,24 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            let cfg = DestinationConfig::new(
+            let mut cfg = DestinationConfig::new(
                 v.profile(),
                 v.manifest["machine"]["type"].as_str().unwrap_or("none"),
                 specs,
                 flags.contains(&"postcopy-ram"),
             );
+            // The destination's device table (SEC-UNKNOWN-DEVICE, SEC-VERSION), when declared.
+            cfg.known_devices = s["known_devices"].as_array().map(|l| {
+                l.iter()
+                    .filter_map(|d| {
+                        Some((
+                            d[0].as_str()?.to_string(),
+                            u32::try_from(d[1].as_u64()?).ok()?,
+                            u32::try_from(d[2].as_u64()?).ok()?,
+                        ))
+                    })
+                    .collect()
+            });
             // The plain decoder first (the whole channel, declared final): stream-level rules,
             // including what follows EOF; then the machine for the state-dependent rules.
             let mut dec = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);

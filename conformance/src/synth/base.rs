@@ -129,10 +129,16 @@ fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
     }
 }
 
-/// The VM description a precopy stream ends with (`0x06`, be32 length, JSON): as QEMU does,
-/// and it lets the footer scan decide the last device section.
+/// The VM description JSON of the synthetic machine: its one non-iterative device,
+/// `globalstate` (instance 0, version 1: be32 size, 100-byte run state), as QEMU describes
+/// every non-iterative section. A destination given it knows its devices (SEC-UNKNOWN-DEVICE,
+/// SEC-VERSION).
+pub const VMDESC_JSON: &[u8] = br#"{"page_size":4096,"devices":[{"name":"globalstate","instance_id":0,"vmsd_name":"globalstate","version":1,"fields":[{"name":"size","type":"uint32","size":4},{"name":"runstate","type":"buffer","size":100}]}]}"#;
+
+/// The VM description a precopy stream ends with (`0x06`, be32 length, [`VMDESC_JSON`]): as
+/// QEMU does, and it lets the footer scan decide the last device section.
 pub fn vmdesc() -> Vec<u8> {
-    let j = br#"{"page_size":4096,"devices":[]}"#;
+    let j = VMDESC_JSON;
     cat(&[&[0x06], &be32(j.len() as u32), j])
 }
 

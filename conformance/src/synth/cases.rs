@@ -123,6 +123,12 @@ fn src_request(start: u64, len: u64) -> Vec<u8> {
     })
 }
 
+/// Whether case `c` is judged by a destination that declares its device table (checker
+/// `destination-devices`): the SEC-UNKNOWN-DEVICE and SEC-VERSION cases.
+pub fn needs_device_table(c: &Case) -> bool {
+    matches!(c.rule, "SEC-UNKNOWN-DEVICE" | "SEC-VERSION")
+}
+
 /// Rules the valid source-side postcopy case exercises: the request comes after
 /// POSTCOPY_RUN (RP-ORDER), is in range (RP-REQ-RANGE), every PONG answers a PING the source
 /// sent (RP-PONG-UNKNOWN), and the destination's SHUT is 0 (RP-SHUT-ERROR).
@@ -490,6 +496,12 @@ pub fn all() -> Vec<Case> {
             p.set("bitmap", m);
             Some(o(p, "bitmap") + 16 + 100 / 8)
         }),
+        // ---- the destination's device table (the VM description's devices and `ram`) ----
+        case!(Valid, "SEC-UNKNOWN-DEVICE", "10", Precopy, "globalstate v1, as the destination's device table (its VM description) declares", |_| None, &["SEC-VERSION"]),
+        case!(Invalid, "SEC-UNKNOWN-DEVICE", "7.2", Precopy, "a FULL section for `globalstatx`, a device the destination does not have", |p| { p.get("gs_hdr")[16] = b'x'; Some(o(p, "gs_hdr") + 5) }),
+        case!(Invalid, "SEC-UNKNOWN-DEVICE", "10", Precopy, "a FULL section for `globalstatx`, a device the destination does not have", |p| { p.get("gs_hdr")[16] = b'x'; Some(o(p, "gs_hdr") + 5) }),
+        case!(Invalid, "SEC-VERSION", "7.2", Precopy, "globalstate version 2, newer than the destination's 1", |p| { set_be32(p, "gs_hdr", 21, 2); Some(o(p, "gs_hdr") + 21) }),
+        case!(Invalid, "SEC-VERSION", "10", Precopy, "globalstate version 2, newer than the destination's 1", |p| { set_be32(p, "gs_hdr", 21, 2); Some(o(p, "gs_hdr") + 21) }),
         // ---- return path judged by a live source (replay-src) ----
         case!(Valid, "RP-REQ-RANGE", "7.2", SrcPostcopy, "after POSTCOPY_RUN, REQ_PAGES_ID for the block's last two pages: both arrive, whole", |p| { p.push("req", src_request(254 * TPS, 2 * TPS)); None }, SRC_EXERCISES),
         case!(Invalid, "RP-SHUT-ERROR", "7.2", SrcPrecopy, "SHUT(1) in the middle of a precopy migration", |p| { p.push("shut", base::rp(RpMessage::Shut(1))); Some(4) }),
@@ -533,8 +545,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-SHUT-LAST", "behaviour: valid synthetic and captured replays check SHUT(0) last; no invalid input exists"),
     ("SM-PONG", "behaviour: valid replays check every PONG; the broken-drop-pong self-test is the failing case"),
     ("SM-SWITCHOVER-START", "behaviour of a source: valid 10.x synthetic base; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("SEC-UNKNOWN-DEVICE", "not generated: StreamDecoder checks it only after set_known_devices, and neither the synthetic decode path, the Destination machine nor qmig-dst declares a device table (an invalid case would be accepted by qmig-dst); protocol/src/stream/tests.rs known_devices_rules"),
-    ("SEC-VERSION", "not generated: as SEC-UNKNOWN-DEVICE (needs a declared device table); protocol/src/stream/tests.rs known_devices_rules"),
     ("VMDESC-JSON", "valid: every synthetic precopy base and real precopy vector carries a VM description; invalid: not generated — on the destination path neither StreamDecoder nor the Destination machine parses the JSON (QEMU ignores it too), only `qmig verify` and the protocol vmdesc tests (VmDesc::parse) judge it"),
     ("RAM-HOSTPAGE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical, records_props.rs"),
     ("RAM-PAGESIZE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical"),

@@ -168,6 +168,12 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 "generator": "qmig conformance --generate (conformance/src/synth)",
             },
         });
+        if cases::needs_device_table(&c) {
+            // A destination that knows its devices: the table it derives from the stream's VM
+            // description (given to a target as `{VMDESC}`).
+            manifest["synthetic"]["checker"] = json!("destination-devices");
+            manifest["synthetic"]["known_devices"] = json!([["globalstate", 0, 1], ["ram", 0, 4]]);
+        }
         if src_side {
             manifest["source_replay"] = source_replay;
             // A QEMU 7.2 source's RAM is written through qtest, which needs a CPU there (the
