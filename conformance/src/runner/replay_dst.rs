@@ -333,6 +333,25 @@ fn messages(v: &Vector, bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
     Ok(out)
 }
 
+/// Whether synthetic case `v`'s expected violation lies before the POSTCOPY_RUN of `stream`
+/// (or the stream has none): a destination must then fail, not pause (SM-FATAL-BEFORE-RUN).
+fn before_run(v: &Vector, stream: &[u8]) -> bool {
+    use qmig_protocol::command::Command;
+    use qmig_protocol::stream::{Channel, Item, StreamDecoder};
+    let Some(off) = v.synthetic().and_then(|s| s["expected"]["offset"].as_u64()) else {
+        return false;
+    };
+    let mut d = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
+    let mut pos = 0;
+    while let Ok((item, n)) = d.decode(&stream[pos..]) {
+        if matches!(item, Item::Command(Command::PostcopyRun)) {
+            return off < pos as u64;
+        }
+        pos += n;
+    }
+    true
+}
+
 /// The vector's RAM blocks (name, bytes): the synthetic list, or main + `final_ram.other_blocks`.
 pub fn block_list(v: &Vector) -> Vec<(String, u64)> {
     if let Some(s) = v.synthetic() {
@@ -654,6 +673,8 @@ fn drive(
             let why = match (s.as_str(), exit) {
                 ("failed", _) => Some("migration failed".to_string()),
                 ("completed", _) => after_eof(t).map(|d| format!("reported after completion: {d}")),
+                // SM-FATAL-BEFORE-RUN: a synthetic violation before POSTCOPY_RUN must fail.
+                ("postcopy-paused", _) if before_run(v, &bytes) => None,
                 ("postcopy-paused", _) => {
                     Some("postcopy paused (error after POSTCOPY_RUN)".to_string())
                 }
