@@ -277,6 +277,29 @@ fn every_vector_passes_against_qmig_dst_multifd_included() {
         status(&r, "replay-dst[qmig]/qemu-7.2/postcopy-recover"),
         Status::Pass(m) if m.contains("2 channel(s) replayed")
     ));
+    // Invalid synthetic cases: qmig-dst names the rule and offset; a destination that knows its
+    // devices (--vmdesc) rejects an unknown one and a newer version.
+    for (case, want) in [
+        (
+            "invalid-sec-unknown-device-precopy-72",
+            "error-desc `offset 8361: SEC-UNKNOWN-DEVICE: ",
+        ),
+        (
+            "invalid-sec-version-precopy-10",
+            "error-desc `offset 8382: SEC-VERSION: ",
+        ),
+        (
+            "invalid-sec-delimit-precopy-72",
+            "error-desc `offset 8381: SEC-DELIMIT: ",
+        ),
+    ] {
+        let name = format!("replay-dst[qmig]/synthetic/{case}");
+        assert!(
+            matches!(status(&r, &name), Status::Pass(m) if m.contains(want)),
+            "{name}: {:?}",
+            status(&r, &name)
+        );
+    }
 }
 
 fn qemu_skips() -> Vec<runner::skip::Skip> {

@@ -175,7 +175,9 @@ pub fn values_for(
     } else {
         vals.list("BIOS", vec![]);
     }
-    let vmdesc = if v.has("vmdesc.json") {
+    let vmdesc = if v.manifest["replay"]["destination_vmdesc"] == false {
+        None
+    } else if v.has("vmdesc.json") {
         Some(v.dir.join("vmdesc.json"))
     } else {
         let s = v.read("stream.bin").ok();
@@ -546,7 +548,8 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
             }
             Err(StartError::Failed(e)) => return Err(e),
         };
-        let r = drive(v, &mut t, port, uses_listen, target.breakage);
+        let names_rules = target.label == "qmig";
+        let r = drive(v, &mut t, port, uses_listen, target.breakage, names_rules);
         match r {
             Err(e) => {
                 if t.exit_code() == Some(shim::EXIT_UNSUPPORTED) {
@@ -564,12 +567,15 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
     result
 }
 
+/// `names_rules`: the target is qmig-dst, whose `error-desc` must name an invalid synthetic
+/// case's rule and offset (`offset N: RULE-ID: ...`).
 fn drive(
     v: &Vector,
     t: &mut Target,
     port: u16,
     uses_listen: bool,
     target_breakage: Option<Breakage>,
+    names_rules: bool,
 ) -> anyhow::Result<Verdict> {
     let mut caps: Vec<Value> = vec![json!({"capability": "events", "state": true})];
     for c in caps_list(v) {
@@ -670,6 +676,32 @@ fn drive(
                 let desc = info["error-desc"].as_str()?.to_string();
                 desc.contains(&want).then_some(desc)
             };
+            if s == "failed" && names_rules {
+                if let Some(want) = v.synthetic().map(|s| {
+                    format!(
+                        "offset {}: {}:",
+                        s["expected"]["offset"],
+                        s["expected"]["rule"].as_str().unwrap_or("")
+                    )
+                }) {
+                    let info = t.qmp.execute("query-migrate", serde_json::json!({}));
+                    let desc = info
+                        .as_ref()
+                        .ok()
+                        .and_then(|i| i["error-desc"].as_str())
+                        .unwrap_or("")
+                        .to_string();
+                    if !desc.starts_with(&want) {
+                        return Ok(Verdict::Fail(format!(
+                            "failed, but error-desc `{desc}` does not start with `{want}`"
+                        )));
+                    }
+                    return Ok(Verdict::Pass(format!(
+                        "rejected: migration failed, error-desc `{desc}` ({} return-path bytes)",
+                        rp.len()
+                    )));
+                }
+            }
             let why = match (s.as_str(), exit) {
                 ("failed", _) => Some("migration failed".to_string()),
                 ("completed", _) => after_eof(t).map(|d| format!("reported after completion: {d}")),

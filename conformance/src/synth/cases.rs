@@ -123,6 +123,12 @@ fn src_request(start: u64, len: u64) -> Vec<u8> {
     })
 }
 
+/// Whether case `c` is about delimiting a device payload by the footer scan, so that its
+/// replay gives the destination no VM description (`replay.destination_vmdesc: false`).
+pub fn footer_scan_only(c: &Case) -> bool {
+    c.class == Class::Invalid && matches!(c.rule, "SEC-DELIMIT" | "SEC-DEVICE-LEN")
+}
+
 /// Whether case `c` is judged by a destination that declares its device table (checker
 /// `destination-devices`): the SEC-UNKNOWN-DEVICE and SEC-VERSION cases.
 pub fn needs_device_table(c: &Case) -> bool {

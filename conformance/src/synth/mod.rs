@@ -120,6 +120,11 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 ch["expect_failure"] = json!(true);
             }
             replay = json!({"destination_capabilities": caps, "destination_parameters": {}, "channels": [ch]});
+            if cases::footer_scan_only(&c) {
+                // About the footer scan: the destination is given no VM description (one
+                // would delimit the payload by its described size instead).
+                replay["destination_vmdesc"] = json!(false);
+            }
         }
         let expected = match offset {
             Some(off) => json!({"rule": c.rule, "offset": off}),
