@@ -2,7 +2,9 @@
 """Regenerates spec/rules.md from protocol/src/rule.rs and the definitions in spec/*.md.
 
 Run after adding a rule to rule.rs and defining it (as a bold bracketed id) in a spec file;
-protocol/tests/spec_coverage.rs checks that the index is current.
+protocol/tests/spec_coverage.rs checks that the index is current. It ends with the conformance
+traceability table (rule -> synthetic cases, from conformance/vectors/synthetic/index.json: run
+after `qmig conformance --generate`); conformance/tests/synthetic.rs checks that table.
 """
 import glob
 import json
