@@ -403,7 +403,7 @@ fn fake_footer_unit(id: u32) -> Vec<u8> {
 /// filler, decoded at once and fed 64 KiB at a time as `qmig-dst` reads: the payload is the
 /// whole region (every lookalike rejected), and the work (bytes searched, positions
 /// indexed, index probes, candidates validated; counted, not timed) stays within 16 times
-/// the stream's length. Before the fix it was about 3 500 x 250 KiB = 900 MB of search.
+/// the stream's length. Before the fix it was about 3 300 x 250 KiB = 800 MB of search.
 #[test]
 fn lookalike_footers_cost_linear_footer_search() {
     let mut region = Vec::new();
@@ -423,6 +423,25 @@ fn lookalike_footers_cost_linear_footer_search() {
             s.len()
         );
     }
+}
+
+/// Found by the `destination` campaign's rate after the fix above (`fuzz/README.md`, finding
+/// 9): fed one byte at a time, a decoder searches each byte about 5 times (a footer-sized
+/// window's last 4 bytes again at every call), exceeded the direct-search budget and then
+/// indexed its one new byte per call as a new run of the index, empty runs were never merged,
+/// and every search probed all of them: quadratic (22 s for this stream in a release build).
+/// Counted, not timed: the work stays within 16 times the stream's length.
+#[test]
+fn byte_by_byte_feeding_keeps_the_footer_index_small() {
+    let s = two_device_sections(256 << 10);
+    let (items, d) = decode_fed_with(&s, 1);
+    assert_eq!(items, decode_fed(&s, usize::MAX));
+    let work = d.footer_scan_work();
+    assert!(
+        work <= 16 * s.len() as u64,
+        "work {work} for {} bytes",
+        s.len()
+    );
 }
 
 /// The same shape one level down: lookalike footers of `dev` each followed by a SECTION_FULL

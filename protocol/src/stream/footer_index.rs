@@ -92,6 +92,14 @@ impl FooterSearch {
         // Positions [s, e) may hold a whole pattern.
         let s = hay_at + from as u64;
         let e = hay_at + (hay.len() - (FOOTER_LEN - 1)) as u64;
+        if self.covered.is_empty() && self.direct + (e - s) <= self.budget() {
+            // Nothing indexed and within the budget (every ordinary stream): search directly.
+            let r = direct(hay, from, pat);
+            let n = r.map_or(hay.len() - from, |p| p + FOOTER_LEN - from) as u64;
+            self.direct += n;
+            self.work += n;
+            return r;
+        }
         let gaps = self.gaps(s, e);
         let gap_bytes: u64 = gaps.iter().map(|(a, b)| b - a).sum();
         if !gaps.is_empty() && self.direct + gap_bytes > self.budget() {
@@ -164,9 +172,12 @@ impl FooterSearch {
             .collect();
         run.sort_unstable();
         self.work += run.len() as u64;
-        self.runs.push(Run { entries: run });
         // Keep each run at most half the size of the one before: O(log n) runs, each entry
-        // merged O(log n) times.
+        // merged O(log n) times. A range without a `7E` adds no run (a decoder fed a byte at a
+        // time indexes a byte at a time).
+        if !run.is_empty() {
+            self.runs.push(Run { entries: run });
+        }
         while self.runs.len() >= 2 {
             let n = self.runs.len();
             if self.runs[n - 1].entries.len() * 2 <= self.runs[n - 2].entries.len() {
