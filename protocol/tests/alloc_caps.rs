@@ -13,8 +13,8 @@ use qmig_protocol::command::{encode_ranges, Advise, Command, Discard};
 use qmig_protocol::header::{encode_configuration, encode_header};
 use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::{
-    Destination, DestinationConfig, Event, GuestMemory, Instant, MemoryError, MigrationStatus,
-    RamBlockSpec, Source, SourceConfig,
+    Destination, DestinationConfig, DiscardMemory, Event, Instant, MigrationStatus, RamBlockSpec,
+    Source, SourceConfig,
 };
 use qmig_protocol::ram::{encode_mem_size, BlockInfo};
 use qmig_protocol::rp::{RpDecoder, RpMessage};
@@ -109,19 +109,6 @@ fn decode_all(stream: &[u8], limits: Limits) -> Option<qmig_protocol::Violation>
     }
 }
 
-struct NoMemory;
-impl GuestMemory for NoMemory {
-    fn place_page(&mut self, _: usize, _: u64, _: &[u8]) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn place_zero(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn discard(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-}
-
 fn destination(pages: u64, postcopy: bool) -> Destination {
     let blocks = vec![RamBlockSpec::new("ram", pages * TPS, TPS)];
     let mut d = Destination::new(DestinationConfig::new(
@@ -139,7 +126,7 @@ fn destination(pages: u64, postcopy: bool) -> Destination {
 fn feed(d: &mut Destination, stream: &[u8]) -> Option<qmig_protocol::Violation> {
     let mut pos = 0;
     loop {
-        match d.handle_stream(Instant(2), &stream[pos..], &mut NoMemory) {
+        match d.handle_stream(Instant(2), &stream[pos..], &mut DiscardMemory) {
             Ok(0) => return None,
             Ok(n) => pos += n,
             Err(v) => return Some(v),

@@ -72,6 +72,25 @@ pub trait GuestMemory {
     }
 }
 
+/// A [`GuestMemory`] that accepts every placement and keeps nothing: for driving a
+/// [`Destination`](super::Destination) only to check a stream (decoding, rules, events), as
+/// tests and fuzz targets do. It cannot read pages back, so XBZRLE records are refused
+/// (RAM-XBZRLE-BASE).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiscardMemory;
+
+impl GuestMemory for DiscardMemory {
+    fn place_page(&mut self, _: usize, _: u64, _: &[u8]) -> Result<(), MemoryError> {
+        Ok(())
+    }
+    fn place_zero(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
+        Ok(())
+    }
+    fn discard(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
+        Ok(())
+    }
+}
+
 /// The source's read access to guest memory.
 pub trait SourceMemory {
     /// The target page at `offset` of `block` (exactly one target page long).

@@ -24,7 +24,7 @@ pub mod status;
 pub use control::{Control, ControlError};
 pub use destination::{Destination, DestinationConfig, DeviceSection, FaultOutcome, MultifdConfig};
 pub use events::{ChannelKind, Event, Instant};
-pub use memory::{GuestMemory, MemoryError, RamBlockSpec, SourceMemory};
+pub use memory::{DiscardMemory, GuestMemory, MemoryError, RamBlockSpec, SourceMemory};
 pub use source::{DeviceState, Source, SourceConfig};
 pub use status::{
     MigrationStatus, Transition, Trigger, DESTINATION_TRANSITIONS, SOURCE_TRANSITIONS,

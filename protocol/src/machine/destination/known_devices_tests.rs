@@ -9,22 +9,9 @@ use alloc::vec::Vec;
 use super::{Destination, DestinationConfig};
 use crate::header::encode_configuration;
 use crate::machine::events::Instant;
-use crate::machine::memory::{GuestMemory, MemoryError, RamBlockSpec};
+use crate::machine::memory::{DiscardMemory, RamBlockSpec};
 use crate::profile::Profile;
 use crate::rule::Rule;
-
-struct NoMem;
-impl GuestMemory for NoMem {
-    fn place_page(&mut self, _: usize, _: u64, _: &[u8]) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn place_zero(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn discard(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-}
 
 /// Header, configuration (machine `none`), then a FULL section header for `idstr` instance 0
 /// version `version` (no payload yet). Returns the bytes and the section's offset.
@@ -58,7 +45,7 @@ fn feed(
     let mut d = Destination::new(cfg).expect("config");
     d.handle_channel_opened(Instant(0)).expect("open");
     let (bytes, at) = stream(idstr, version);
-    match d.handle_stream(Instant(1), &bytes, &mut NoMem) {
+    match d.handle_stream(Instant(1), &bytes, &mut DiscardMemory) {
         Ok(_) => Ok(at),
         Err(v) => Err((v.rule, v.offset - at)),
     }
