@@ -18,11 +18,12 @@
 //!   events onto QMP status, events and `error-desc`.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use qmig_host::dirty::{Choice, DirtyTracker, PageBitmap};
+use qmig_host::dirty::{Choice, DirtyError, DirtyTracker, PageBitmap};
 use qmig_host::memory::PAGE_SIZE;
 use qmig_host::qmp_types::MigrationStatus as QmpStatus;
 use qmig_host::transport::{self, ConnReader, ConnWriter, Socket, TransportConfig};
@@ -31,7 +32,7 @@ use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::source::MultifdSourceConfig;
 use qmig_protocol::machine::{
     Control, DeviceState, Event, Instant as MInstant, MigrationStatus, RamBlockSpec, Source,
-    SourceConfig,
+    SourceConfig, SourceMemory,
 };
 use qmig_protocol::rp::{RpDecoder, RpMessage};
 use qmig_protocol::rule::Rule;
@@ -50,6 +51,27 @@ const NOTSENT_LOWAT: u32 = 32 * 1024;
 const TIMEOUT_TICK: Duration = Duration::from_millis(200);
 /// Pages per RAM section part.
 const PAGES_PER_SECTION: usize = 16;
+/// Bytes write-protected per step by the arming thread.
+const ARM_STEP: usize = 16 << 20;
+
+/// Guest memory as the first pass may read it: a page is handed to the machine only once dirty
+/// tracking covers it (the arming thread has passed it), so a write after the read is in the
+/// next sync. Waits (yielding the CPU to the arming thread) for a page not covered yet.
+struct Armed<'a> {
+    ram: &'a qmig_host::memory::GuestRam,
+    marks: &'a [AtomicU64],
+}
+
+impl SourceMemory for Armed<'_> {
+    fn page(&self, block: usize, offset: u64) -> &[u8] {
+        if let Some(m) = self.marks.get(block) {
+            while m.load(Ordering::Acquire) <= offset {
+                std::thread::yield_now();
+            }
+        }
+        self.ram.page(block, offset)
+    }
+}
 
 /// What a migration needs besides the shared state.
 pub struct Plan {
@@ -66,11 +88,32 @@ pub struct Plan {
     pub tracking: Choice,
 }
 
-/// Starts a migration: arms dirty tracking now (the first pass sends every page; writes from
-/// here on are in the first sync) and spawns the migration thread.
+/// Starts a migration: starts dirty tracking now (the first pass sends every page; writes from
+/// here on are in the first sync) and spawns the migration thread. With the userfaultfd
+/// mechanism the write protection runs on a thread of its own while the first pass sends the
+/// pages it has covered ([`Armed`]); the first dirty sync waits for it.
 pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
     let ram = shared.guest.ram.clone();
-    let tracker = DirtyTracker::start(ram.clone(), plan.tracking).map_err(|e| e.to_string())?;
+    let (tracker, arming) =
+        DirtyTracker::start_deferred(ram.clone(), plan.tracking).map_err(|e| e.to_string())?;
+    let start_mark = if arming.is_some() { 0 } else { u64::MAX };
+    let marks: Arc<Vec<AtomicU64>> = Arc::new(
+        (0..ram.blocks().len())
+            .map(|_| AtomicU64::new(start_mark))
+            .collect(),
+    );
+    let arming = match arming {
+        None => None,
+        Some(a) => {
+            let m = marks.clone();
+            Some(
+                std::thread::Builder::new()
+                    .name("dirty-arm".into())
+                    .spawn(move || a.run(&m, ARM_STEP))
+                    .map_err(|e| e.to_string())?,
+            )
+        }
+    };
     let postcopy = shared.cap("postcopy-ram");
     let blocks: Vec<RamBlockSpec> = ram
         .blocks()
@@ -105,6 +148,8 @@ pub fn start(shared: Arc<Shared>, plan: Plan) -> Result<(), String> {
         shared: shared.clone(),
         src,
         tracker,
+        marks,
+        arming,
         rx,
         tx,
         writer: None,
@@ -133,6 +178,10 @@ struct Driver {
     shared: Arc<Shared>,
     src: Source,
     tracker: DirtyTracker,
+    /// Bytes of each block under dirty tracking so far ([`Armed`]).
+    marks: Arc<Vec<AtomicU64>>,
+    /// The thread applying the write protection, joined by the first dirty sync.
+    arming: Option<std::thread::JoinHandle<Result<(), DirtyError>>>,
     rx: Receiver<Msg>,
     tx: Sender<Msg>,
     writer: Option<ConnWriter>,
@@ -364,7 +413,11 @@ impl Driver {
         self.out.clear();
         let ram = self.shared.guest.ram.clone();
         let (pages0, zero0) = (self.src.pages_sent(), self.src.zero_pages_sent());
-        let n = self.src.poll_transmit(&*ram, &mut self.out, budget);
+        let mem = Armed {
+            ram: &ram,
+            marks: &self.marks,
+        };
+        let n = self.src.poll_transmit(&mem, &mut self.out, budget);
         let c = &self.shared.recorder.counters;
         // The machine knows which records were zero pages: no second read of guest memory.
         let zero = self.src.zero_pages_sent() - zero0;
@@ -567,6 +620,18 @@ impl Driver {
 
     /// One kernel dirty sync handed to the machine; returns the dirty page count.
     fn sync_dirty(&mut self) -> u64 {
+        if let Some(h) = self.arming.take() {
+            let r = h.join().unwrap_or_else(|_| {
+                Err(DirtyError::NoneAvailable("arming thread panicked".into()))
+            });
+            if let Err(e) = r {
+                // Pages written during the first pass may be untracked: fail.
+                self.shared.set_error(format!("dirty tracking: {e}"));
+                let now = self.now();
+                let _ = self.src.handle_control(now, Control::Cancel);
+                return 0;
+            }
+        }
         // A tracker whose read-and-reset is not atomic needs the writers paused around it.
         let pause = !self.tracker.mechanism().atomic() && self.shared.guest.running();
         if pause {

@@ -128,3 +128,45 @@ fn auto_choice_names_a_working_mechanism() {
         Err(e) => assert_eq!(first_ok, None, "auto failed although a probe passed: {e}"),
     }
 }
+
+#[test]
+fn deferred_arming_tracks_each_page_once_its_step_is_done() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let ram = ram(&[("pc.ram", 512 * P), ("vga.vram", 64 * P)]);
+    fill(&ram.blocks()[0], Content::Random { seed: 3 }).unwrap();
+    let (mut t, arming) =
+        match DirtyTracker::start_deferred(ram.clone(), Choice::Only(Mechanism::UffdWpAsync)) {
+            Ok(x) => x,
+            Err(DirtyError::Unavailable { why, .. }) => {
+                eprintln!("SKIP: this kernel lacks uffd-wp async: {why}");
+                return;
+            }
+            Err(e) => panic!("{e}"),
+        };
+    let arming = arming.expect("the userfaultfd mechanism defers its write protection");
+    let marks: Vec<AtomicU64> = (0..2).map(|_| AtomicU64::new(0)).collect();
+    // 64-page steps: the marks move through every step to each block's length.
+    arming.run(&marks, 64 * PAGE_SIZE).unwrap();
+    assert_eq!(marks[0].load(Ordering::Acquire), 512 * P);
+    assert_eq!(marks[1].load(Ordering::Acquire), 64 * P);
+    write_from_thread(&ram, 0, &[1, 64, 511]);
+    write_from_thread(&ram, 1, &[63]);
+    let s = t.sync().unwrap();
+    assert_eq!(ones(&s[0]), [1, 64, 511]);
+    assert_eq!(ones(&s[1]), [63]);
+    let s = t.sync().unwrap();
+    assert!(ones(&s[0]).is_empty() && ones(&s[1]).is_empty());
+}
+
+#[test]
+fn soft_dirty_is_armed_at_once_by_start_deferred() {
+    let ram = ram(&[("pc.ram", 16 * P)]);
+    match DirtyTracker::start_deferred(ram, Choice::Only(Mechanism::SoftDirty)) {
+        Ok((t, arming)) => {
+            assert_eq!(t.mechanism(), Mechanism::SoftDirty);
+            assert!(arming.is_none());
+        }
+        Err(DirtyError::Unavailable { why, .. }) => eprintln!("SKIP: no soft-dirty: {why}"),
+        Err(e) => panic!("{e}"),
+    }
+}

@@ -21,6 +21,9 @@
 //!    clears bits process-wide: one soft-dirty tracker per process.
 //!
 //! Tracking starts at [`DirtyTracker::start`]: the first sync reports pages written after it.
+//! [`DirtyTracker::start_deferred`] registers at once and hands the write protection (the costly
+//! part: one PTE change per present page) to an [`Arming`] that another thread runs while the
+//! caller reads pages it has already covered; tracking of a page starts when its step is done.
 //! Bitmaps are per block, one bit per 4 KiB page ([`PageBitmap`] of the protocol crate, whose
 //! little-endian wire form is what the source state machine consumes).
 
@@ -28,11 +31,12 @@ pub mod soft_dirty;
 pub mod wp_async;
 
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use qmig_protocol::bitmap::PageBitmap;
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, PAGE_SIZE};
 
 /// Which kernel mechanism a tracker uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +112,75 @@ pub struct DirtyTracker {
     imp: Imp,
 }
 
+/// Write protection still to apply after [`DirtyTracker::start_deferred`] (see the module doc).
+pub struct Arming {
+    ram: Arc<GuestRam>,
+    uffd: Arc<crate::uffd::sys::UffdFd>,
+}
+
+impl Arming {
+    /// Write-protects every block, in block order, `step` bytes at a time; after each step
+    /// `marks[b]` holds how many bytes of block `b` are tracked (a page at `offset` is tracked
+    /// once `marks[b] > offset`). On an error every mark is set to `u64::MAX`, so no reader
+    /// waits for ever, and the error is returned: the tracking is incomplete.
+    pub fn run(self, marks: &[AtomicU64], step: usize) -> Result<(), DirtyError> {
+        let step = step.max(PAGE_SIZE) / PAGE_SIZE * PAGE_SIZE;
+        for (b, block) in self.ram.blocks().iter().enumerate() {
+            let len = block.len() as usize;
+            let mut at = 0;
+            while at < len {
+                let n = step.min(len - at);
+                if let Err(e) = self
+                    .uffd
+                    .writeprotect(block.as_ptr().wrapping_add(at), n, true)
+                {
+                    for m in marks {
+                        m.store(u64::MAX, Ordering::Release);
+                    }
+                    return Err(os("UFFDIO_WRITEPROTECT")(e));
+                }
+                at += n;
+                if let Some(m) = marks.get(b) {
+                    m.store(at as u64, Ordering::Release);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl DirtyTracker {
+    /// Like [`start`](Self::start), but with the userfaultfd mechanism the write protection is
+    /// returned as an [`Arming`] to run (on any thread) before the first [`sync`](Self::sync)
+    /// and before reading a page to send it; `None` when tracking is already fully armed
+    /// (soft-dirty).
+    pub fn start_deferred(
+        ram: Arc<GuestRam>,
+        choice: Choice,
+    ) -> Result<(Self, Option<Arming>), DirtyError> {
+        let wp = match choice {
+            Choice::Only(Mechanism::SoftDirty) => None,
+            Choice::Only(Mechanism::UffdWpAsync) => Some(wp_async::WpAsync::registered(&ram)?),
+            Choice::Auto => wp_async::WpAsync::registered(&ram).ok(),
+        };
+        match wp {
+            Some(w) => {
+                let arming = Arming {
+                    ram: ram.clone(),
+                    uffd: w.uffd(),
+                };
+                Ok((
+                    Self {
+                        ram,
+                        imp: Imp::Wp(w),
+                    },
+                    Some(arming),
+                ))
+            }
+            None => Ok((Self::start(ram, choice)?, None)),
+        }
+    }
+
     /// Arms tracking on every block of `ram` with the chosen mechanism.
     pub fn start(ram: Arc<GuestRam>, choice: Choice) -> Result<Self, DirtyError> {
         let imp = match choice {

@@ -5,6 +5,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 
 use super::{os, DirtyError, Mechanism, PageBitmap};
 use crate::memory::{GuestRam, MapOptions, RamBlock, PAGE_SIZE};
@@ -26,7 +27,7 @@ fn unavailable(why: String) -> DirtyError {
 
 /// An armed WP-async tracker.
 pub(crate) struct WpAsync {
-    uffd: UffdFd,
+    uffd: Arc<UffdFd>,
     pagemap: File,
     regions: Vec<PageRegion>,
     ranges: Vec<(*mut u8, usize)>,
@@ -38,7 +39,24 @@ pub(crate) struct WpAsync {
 unsafe impl Send for WpAsync {}
 
 impl WpAsync {
+    /// Registers and write-protects every block.
     pub(crate) fn start(ram: &GuestRam) -> Result<Self, DirtyError> {
+        let w = Self::registered(ram)?;
+        for &(p, l) in &w.ranges {
+            w.uffd
+                .writeprotect(p, l, true)
+                .map_err(os("UFFDIO_WRITEPROTECT"))?;
+        }
+        Ok(w)
+    }
+
+    /// The userfaultfd, for write-protecting from another thread ([`super::Arming`]).
+    pub(crate) fn uffd(&self) -> Arc<UffdFd> {
+        self.uffd.clone()
+    }
+
+    /// Registers every block in write-protect mode without protecting anything yet.
+    pub(crate) fn registered(ram: &GuestRam) -> Result<Self, DirtyError> {
         let avail =
             UffdFd::available_features().map_err(|e| unavailable(format!("userfaultfd: {e}")))?;
         if avail & feature::WP_ASYNC == 0 {
@@ -55,12 +73,10 @@ impl WpAsync {
             let (p, l) = (b.as_ptr(), b.len() as usize);
             uffd.register(p, l, mode::WP)
                 .map_err(|e| unavailable(format!("UFFDIO_REGISTER wp: {e}")))?;
-            uffd.writeprotect(p, l, true)
-                .map_err(os("UFFDIO_WRITEPROTECT"))?;
             ranges.push((p, l));
         }
         Ok(Self {
-            uffd,
+            uffd: Arc::new(uffd),
             pagemap,
             regions: vec![PageRegion::default(); VEC_LEN],
             ranges,
