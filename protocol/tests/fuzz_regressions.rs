@@ -480,3 +480,44 @@ fn nested_lookalike_footers_cost_linear_footer_search() {
         s.len()
     );
 }
+
+/// Found by `fuzz/fuzz_targets/destination.rs` (crash-9432312f, `fuzz/README.md` finding 10):
+/// a footer scan that stopped for want of bytes kept its candidate's lookahead with the bytes
+/// it had used, and resumed it on the next call by slicing the input past them; a next call
+/// with fewer bytes at the same offset (here directly; in the campaign through the
+/// `Destination`) sliced out of range and panicked. A kept lookahead now resumes only when the
+/// input still holds its bytes; otherwise the candidate starts again.
+#[test]
+fn a_shorter_input_after_incomplete_does_not_panic() {
+    let s = two_device_sections(4096);
+    let whole = decode_fed(&s, usize::MAX);
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let mut pos = 0;
+    // Up to the `timer` payload (items before it decode).
+    let timer_at = loop {
+        let before = d.offset() as usize;
+        match d.decode(&s[pos..s.len() - 100]) {
+            Ok((Item::Section(SectionHeader::Full(i)), n)) if i.section_id == 3 => {
+                break before + n
+            }
+            Ok((_, n)) => pos += n,
+            Err(e) => panic!("{e:?}"),
+        }
+    };
+    pos = timer_at;
+    // The lookahead after the candidate `7E 00000003` waits inside the `blob` payload ...
+    let long = d.decode(&s[pos..s.len() - 100]).map(|(_, n)| n);
+    assert_eq!(long, Err(WireError::Incomplete { needed: 1 }));
+    // ... then fewer bytes than it used (the candidate and 3 bytes after it).
+    let short = d.decode(&s[pos..pos + 2 + 5 + 3]).map(|(_, n)| n);
+    assert_eq!(short, Err(WireError::Incomplete { needed: 1 }));
+    // With the rest, the same items as a whole decode.
+    let mut items = Vec::new();
+    while pos < s.len() {
+        let (item, n) = d.decode_final(&s[pos..]).expect("decodes");
+        pos += n;
+        items.push((d.offset(), item));
+    }
+    assert_eq!(items[..], whole[whole.len() - items.len()..]);
+    assert_eq!(items[0].1, Item::DeviceData(&[1, 2]));
+}

@@ -128,6 +128,9 @@ impl StreamDecoder {
         // Taken out first: a lookahead borrows the search, it never copies it.
         #[allow(clippy::let_unit_value)] // `()` without alloc
         let search = core::mem::take(&mut self.search);
+        // A lookahead resumes only over the bytes it had: a caller that gives a shorter input
+        // than before (against `decode`'s contract) gets a fresh one, not a panic.
+        let resumed = resumed.filter(|l| q + FOOTER_LEN + l.used <= input.len());
         let mut st = resumed.unwrap_or_else(|| {
             let mut look = self.clone();
             look.depth = self.depth - 1;
