@@ -8,7 +8,7 @@
 use super::footer_index::direct;
 #[cfg(feature = "alloc")]
 use super::footer_index::FooterSearch;
-use super::{Item, Phase, StreamDecoder, LOOKAHEAD_DEPTH, LOOKAHEAD_ITEMS};
+use super::{Item, Phase, StreamDecoder, LOOKAHEAD_DEPTH, LOOKAHEAD_ITEMS, NESTED_CANDIDATES};
 use crate::error::{WireError, WireResult};
 use crate::rule::Rule;
 use crate::section::{footer_bytes, FOOTER_LEN};
@@ -47,32 +47,51 @@ impl StreamDecoder {
         // items it decoded are the same in any extension), so that a payload fed a few bytes
         // at a time costs time linear in its length, not quadratic.
         self.start_search();
-        let (from, saved) = match self.scan_hint.take() {
-            Some(h) if h.at == self.offset => (h.from, h.look),
-            _ => (0, Saved::default()),
+        let (from, rejected, saved) = match self.scan_hint.take() {
+            Some(h) if h.at == self.offset => (h.from, h.rejected, h.look),
+            _ => (0, 0, Saved::default()),
         };
-        let (r, next, saved) = self.footer_scan(input, section_id, package_limited, from, saved);
+        let scan = Scan {
+            from,
+            rejected,
+            saved,
+        };
+        let (r, scan) = self.footer_scan(input, section_id, package_limited, scan);
         self.scan_hint = match r {
             Err(WireError::Incomplete { .. }) => Some(ScanHint {
                 at: self.offset,
-                from: next,
-                look: saved,
+                from: scan.from,
+                rejected: scan.rejected,
+                look: scan.saved,
             }),
             _ => None,
         };
         r
     }
 
-    /// Scans for the first plausible footer at or after payload offset `from`. Also returns
-    /// where a later call on a longer input may resume, and the lookahead to resume there.
+    /// Scans for the first plausible footer at or after payload offset `scan.from`. Also
+    /// returns where a later call on a longer input may resume (the first candidate not yet
+    /// rejected, how many were rejected before it, and its lookahead).
+    ///
+    /// A scan inside a lookahead (a payload that follows a candidate footer of an enclosing
+    /// payload) validates at most [`NESTED_CANDIDATES`] candidates; one more makes it fail
+    /// (SEC-DELIMIT), so the enclosing candidate is rejected. Without that bound, lookalike
+    /// footers nested one level down cost each enclosing candidate a validation of every
+    /// nested candidate after it: quadratic in the candidates. The top-level scan has no
+    /// bound (its candidates are validated once each).
     fn footer_scan(
         &mut self,
         input: &[u8],
         section_id: u32,
         package_limited: bool,
-        mut from: usize,
-        mut saved: Saved,
-    ) -> (WireResult<usize>, usize, Saved) {
+        scan: Scan,
+    ) -> (WireResult<usize>, Scan) {
+        let Scan {
+            mut from,
+            mut rejected,
+            mut saved,
+        } = scan;
+        let nested = self.depth != LOOKAHEAD_DEPTH;
         let pat = footer_bytes(section_id);
         let cap = self.limits.max_device_payload as usize;
         let is_final = self.is_final || package_limited;
@@ -82,36 +101,54 @@ impl StreamDecoder {
         // them is looked at, so the scan costs at most the cap, and the violation for a payload
         // without one (its value: that window's length) is the same for any chunking.
         let window = &input[..input.len().min(cap.saturating_add(FOOTER_LEN))];
+        let done = |from, rejected| Scan {
+            from,
+            rejected,
+            saved: Saved::default(),
+        };
         while let Some(q) = self.find_footer(window, from, &pat) {
             if self.depth == 0 {
-                return (Ok(q), q, Saved::default());
+                return (Ok(q), done(q, rejected));
+            }
+            if nested && rejected >= NESTED_CANDIDATES {
+                return (
+                    invalid(Rule::SecDelimit, section_id as u64),
+                    done(q, rejected),
+                );
             }
             match self.plausible_after(input, q, is_final, restore(&mut saved, q)) {
-                (Ok(true), _) => return (Ok(q), q, Saved::default()),
-                (Ok(false), _) => from = q + 1,
-                (Err(e), look) => return (Err(e), q, look),
+                (Ok(true), _) => return (Ok(q), done(q, rejected)),
+                (Ok(false), _) => {
+                    from = q + 1;
+                    rejected += 1;
+                }
+                (Err(e), look) => {
+                    let scan = Scan {
+                        from: q,
+                        rejected,
+                        saved: look,
+                    };
+                    return (Err(e), scan);
+                }
             }
         }
         if window.len() >= cap.saturating_add(FOOTER_LEN) {
             return (
                 invalid(Rule::SecDeviceLen, window.len() as u64),
-                from,
-                Saved::default(),
+                done(from, rejected),
             );
         }
         if is_final {
             return (
                 invalid(Rule::SecDelimit, section_id as u64),
-                from,
-                Saved::default(),
+                done(from, rejected),
             );
         }
         // No candidate starts before the last FOOTER_LEN - 1 bytes.
         let next = from.max(window.len().saturating_sub(FOOTER_LEN - 1));
         (
             Err(WireError::Incomplete { needed: 1 }),
-            next,
-            Saved::default(),
+            done(next, rejected),
         )
     }
 
@@ -191,8 +228,20 @@ pub(super) struct ScanHint {
     at: u64,
     /// Payload offset of the first candidate not yet rejected.
     from: usize,
+    /// Candidates rejected before `from` (bounded in nested scans).
+    rejected: u32,
     /// The lookahead of the candidate at `from`, if it was waiting for bytes.
     look: Saved,
+}
+
+/// A footer scan's progress, passed in and out of [`StreamDecoder::footer_scan`].
+struct Scan {
+    /// Payload offset of the first candidate not yet rejected.
+    from: usize,
+    /// Candidates rejected before `from`.
+    rejected: u32,
+    /// The lookahead of the candidate at `from`, if it was waiting for bytes.
+    saved: Saved,
 }
 
 /// A candidate footer's lookahead, stopped for want of bytes.

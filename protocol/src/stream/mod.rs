@@ -75,6 +75,9 @@ type Search = ();
 const LOOKAHEAD_ITEMS: usize = 4;
 /// How deep footer scans nest inside a lookahead.
 const LOOKAHEAD_DEPTH: u8 = 2;
+/// How many candidate footers a footer scan inside a lookahead validates before it gives up
+/// (the enclosing candidate is then rejected): keeps nested lookalike footers linear.
+const NESTED_CANDIDATES: u32 = 16;
 
 /// The incremental decoder of a main, recovery or packaged channel.
 #[derive(Clone)]
