@@ -6,8 +6,7 @@ use qmig_protocol::command::Command;
 use qmig_protocol::header::{encode_configuration, encode_header};
 use qmig_protocol::limits::Limits;
 use qmig_protocol::machine::{
-    Destination, DestinationConfig, Event, GuestMemory, Instant, MemoryError, MigrationStatus,
-    RamBlockSpec,
+    Destination, DestinationConfig, DiscardMemory, Event, Instant, MigrationStatus, RamBlockSpec,
 };
 use qmig_protocol::ram::{encode_mem_size, BlockInfo};
 use qmig_protocol::section::{encode_footer, SectionHeader, SectionIdent};
@@ -16,19 +15,6 @@ use qmig_protocol::stream::{Channel, Item, StreamDecoder};
 use qmig_protocol::{Profile, Rule, WireError};
 
 const TPS: u64 = 4096;
-
-struct NoMemory;
-impl GuestMemory for NoMemory {
-    fn place_page(&mut self, _: usize, _: u64, _: &[u8]) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn place_zero(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-    fn discard(&mut self, _: usize, _: u64, _: u64) -> Result<(), MemoryError> {
-        Ok(())
-    }
-}
 
 /// Header, configuration `none`, a RAM SECTION_START announcing one 4-page block, EOF.
 fn complete_stream() -> Vec<u8> {
@@ -76,7 +62,7 @@ fn garbage_after_eof_keeps_a_completed_destination_completed() {
     ))
     .unwrap();
     d.handle_channel_opened(Instant(1)).unwrap();
-    let r = d.handle_stream(Instant(2), &s, &mut NoMemory);
+    let r = d.handle_stream(Instant(2), &s, &mut DiscardMemory);
     let events: Vec<Event> = std::iter::from_fn(|| d.poll_event()).collect();
     assert!(
         !events
