@@ -49,7 +49,11 @@ impl QmigProc {
             .stderr(log)
             .spawn()
             .map_err(|e| format!("{}: {e}", program.display()))?;
-        let qmp = match QmpClient::connect_retry(&sock, START_TIMEOUT) {
+        let exited = |c: &mut std::process::Child| match c.try_wait() {
+            Ok(Some(st)) => Err(format!("the process exited ({st})")),
+            _ => Ok(()),
+        };
+        let qmp = match QmpClient::connect_while(&sock, START_TIMEOUT, || exited(&mut child)) {
             Ok(q) => q,
             Err(e) => {
                 let _ = child.kill();

@@ -158,7 +158,11 @@ impl Qemu {
             .stderr(log)
             .spawn()?;
         let connected = (|| -> Result<(QmpClient, Option<Qtest>), QemuError> {
-            let qmp = QmpClient::connect_retry(&qmp_path, START_TIMEOUT)?;
+            let qmp =
+                QmpClient::connect_while(&qmp_path, START_TIMEOUT, || match child.try_wait() {
+                    Ok(Some(st)) => Err(format!("QEMU exited ({st})")),
+                    _ => Ok(()),
+                })?;
             let qtest = if machine.has_qtest() {
                 Some(Qtest::connect(&qtest_path, START_TIMEOUT)?)
             } else {

@@ -58,6 +58,9 @@ pub enum QmpError {
     /// A wait ran out of time (a failure guard, not a synchronisation means).
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, String),
+    /// The server will never answer (its process exited), as reported by the caller.
+    #[error("QMP server gone: {0}")]
+    Exited(String),
 }
 
 /// Result of a QMP operation.
@@ -104,6 +107,17 @@ impl QmpClient {
     /// Like [`QmpClient::connect`], retrying while the socket does not exist
     /// or refuses connections (the server is still starting) until `timeout`.
     pub fn connect_retry(path: impl AsRef<Path>, timeout: Duration) -> QmpResult<Self> {
+        Self::connect_while(path, timeout, || Ok(()))
+    }
+
+    /// Like [`QmpClient::connect_retry`], but between attempts asks `alive` whether the server
+    /// can still come up: an `Err(why)` from it (e.g. the server process has exited) ends the
+    /// wait at once with [`QmpError::Exited`], instead of running out the timeout.
+    pub fn connect_while(
+        path: impl AsRef<Path>,
+        timeout: Duration,
+        mut alive: impl FnMut() -> Result<(), String>,
+    ) -> QmpResult<Self> {
         let path = path.as_ref();
         let deadline = Instant::now() + timeout;
         let mut backoff = Duration::from_millis(2);
@@ -116,6 +130,7 @@ impl QmpClient {
                         io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
                     ) =>
                 {
+                    alive().map_err(QmpError::Exited)?;
                     if Instant::now() >= deadline {
                         return Err(QmpError::Timeout(
                             timeout,
@@ -484,6 +499,44 @@ mod tests {
         }
         drop(c);
         h.join().unwrap();
+    }
+
+    /// A server that can no longer come up ends the wait at the first check, not at the
+    /// timeout (an hour here: the test would hang on the old behaviour); the check is asked
+    /// only while the socket is missing, and a socket that appears is connected.
+    #[test]
+    fn connect_while_stops_when_the_server_is_gone() {
+        let dir = std::env::temp_dir().join(format!("qmp-connect-while-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let sock = dir.join("qmp.sock");
+        let mut asked = 0;
+        let r = QmpClient::connect_while(&sock, Duration::from_secs(3600), || {
+            asked += 1;
+            if asked < 3 {
+                Ok(())
+            } else {
+                Err("exited (status 1)".into())
+            }
+        });
+        match r {
+            Err(QmpError::Exited(why)) => assert_eq!(why, "exited (status 1)"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert_eq!(asked, 3);
+        let l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            writeln!(s, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            writeln!(s, r#"{{"return": {{}}, "id": 1}}"#).unwrap();
+            s
+        });
+        let c = QmpClient::connect_while(&sock, Duration::from_secs(3600), || {
+            Err("must not be asked".into())
+        });
+        assert!(c.is_ok(), "{:?}", c.map(|_| ()));
+        drop(server.join().unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
