@@ -452,6 +452,13 @@ impl Stop for Postcopy<'_> {
             }
             return Ok(false);
         }
+        // The chosen bitmap keeps the even pages that arrived: wait for two of them, so that
+        // it marks some pages received whatever the requested pages were (three odd requested
+        // pages and no background page yet gave an empty bitmap, against which a source that
+        // resends received pages cannot be caught).
+        if matches!(self.mode, Mode::Recover { .. }) && even_received(p) < 2 {
+            return Ok(false);
+        }
         self.acted = true;
         match self.mode {
             Mode::Recover { pause: false } => {
@@ -471,6 +478,15 @@ impl Stop for Postcopy<'_> {
             }
         }
     }
+}
+
+/// Pages with an even index received on the first connection, over all blocks (the pages the
+/// chosen RECV_BITMAP keeps set).
+fn even_received(p: &Player) -> usize {
+    p.first
+        .iter()
+        .map(|b| b.iter_ones().filter(|i| i % 2 == 0).count())
+        .sum()
 }
 
 fn first_page(b: &PageBitmap) -> Option<u64> {
