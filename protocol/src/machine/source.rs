@@ -893,9 +893,7 @@ impl Source {
             ),
             PageChoice::Skip => {
                 // Unchanged since the copy the destination holds: nothing is written.
-                self.dirty[b].clear(p);
-                let per = self.cfg.blocks[b].page_size / self.tps;
-                self.hp_cont = (per > 1 && (p + 1) % per != 0).then_some((b, p + 1));
+                self.page_done(b, p);
                 return;
             }
         };
@@ -912,9 +910,21 @@ impl Source {
         }
         .encode(o);
         self.last_sent_block = Some(b);
+        self.page_sent(b, p);
+    }
+
+    /// Page `p` of block `b` is dealt with: clean in the dirty bitmap, and the scan goes on
+    /// with the rest of its host page, if any is left.
+    fn page_done(&mut self, b: usize, p: u64) {
         self.dirty[b].clear(p);
         let per = self.cfg.blocks[b].page_size / self.tps;
         self.hp_cont = (per > 1 && (p + 1) % per != 0).then_some((b, p + 1));
+    }
+
+    /// [`Self::page_done`] for a page written to a channel (main or multifd): counted, and
+    /// logged when the log is on.
+    fn page_sent(&mut self, b: usize, p: u64) {
+        self.page_done(b, p);
         self.pages_sent += 1;
         if let Some(log) = self.sent_log.as_mut() {
             log.push((b, p));

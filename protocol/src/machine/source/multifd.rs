@@ -257,13 +257,7 @@ impl Source {
         if zero {
             self.zero_pages_sent += 1;
         }
-        self.dirty[b].clear(p);
-        let per = self.cfg.blocks[b].page_size / self.tps;
-        self.hp_cont = (per > 1 && (p + 1) % per != 0).then_some((b, p + 1));
-        self.pages_sent += 1;
-        if let Some(log) = self.sent_log.as_mut() {
-            log.push((b, p));
-        }
+        self.page_sent(b, p);
     }
 
     /// Before an EOS of the `ram` section: the pending packet, a SYNC packet on every
