@@ -4,6 +4,7 @@
 //! |---|---|
 //! | [`vector`] | finding and loading vectors (`manifest.json`, any directory) |
 //! | [`decode`] | decode checks with the protocol crate (captures and synthetic cases) |
+//! | [`decode_recovery`] | decode check of the synthetic recovery cases (several channels) |
 //! | [`shim`] | the shim contract: templates, placeholders, starting a target, exit code 89 |
 //! | [`replay_dst`] | replay of captured sources against a destination target |
 //! | [`replay_src`] | replay against a source target: the runner plays the destination |
@@ -18,6 +19,7 @@
 
 pub mod broken_src;
 pub mod decode;
+pub mod decode_recovery;
 pub mod play_dst;
 pub mod play_multifd;
 pub mod replay_dst;
@@ -258,7 +260,7 @@ pub fn run_suite(opts: &Options) -> anyhow::Result<Vec<CaseResult>> {
         let t0 = Instant::now();
         let status = match skip::reason(&opts.skips, &name) {
             Some(r) => Status::Skip(r.to_string()),
-            None => match decode::check(v) {
+            None => match decode_recovery::check(v).unwrap_or_else(|| decode::check(v)) {
                 Ok(m) => Status::Pass(m),
                 Err(m) => Status::Fail(m),
             },

@@ -10,7 +10,11 @@
 //! is a skip ("target refuses multifd").
 //! Checks: the return path per `return_path_rule` (`exact`, `postcopy`, `recovery`), the final
 //! status `completed`, and guest RAM read back with `pmemsave` against `final_ram`. A synthetic
-//! invalid vector must end the migration in `failed` instead.
+//! invalid vector must end the migration in `failed` instead. A synthetic recovery case's
+//! invalid recovery channel (`expect_failure` on a channel after the first) must be taken
+//! (`postcopy-recover`) and rejected back to `expect_status` (`postcopy-paused`,
+//! SM-PAUSE-IN-RECOVER; qmig-dst: rule and offset in `error-desc`); the vector's next recovery
+//! channel then completes the migration, so the final RAM shows nothing received was lost.
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -519,6 +523,29 @@ fn wait_done(t: &mut Target) -> String {
     status_of(t)
 }
 
+/// Whether the target's `error-desc` starts with synthetic case `v`'s expected rule and offset
+/// (`offset N: RULE-ID:`): the description, or why not.
+fn error_desc_names(v: &Vector, t: &mut Target) -> Result<String, String> {
+    let s = v.synthetic().ok_or("not a synthetic case")?;
+    let want = format!(
+        "offset {}: {}:",
+        s["expected"]["offset"],
+        s["expected"]["rule"].as_str().unwrap_or("")
+    );
+    let info = t.qmp.execute("query-migrate", json!({}));
+    let desc = info
+        .as_ref()
+        .ok()
+        .and_then(|i| i["error-desc"].as_str())
+        .unwrap_or("")
+        .to_string();
+    if desc.starts_with(&want) {
+        Ok(desc)
+    } else {
+        Err(format!("error-desc `{desc}` does not start with `{want}`"))
+    }
+}
+
 /// Replays `v` against `target`.
 pub fn replay(v: &Vector, target: &DstTarget) -> Verdict {
     match replay_inner(v, target) {
@@ -615,6 +642,8 @@ fn drive(
             .as_str()
             .context("feed_to_destination")?;
         let bytes = v.read(feed)?;
+        // The channel a synthetic invalid case breaks (a recovery case's later channel is valid).
+        let ch_invalid = invalid && ch["expect_failure"].as_bool() == Some(true);
         if i > 0 {
             // Recovery: the target must be paused; migrate-recover on a new port.
             wait_status(t, "postcopy-paused").context("before recovery")?;
@@ -633,12 +662,34 @@ fn drive(
         // multifd sync points).
         let multifd = open_multifd(v, ch, port)?;
         if let Some(w) = conn.feed(&bytes) {
-            if !invalid {
+            if !ch_invalid {
                 notes.push(w);
             }
         }
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
         let breakage = target_breakage;
+        if i > 0 && ch_invalid {
+            // An invalid recovery channel (synthetic recovery case): the target takes it
+            // (`postcopy-recover`), rejects it and returns to `expect_status` (SM-PAUSE-IN-RECOVER);
+            // the next channel recovers again.
+            let rp = conn.cut();
+            let want = ch["expect_status"].as_str().unwrap_or("postcopy-paused");
+            wait_status(t, "postcopy-recover").context("recovery channel taken")?;
+            wait_status(t, want).context("after the invalid recovery channel")?;
+            let label = ch["label"].as_str().unwrap_or("?");
+            let mut desc = String::new();
+            if names_rules {
+                match error_desc_names(v, t) {
+                    Ok(d) => desc = format!(", error-desc `{d}`"),
+                    Err(why) => return Ok(Verdict::Fail(format!("{label}: {want}, but {why}"))),
+                }
+            }
+            notes.push(format!(
+                "{label}: rejected, back to {want}{desc} ({} return-path bytes)",
+                rp.len()
+            ));
+            continue;
+        }
         let rp = if cut {
             // The captured cut happened mid-postcopy: deliver it only once the target ran
             // POSTCOPY_RUN, or a fast reader would see the end of the channel before RUN,
@@ -651,7 +702,7 @@ fn drive(
             let rp = conn.cut();
             wait_status(t, "postcopy-paused").context("after the cut")?;
             rp
-        } else if invalid {
+        } else if ch_invalid {
             // End the channel after the bytes (a target waiting for more sees EOF), then the
             // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an
             // incoming migration fails), or `postcopy-paused` for an error after POSTCOPY_RUN.
@@ -676,31 +727,14 @@ fn drive(
                 let desc = info["error-desc"].as_str()?.to_string();
                 desc.contains(&want).then_some(desc)
             };
-            if s == "failed" && names_rules {
-                if let Some(want) = v.synthetic().map(|s| {
-                    format!(
-                        "offset {}: {}:",
-                        s["expected"]["offset"],
-                        s["expected"]["rule"].as_str().unwrap_or("")
-                    )
-                }) {
-                    let info = t.qmp.execute("query-migrate", serde_json::json!({}));
-                    let desc = info
-                        .as_ref()
-                        .ok()
-                        .and_then(|i| i["error-desc"].as_str())
-                        .unwrap_or("")
-                        .to_string();
-                    if !desc.starts_with(&want) {
-                        return Ok(Verdict::Fail(format!(
-                            "failed, but error-desc `{desc}` does not start with `{want}`"
-                        )));
-                    }
-                    return Ok(Verdict::Pass(format!(
+            if s == "failed" && names_rules && v.synthetic().is_some() {
+                return Ok(match error_desc_names(v, t) {
+                    Err(why) => Verdict::Fail(format!("failed, but {why}")),
+                    Ok(desc) => Verdict::Pass(format!(
                         "rejected: migration failed, error-desc `{desc}` ({} return-path bytes)",
                         rp.len()
-                    )));
-                }
+                    )),
+                });
             }
             let why = match (s.as_str(), exit) {
                 ("failed", _) => Some("migration failed".to_string()),

@@ -99,7 +99,8 @@ pub fn page2() -> Vec<u8> {
     random_page(SEED, 2, 0)
 }
 
-fn header_and_config(p: &mut Parts) {
+/// Appends the header (`QEVM`, version 3) and the configuration (machine `none`).
+pub fn header_and_config(p: &mut Parts) {
     p.push("header", cat(&[b"QEVM", &be32(3)]));
     p.push("config", cat(&[&[0x07], &be32(4), b"none"]));
 }

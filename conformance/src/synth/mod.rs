@@ -7,6 +7,7 @@
 //! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
+//! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -14,6 +15,7 @@
 pub mod base;
 pub mod build;
 pub mod cases;
+pub mod recovery;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -38,6 +40,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::Postcopy => base::postcopy(ten),
             Base::ReturnPath => base::rp_channel(),
             Base::Multifd => base::multifd_conn(),
+            Base::Recovery => recovery::channel(),
             Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
         };
         let offset = (c.patch)(&mut parts);
@@ -54,7 +57,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         if c.rule == "BITMAP-PADDING" && c.class == Class::Invalid {
             blocks = json!([["ram", 100 * TPS]]);
         }
-        let postcopy = matches!(c.base, Base::Postcopy | Base::SrcPostcopy);
+        let postcopy = matches!(c.base, Base::Postcopy | Base::SrcPostcopy | Base::Recovery);
         let src_side = matches!(c.base, Base::SrcPrecopy | Base::SrcPostcopy);
         let mut caps = json!({"events": true, "return-path": true});
         if postcopy {
@@ -75,6 +78,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
             Base::SrcPrecopy | Base::SrcPostcopy => ("return-path", "source-replay", "rp.bin"),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
+            Base::Recovery => ("recovery", "destination-recovery", "resume-stream.bin"),
             _ => ("main", "destination", "stream.bin"),
         };
         files.insert(
@@ -83,6 +87,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             "description": match channel {
                 "main" => "the main channel, source to destination",
                 "multifd" => "multifd connection 0, source to destination",
+                "recovery" => "the recovery channel, source to destination (after stream.bin was cut)",
                 _ if src_side => "return-path bytes the runner writes to the source at the injection point",
                 _ => "the return path, destination to source",
             }}),
@@ -90,6 +95,13 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         out.insert(format!("{dir}{input}"), bytes.clone());
         let mut replay = json!(null);
         let mut final_ram = json!(null);
+        let mut channels = json!([{"label": channel, "file": input}]);
+        if c.base == Base::Recovery {
+            let (r, chans) = recovery_files(&c, ten, &caps, &mut files, &mut out);
+            replay = r;
+            channels = chans;
+            final_ram = final_ram_json(&base::final_ram(true));
+        }
         if channel == "main" {
             let mut ch = json!({"label": "main", "feed_to_destination": "stream.bin"});
             if c.class == Class::Valid {
@@ -106,16 +118,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 out.insert(format!("{dir}rp.bin"), rp);
                 ch["expected_return_path"] = json!("rp.bin");
                 ch["return_path_rule"] = json!(if postcopy { "postcopy" } else { "exact" });
-                let ram = base::final_ram(postcopy);
-                let nonzero: Vec<Value> = ram
-                    .chunks(TPS as usize)
-                    .enumerate()
-                    .filter(|(_, pg)| pg.iter().any(|&b| b != 0))
-                    .map(|(i, pg)| json!([i, sha256_hex(pg)]))
-                    .collect();
-                final_ram = json!({"block": "ram", "bytes": ram.len(), "sha256": sha256_hex(&ram),
-                    "zero_page_sha256": sha256_hex(&[0u8; TPS as usize]),
-                    "nonzero_page_count": nonzero.len(), "nonzero_pages": nonzero});
+                final_ram = final_ram_json(&base::final_ram(postcopy));
             } else {
                 ch["expect_failure"] = json!(true);
             }
@@ -156,7 +159,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             "machine": {"type": "none", "cpu": null, "ram_mb": RAM_BYTES >> 20, "ram_bytes": RAM_BYTES,
                         "ram_block": "ram", "ram_guest_physical_base": 0, "target_page_size": TPS},
             "files": files,
-            "channels": [{"label": channel, "file": input}],
+            "channels": channels,
             "final_ram": final_ram,
             "replay": replay,
             "synthetic": {
@@ -208,6 +211,95 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
     text.push(b'\n');
     out.insert("index.json".into(), text);
     out
+}
+
+/// The `final_ram` object of a manifest for block `ram` holding `ram`.
+fn final_ram_json(ram: &[u8]) -> Value {
+    let nonzero: Vec<Value> = ram
+        .chunks(TPS as usize)
+        .enumerate()
+        .filter(|(_, pg)| pg.iter().any(|&b| b != 0))
+        .map(|(i, pg)| json!([i, sha256_hex(pg)]))
+        .collect();
+    json!({"block": "ram", "bytes": ram.len(), "sha256": sha256_hex(ram),
+        "zero_page_sha256": sha256_hex(&[0u8; TPS as usize]),
+        "nonzero_page_count": nonzero.len(), "nonzero_pages": nonzero})
+}
+
+/// Adds a recovery case's other files to `files` / `out` (the cut main channel and its return
+/// path; a valid case's expected recovery return path; an invalid case's second, valid recovery
+/// channel and its return path) and returns its `replay` and `channels` objects.
+fn recovery_files(
+    c: &cases::Case,
+    ten: bool,
+    caps: &Value,
+    files: &mut serde_json::Map<String, Value>,
+    out: &mut BTreeMap<String, Vec<u8>>,
+) -> (Value, Value) {
+    let mut add = |name: &str, bytes: Vec<u8>, what: &str| {
+        files.insert(
+            name.into(),
+            json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes), "description": what}),
+        );
+        out.insert(format!("{}/{name}", c.name), bytes);
+    };
+    let main = recovery::main(ten);
+    let cut = main.len();
+    add(
+        "stream.bin",
+        main.bytes(),
+        "the main channel, source to destination, cut inside page 3's record after POSTCOPY_RUN",
+    );
+    add(
+        "rp.bin",
+        recovery::main_rp(),
+        "the return path of the main channel up to the cut",
+    );
+    let initial = json!({"label": "initial", "feed_to_destination": "stream.bin",
+        "expected_return_path": "rp.bin", "return_path_rule": "postcopy", "ends_mid_stream": true});
+    let mut recovery = json!({"label": "recovery", "feed_to_destination": "resume-stream.bin"});
+    let mut chans = vec![
+        json!({"label": "initial", "file": "stream.bin", "rp_file": "rp.bin", "truncated_at": cut}),
+        json!({"label": "recovery", "file": "resume-stream.bin"}),
+    ];
+    let mut replay_chans = vec![initial];
+    if c.class == Class::Valid {
+        add(
+            "resume-rp.bin",
+            recovery::channel_rp(),
+            "the return path a conforming destination writes on the recovery channel",
+        );
+        recovery["expected_return_path"] = json!("resume-rp.bin");
+        recovery["return_path_rule"] = json!("recovery");
+        chans[1]["rp_file"] = json!("resume-rp.bin");
+        replay_chans.push(recovery);
+    } else {
+        // SM-PAUSE-IN-RECOVER: the violation returns the destination to postcopy-paused, from
+        // which a second recovery completes the migration with nothing received lost.
+        recovery["expect_failure"] = json!(true);
+        recovery["expect_status"] = json!("postcopy-paused");
+        replay_chans.push(recovery);
+        add(
+            "resume2-stream.bin",
+            recovery::channel().bytes(),
+            "a second, valid recovery channel after the first one failed",
+        );
+        add(
+            "resume2-rp.bin",
+            recovery::channel_rp(),
+            "the return path a conforming destination writes on the second recovery channel",
+        );
+        replay_chans.push(
+            json!({"label": "recovery-2", "feed_to_destination": "resume2-stream.bin",
+            "expected_return_path": "resume2-rp.bin", "return_path_rule": "recovery"}),
+        );
+        chans.push(
+            json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
+        );
+    }
+    let replay = json!({"destination_capabilities": caps, "destination_parameters": {},
+        "channels": replay_chans});
+    (replay, Value::Array(chans))
 }
 
 /// Writes every synthetic vector under `dir` (created if needed). Returns the file count.
