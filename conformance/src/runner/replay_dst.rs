@@ -674,8 +674,19 @@ fn drive(
             // the next channel recovers again.
             let rp = conn.cut();
             let want = ch["expect_status"].as_str().unwrap_or("postcopy-paused");
-            wait_status(t, "postcopy-recover").context("recovery channel taken")?;
-            wait_status(t, want).context("after the invalid recovery channel")?;
+            // By the MIGRATION events in order (not the status now, which may still be that of
+            // before the channel was taken): `postcopy-recover`, then `want` after it.
+            for (status, when) in [
+                ("postcopy-recover", "recovery channel taken"),
+                (want, "after the invalid recovery channel"),
+            ] {
+                t.qmp.wait_status(status, PHASE).map_err(|e| {
+                    anyhow!(
+                        "{when}: waiting for {status}: {e} (status now {})",
+                        status_of(t)
+                    )
+                })?;
+            }
             let label = ch["label"].as_str().unwrap_or("?");
             let mut desc = String::new();
             if names_rules {
