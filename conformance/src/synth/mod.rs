@@ -1,6 +1,7 @@
-//! Synthetic vectors: small streams and return paths built from three base channels
-//! ([`base`]) and patched once per case ([`cases`]), written in the `qemu-migration-vector/1`
-//! layout with a `synthetic` object in the manifest (see `conformance/README.md`).
+//! Synthetic vectors: small streams and return paths built from base channels ([`base`]; a
+//! postcopy recovery, [`recovery`]) and patched once per case ([`cases`]), written in the
+//! `qemu-migration-vector/1` layout with a `synthetic` object in the manifest (see
+//! `conformance/README.md`).
 //!
 //! | module | owns |
 //! |---|---|
