@@ -235,3 +235,43 @@ fn recovery_cases_against_qemu() {
         eprintln!("QEMU 7.2 not installed: recovery replays against it not run");
     }
 }
+
+/// The runner fails a destination that takes an invalid recovery channel as a good one: a copy
+/// of an invalid case whose "invalid" channel is in fact the valid recovery makes qmig-dst
+/// complete there, and the case fails at once, naming the status (no waiting for a pause).
+#[test]
+fn a_destination_completing_on_the_invalid_channel_fails_the_case() {
+    let case = "invalid-cmd-recv-bitmap-len-recovery-72";
+    let tmp = std::env::temp_dir().join(format!("qmig-recovery-accept-{}", std::process::id()));
+    let dst = tmp.join(case);
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(dir().join(case)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, dst.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(
+        dst.join("resume2-stream.bin"),
+        dst.join("resume-stream.bin"),
+    )
+    .unwrap();
+    let r = runner::run_suite(&Options {
+        vectors: vec![tmp.clone()],
+        dst: vec!["qmig".into()],
+        src: vec![],
+        skips: vec![],
+        filter: Some("replay-dst[qmig]/*".into()),
+        print: true,
+    })
+    .unwrap();
+    std::fs::remove_dir_all(&tmp).unwrap();
+    assert_eq!(r.len(), 1, "{r:#?}");
+    match &r[0].status {
+        Status::Fail(m) => assert!(
+            m.starts_with(
+                "recovery: invalid recovery channel: the target ended in completed, not postcopy-paused"
+            ),
+            "{m}"
+        ),
+        s => panic!("an accepted invalid channel passed: {s:?}"),
+    }
+}

@@ -672,22 +672,36 @@ fn drive(
             // An invalid recovery channel (synthetic recovery case): the target takes it
             // (`postcopy-recover`), rejects it and returns to `expect_status` (SM-PAUSE-IN-RECOVER);
             // the next channel recovers again.
-            let rp = conn.cut();
+            // End the sending side (a target waiting for more sees EOF); the return path is
+            // collected once the target ended the attempt.
+            let _ = conn.sock.shutdown(Shutdown::Write);
             let want = ch["expect_status"].as_str().unwrap_or("postcopy-paused");
             // By the MIGRATION events in order (not the status now, which may still be that of
-            // before the channel was taken): `postcopy-recover`, then `want` after it.
-            for (status, when) in [
-                ("postcopy-recover", "recovery channel taken"),
-                (want, "after the invalid recovery channel"),
-            ] {
-                t.qmp.wait_status(status, PHASE).map_err(|e| {
-                    anyhow!(
-                        "{when}: waiting for {status}: {e} (status now {})",
-                        status_of(t)
-                    )
-                })?;
-            }
+            // before the channel was taken): `postcopy-recover`, then the first end after it
+            // (`want`, or `completed` / `failed`, which fail the case at once).
+            t.qmp.wait_status("postcopy-recover", PHASE).map_err(|e| {
+                anyhow!("recovery channel taken: {e} (status now {})", status_of(t))
+            })?;
+            let ended = |st: &str| st == want || matches!(st, "completed" | "failed");
+            let end = t
+                .qmp
+                .wait_event(
+                    "MIGRATION",
+                    |d| d["status"].as_str().is_some_and(ended),
+                    PHASE,
+                )
+                .map_err(|e| anyhow!("after the invalid recovery channel: {e}"))?;
+            let got = end.data["status"].as_str().unwrap_or("?").to_string();
+            let rp = conn.finish();
             let label = ch["label"].as_str().unwrap_or("?");
+            if got != want {
+                return Ok(Verdict::Fail(format!(
+                    "{label}: invalid recovery channel: the target ended in {got}, not {want} ({})",
+                    v.synthetic()
+                        .map(|s| s["expected"].to_string())
+                        .unwrap_or_default()
+                )));
+            }
             let mut desc = String::new();
             if names_rules {
                 match error_desc_names(v, t) {
