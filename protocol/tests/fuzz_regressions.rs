@@ -296,11 +296,12 @@ fn a_recovery_channel_does_not_inherit_the_old_channels_footer_scan() {
         }
     }
     assert_eq!(pos, payload_at);
-    // Recovery channel: commands as padding (PING: 9 bytes, OPEN_RETURN_PATH: 5), then a PART
-    // of section 3 whose payload starts at the same offset as the old channel's waiting
-    // payload, with its footer 3 bytes later.
+    // Recovery channel: RECV_BITMAP first (SM-RECOVER-NO-HEADER), commands as padding (PING:
+    // 9 bytes, OPEN_RETURN_PATH: 5), then a PART of section 3 whose payload starts at the same
+    // offset as the old channel's waiting payload, with its footer 3 bytes later.
     let mut r = StreamDecoder::resume_from(&d);
     let mut rec = Vec::new();
+    Command::RecvBitmap { name: b"pc.ram" }.encode(&mut rec);
     while (payload_at - 5 - rec.len()) % 5 != 0 {
         Command::Ping(7).encode(&mut rec);
     }

@@ -287,14 +287,16 @@ pub const RECOVERY_EXERCISES: &[&str] = &[
     "RAM-APPLY",
 ];
 
-/// Whether the invalid SM-RECOVER-NO-HEADER cases (a recovery channel starting with the `QEVM`
-/// header and configuration, rejected with SM-RECOVER-NO-HEADER at offset 0) are generated. Off
-/// until the protocol crate names that rule: its `Destination` machine (and so qmig-dst) rejects
-/// such a channel at offset 0 but with SEC-TYPE (byte `Q` is no record type) and does not
-/// check that the first record is RECV_BITMAP. Turning it on: regenerate the vectors, drop the
-/// rule's `ELSEWHERE` entry, rerun `spec/check/gen_rules_index.py`. (QEMU 10.0 rejects the
-/// channel and pauses: those cases pass against it.)
-pub const RECOVER_NO_HEADER_REJECTED: bool = false;
+/// SM-RECOVER-NO-HEADER: the header and configuration of a new stream where the recovery
+/// channel's RECV_BITMAP must come first; rejected at offset 0.
+fn header_before_recv_bitmap(p: &mut Parts) -> Option<u64> {
+    p.insert_before(
+        "recv_bitmap",
+        "header",
+        super::recovery::header_and_config(),
+    );
+    Some(0)
+}
 
 /// The RECV_BITMAP of a recovery channel with length 5 for its 3-byte name (and one byte more).
 fn recv_bitmap_len5() -> Vec<u8> {
@@ -574,41 +576,9 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "CMD-BLOCK-UNKNOWN", "10", Recovery, "the recovery channel's RECV_BITMAP names block `rom`", |p| {
             p.get("recv_bitmap")[6..9].copy_from_slice(b"rom"); Some(o(p, "recv_bitmap") + 6)
         }),
+        case!(Invalid, "SM-RECOVER-NO-HEADER", "7.2", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
+        case!(Invalid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
     ];
-    if RECOVER_NO_HEADER_REJECTED {
-        v.extend([
-            case!(
-                Invalid,
-                "SM-RECOVER-NO-HEADER",
-                "7.2",
-                Recovery,
-                "a recovery channel starting with the QEVM header and configuration",
-                |p| {
-                    p.insert_before(
-                        "recv_bitmap",
-                        "header",
-                        super::recovery::header_and_config(),
-                    );
-                    Some(0)
-                }
-            ),
-            case!(
-                Invalid,
-                "SM-RECOVER-NO-HEADER",
-                "10",
-                Recovery,
-                "a recovery channel starting with the QEVM header and configuration",
-                |p| {
-                    p.insert_before(
-                        "recv_bitmap",
-                        "header",
-                        super::recovery::header_and_config(),
-                    );
-                    Some(0)
-                }
-            ),
-        ]);
-    }
     for c in &mut v {
         let kind = match c.class {
             Class::Valid => "valid",
@@ -657,7 +627,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-PAUSE-AFTER-RUN", "behaviour (a channel loss, not a violation): replay-dst of the postcopy-recover captures and of the synthetic recovery cases (the target must pause at the cut after POSTCOPY_RUN; invalid-ram-offset-recovery-*: a violation after POSTCOPY_RESUME pauses again and a second recovery completes); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses; reference-dst/tests/live_qemu72.rs, live_qemu100.rs"),
     ("SM-PAUSE-IN-RECOVER", "behaviour, checked with the invalid synthetic recovery cases whose violation comes before POSTCOPY_RESUME (invalid-cmd-recv-bitmap-len-recovery-*, invalid-cmd-block-unknown-recovery-10; their rule is the wire rule the recovery channel breaks): the destination must take the channel (postcopy-recover), reject it and return to postcopy-paused, then complete a second recovery with the same RECV_BITMAP and final RAM equal (replay_dst.rs, decode_recovery.rs; QEMU 7.2 skipped, deviations D-1); also protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses, machine_cuts.rs ten_consecutive_failures_including_in_recover; interop double-failure mode"),
     ("SM-PARTIAL-HOSTPAGE", "behaviour with huge pages (the synthetic blocks are 4 KiB): protocol/tests/machine_cuts.rs cut_at_every_offset_recovers_with_huge_pages (a cut at every offset, final memory identical)"),
-    ("SM-RECOVER-NO-HEADER", "valid: the synthetic recovery cases (valid-cmd-recv-bitmap-len-recovery-72, valid-sm-recover-no-header-recovery-10: RECV_BITMAP first, no header) and the postcopy-recover captures (replay-dst, replay-src, protocol/tests/machine_replay.rs replay_qemu_*_postcopy_recover_destination); invalid: not generated yet — the protocol's Destination machine rejects a recovery channel starting with the QEVM header at offset 0 but names SEC-TYPE, not this rule (the two cases are ready behind cases::RECOVER_NO_HEADER_REJECTED; QEMU 10.0 rejects them and pauses)"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),
     ("SM-RESUME-STATE", "valid: the synthetic recovery cases (POSTCOPY_RESUME in postcopy-recover answered RESUME_ACK(1), resume-rp.bin); invalid: no input is rejected — outside postcopy-recover the command is ignored (a stricter destination MAY reject it): protocol/tests/machine_harness.rs recv_bitmap_and_resume_outside_recover_are_not_answered"),

@@ -471,3 +471,38 @@ fn known_devices_rules() {
     b.push(0);
     assert_eq!(run_known(&b), WireError::Incomplete { needed: 1 });
 }
+
+#[test]
+fn a_recovery_channel_starts_with_recv_bitmap() {
+    let fresh = || StreamDecoder::new(Channel::Resume, Profile::QEMU_10, Limits::DEFAULT);
+    let bad = |rule_value: u64| Err(WireError::invalid(0, Rule::SmRecoverNoHeader, rule_value));
+    // The header of a new stream.
+    let mut qevm = Vec::new();
+    encode_header(3, &mut qevm);
+    assert_eq!(fresh().decode(&qevm), bad(0x51));
+    // Another command first (PING: code 2), a section first (PART: type 2).
+    let mut ping = Vec::new();
+    Command::Ping(1).encode(&mut ping);
+    assert_eq!(fresh().decode(&ping), bad(2));
+    assert_eq!(fresh().decode(&[2, 0, 0, 0, 2]), bad(2));
+    // Too few bytes to tell: Incomplete, never a guess.
+    assert!(fresh().decode(&[0x08]).unwrap_err().is_incomplete());
+    assert!(fresh().decode(&[0x08, 0x00]).unwrap_err().is_incomplete());
+    // RECV_BITMAP first, then anything the stream allows.
+    let mut ok = Vec::new();
+    Command::RecvBitmap { name: b"ram" }.encode(&mut ok);
+    let at = ok.len();
+    Command::Ping(1).encode(&mut ok);
+    let mut d = fresh();
+    assert_eq!(d.decode(&ok).map(|(_, n)| n), Ok(at));
+    assert_eq!(d.decode(&ok[at..]).map(|(_, n)| n), Ok(ok.len() - at));
+    // The same rule on a decoder continuing a main channel.
+    let mut main = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    let p = prologue();
+    let mut pos = 0;
+    while let Ok((_, n)) = main.decode(&p[pos..]) {
+        pos += n;
+    }
+    assert_eq!(main.resume_from().decode(&qevm), bad(0x51));
+    assert_eq!(main.resume_from().decode(&ok).map(|(_, n)| n), Ok(at));
+}

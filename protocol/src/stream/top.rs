@@ -2,8 +2,8 @@
 //! misplaced bytes), the section table that START/FULL headers fill and PART/END consult, the
 //! receiver's optional device table, and the PACKAGED boundary a command opens.
 
-use super::{Item, Phase, SectionInfo, StreamDecoder};
-use crate::codes::{SectionType, QEVM_MAGIC};
+use super::{Channel, Item, Phase, SectionInfo, StreamDecoder};
+use crate::codes::{CommandCode, SectionType, QEVM_MAGIC};
 use crate::command::{decode_command, Command};
 use crate::error::{WireError, WireResult};
 use crate::reader::Reader;
@@ -11,9 +11,28 @@ use crate::rule::Rule;
 use crate::section::{decode_section_header, SectionHeader};
 
 impl StreamDecoder {
+    /// SM-RECOVER-NO-HEADER: a recovery channel's first record is `RECV_BITMAP`: its first
+    /// three bytes are the command type byte and code 10. Anything else (the `QEVM` header
+    /// of a new stream, a section, another command) is rejected at offset 0.
+    fn check_recovery_start(&self, input: &[u8]) -> WireResult<()> {
+        let mut r = Reader::new(input, 0);
+        let ty = r.u8()?;
+        if SectionType(ty) != SectionType::COMMAND {
+            return Err(WireError::invalid(0, Rule::SmRecoverNoHeader, ty as u64));
+        }
+        let code = r.be16()?;
+        if CommandCode(code) != CommandCode::RECV_BITMAP {
+            return Err(WireError::invalid(0, Rule::SmRecoverNoHeader, code as u64));
+        }
+        Ok(())
+    }
+
     pub(super) fn decode_top<'a>(&mut self, input: &'a [u8]) -> WireResult<(Item<'a>, usize)> {
         let at = self.offset;
         let mut r = Reader::new(input, at);
+        if at == 0 && self.channel == Channel::Resume {
+            self.check_recovery_start(input)?;
+        }
         let ty = SectionType(r.peek_u8()?);
         let item = match ty {
             SectionType::EOF => {
