@@ -21,6 +21,7 @@ mod memory;
 mod migration;
 mod multifd;
 mod qmp;
+mod recv_buf;
 mod state;
 mod workload;
 

@@ -40,6 +40,7 @@ use crate::cli::WorkloadSpec;
 use crate::control::{Ctl, Waker};
 use crate::devices;
 use crate::memory::Placer;
+use crate::recv_buf::RecvBuf;
 use crate::state::Shared;
 
 /// `offset N: STREAM-TRUNCATED: ...` for a channel that ended `left` bytes into an item that
@@ -98,8 +99,7 @@ struct Loop {
     machine: Option<Destination>,
     listening: Option<ListenStopper>,
     conn: Option<Connection>,
-    buf: Vec<u8>,
-    pos: usize,
+    buf: RecvBuf,
     out: Vec<u8>,
     workload: Option<Workload>,
     released: bool,
@@ -175,8 +175,7 @@ pub fn run(sh: Arc<Shared>, rx: Receiver<Ctl>, waker: Arc<Waker>, events: EventS
         machine: None,
         listening: None,
         conn: None,
-        buf: Vec::new(),
-        pos: 0,
+        buf: RecvBuf::new(),
         out: Vec::new(),
         workload: None,
         released: false,
@@ -205,7 +204,7 @@ impl Loop {
                     PollFd::new(&self.cfg.faults, PollFlags::IN),
                 ];
                 // A main channel held back by multifd is not read further until it may go on.
-                let main_waits = self.pos < self.buf.len()
+                let main_waits = !self.buf.is_empty()
                     && self
                         .machine
                         .as_ref()
@@ -423,7 +422,6 @@ impl Loop {
             Ok(()) => {
                 self.conn = Some(conn);
                 self.buf.clear();
-                self.pos = 0;
                 self.consumed = 0;
             }
             Err(e) => tracing::warn!("channel refused: {e}"),
@@ -434,13 +432,10 @@ impl Loop {
         let Some(conn) = self.conn.as_mut() else {
             return;
         };
-        let len = self.buf.len();
-        self.buf.resize(len + self.chunk, 0);
-        let r = conn.read(&mut self.buf[len..]);
+        let r = conn.read(self.buf.spare(self.chunk));
         let n = match r {
             Ok(n) => n,
             Err(e) if e.kind() == ErrorKind::Interrupted || e.kind() == ErrorKind::WouldBlock => {
-                self.buf.truncate(len);
                 return;
             }
             Err(e) => {
@@ -448,16 +443,16 @@ impl Loop {
                 0
             }
         };
-        self.buf.truncate(len + n);
+        self.buf.commit(n);
         if n == 0 {
             // The rest of the channel is all there is: let the decoder decide what waited for
             // a next byte (a footer, SEC-DELIMIT) before calling what is left truncated.
-            if self.pos < self.buf.len() {
+            if !self.buf.is_empty() {
                 self.at_eof = true;
                 self.feed_main();
                 self.at_eof = false;
             }
-            let left = (self.buf.len() - self.pos) as u64;
+            let left = self.buf.len() as u64;
             // A channel that ends before the stream's EOF ends inside it (STREAM-TRUNCATED).
             let open = self
                 .machine
@@ -500,7 +495,7 @@ impl Loop {
     fn mfd_pump(&mut self) {
         loop {
             let before = self.consumed;
-            if self.pos < self.buf.len() {
+            if !self.buf.is_empty() {
                 self.feed_main();
             }
             let now = self.now();
@@ -529,7 +524,7 @@ impl Loop {
         };
         let uffd = self.sh.uffd.clone();
         let mut placer = Placer::new(&uffd);
-        let input = &self.buf[self.pos..];
+        let input = self.buf.unread();
         let r = if self.at_eof {
             m.handle_stream_end(now, input, &mut placer)
         } else {
@@ -542,27 +537,19 @@ impl Loop {
         }
         match r {
             Ok(n) => {
-                self.pos += n;
+                self.buf.consume(n);
                 self.consumed += n as u64;
             }
             Err(v) => {
                 tracing::error!("migration stream rejected: {v}");
                 self.conn = None;
                 self.buf.clear();
-                self.pos = 0;
                 return;
             }
         }
-        if self.pos == self.buf.len() {
-            self.buf.clear();
-            self.pos = 0;
-        } else if self.pos > self.buf.len() / 2 || self.buf.len() > MAX_BUFFERED {
-            self.buf.drain(..self.pos);
-            self.pos = 0;
-            if self.buf.len() > MAX_BUFFERED {
-                tracing::error!("an item larger than {MAX_BUFFERED} bytes: closing the channel");
-                self.close_channel();
-            }
+        if self.buf.len() > MAX_BUFFERED {
+            tracing::error!("an item larger than {MAX_BUFFERED} bytes: closing the channel");
+            self.close_channel();
         }
     }
 
