@@ -538,6 +538,9 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             }
             judge(s, got, &format!("{n} multifd items decoded"))
         }
+        Some("destination-multifd") => {
+            super::decode_multifd::check(v).unwrap_or_else(|| Err("not a multifd case".into()))
+        }
         other => Err(format!("unknown synthetic checker {other:?}")),
     }
 }

@@ -5,6 +5,7 @@
 //! | [`vector`] | finding and loading vectors (`manifest.json`, any directory) |
 //! | [`decode`] | decode checks with the protocol crate (captures and synthetic cases) |
 //! | [`decode_recovery`] | decode check of the synthetic recovery cases (several channels) |
+//! | [`decode_multifd`] | decode check of the synthetic multifd cases (main + multifd connections) |
 //! | [`shim`] | the shim contract: templates, placeholders, starting a target, exit code 89 |
 //! | [`replay_dst`] | replay of captured sources against a destination target |
 //! | [`replay_src`] | replay against a source target: the runner plays the destination |
@@ -19,6 +20,7 @@
 
 pub mod broken_src;
 pub mod decode;
+pub mod decode_multifd;
 pub mod decode_recovery;
 pub mod play_dst;
 pub mod play_multifd;

@@ -7,7 +7,8 @@
 //! accept `migrate-recover` on a new port, and take `resume-stream.bin` on a new connection.
 //! Multifd vectors: the `multifd_connections_in_order` files are played on extra connections
 //! opened right after the main one; a target refusing the `multifd` capability (a QMP error)
-//! is a skip ("target refuses multifd").
+//! is a skip ("target refuses multifd"). With `multifd_close_after_write` (a synthetic MFD-SYNC
+//! case) each is shut down for writing once written, as a source ending it.
 //! Checks: the return path per `return_path_rule` (`exact`, `postcopy`, `recovery`), the final
 //! status `completed`, and guest RAM read back with `pmemsave` against `final_ram`. A synthetic
 //! invalid vector must end the migration in `failed` instead. A synthetic recovery case's
@@ -299,10 +300,15 @@ fn open_multifd(v: &Vector, ch: &Value, port: u16) -> anyhow::Result<Vec<Multifd
         sock.set_nodelay(true)?;
         sock.set_write_timeout(Some(PHASE))?;
         let label = name.clone();
+        let close = ch["multifd_close_after_write"].as_bool() == Some(true);
         let h = std::thread::spawn(move || {
             sock.write_all(&bytes)
                 .map_err(|e| format!("write failed after {label} was closed: {e}"))?;
-            // The connection stays open until the migration ended (the caller drops it).
+            if close {
+                // The source ends the connection here (a synthetic MFD-SYNC case).
+                let _ = sock.shutdown(Shutdown::Write);
+            }
+            // Else the connection stays open until the migration ended (the caller drops it).
             Ok(sock)
         });
         out.push((name, h));

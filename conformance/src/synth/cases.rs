@@ -3,6 +3,7 @@
 
 use super::base::{self, cmd, named, word, RAM_BYTES, RAM_ID, TPS};
 use super::build::{be16, be32, be64, cat, Parts};
+use super::multifd;
 use qmig_protocol::codes::RamFlags;
 use qmig_protocol::command::Command;
 use qmig_protocol::header::{
@@ -30,6 +31,10 @@ pub enum Base {
     /// Return-path bytes the runner writes to a SOURCE in a postcopy migration, once
     /// POSTCOPY_RUN has arrived (judged by the source: `replay-src`).
     SrcPostcopy,
+    /// [`super::multifd::base`]: a 7.2 precopy migration with two multifd connections, judged
+    /// by a destination (a patch's offset counts from 0 of the connection
+    /// [`super::multifd::violation_conn`] names).
+    MultifdPrecopy,
     /// [`super::recovery::channel`]: the recovery channel after [`super::recovery::main`] was
     /// cut, judged by a destination (the patch edits the recovery channel; offsets count from
     /// 0 of that connection).
@@ -47,6 +52,7 @@ impl Base {
             Base::SrcPrecopy => "source-precopy",
             Base::SrcPostcopy => "source-postcopy",
             Base::Recovery => "recovery",
+            Base::MultifdPrecopy => "multifd-precopy",
         }
     }
 }
@@ -578,6 +584,17 @@ pub fn all() -> Vec<Case> {
         }),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "7.2", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
+        // ---- a multifd migration (main channel and two multifd connections) ----
+        case!(Valid, "MFD-SYNC", "7.2", MultifdPrecopy, "a 7.2 multifd migration: pages 0 and 4 on two multifd connections (ids 0 and 1), zero pages on the main channel, one SYNC per connection for each of the three EOS, completed", |_| None, &["MFD-CHANNEL", "MFD-FLAGS", "MFD-MAGIC", "MFD-VERSION", "MFD-PAGES"]),
+        case!(Invalid, "MFD-CHANNEL", "7.2", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
+            p.get("c2_init")[24] = 0; Some(multifd::offset_in_conn(p, "c2_init") + 24)
+        }),
+        case!(Invalid, "MFD-FLAGS", "7.2", MultifdPrecopy, "the first connection's page packet with flag bit 1 (zlib compression, not negotiated)", |p| {
+            p.get("c1_pages")[11] |= 2; Some(multifd::offset_in_conn(p, "c1_pages") + 8)
+        }),
+        case!(Invalid, "MFD-SYNC", "7.2", MultifdPrecopy, "the second connection ends (closed by the source) without the SYNC of the END's EOS: the main channel waits for it at its last sync point", |p| {
+            p.remove("c2_sync3"); Some(multifd::conn_len(p, 1))
+        }),
     ];
     for c in &mut v {
         let kind = match c.class {
@@ -619,9 +636,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("DEV-SCHEMA", "protocol device decoder tests on real vectors"),
     ("DEV-SUBSECTION", "protocol device decoder tests on real vectors"),
     ("DEV-NESTING", "protocol device decoder tests"),
-    ("MFD-CHANNEL", "valid: real multifd vectors replayed into qmig-dst and QEMU; invalid: protocol/tests/machine_multifd.rs and reference-dst/tests/multifd_hostile.rs (duplicate and out-of-range ids)"),
-    ("MFD-FLAGS", "valid: real multifd vectors replayed; invalid: protocol/tests/machine_multifd.rs (compression bits, device-state packet)"),
-    ("MFD-SYNC", "valid: real multifd vectors replayed (SYNC per EOS / MULTIFD_FLUSH); invalid: protocol/tests/machine_multifd.rs (missing SYNC, pages after completion, closed channel)"),
     ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
     ("SM-FATAL-BEFORE-RUN", "behaviour (an error before POSTCOPY_RUN fails, not pauses); no input of its own: it is checked on every invalid postcopy-base synthetic case whose violation precedes POSTCOPY_RUN (10 cases): replay-dst requires the target to end `failed`, a `postcopy-paused` fails the case (replay_dst.rs before_run); also conformance/tests/hostile.rs, reference-dst/tests/live_qemu100.rs"),
     ("SM-PAUSE-AFTER-RUN", "behaviour (a channel loss, not a violation): replay-dst of the postcopy-recover captures and of the synthetic recovery cases (the target must pause at the cut after POSTCOPY_RUN; invalid-ram-offset-recovery-*: a violation after POSTCOPY_RESUME pauses again and a second recovery completes); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses; reference-dst/tests/live_qemu72.rs, live_qemu100.rs"),

@@ -9,6 +9,7 @@
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
+//! | [`multifd`] | the multifd migration base (main channel, two multifd connections) and its cases |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -16,6 +17,7 @@
 pub mod base;
 pub mod build;
 pub mod cases;
+pub mod multifd;
 pub mod recovery;
 
 use std::collections::BTreeMap;
@@ -42,6 +44,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => base::rp_channel(),
             Base::Multifd => base::multifd_conn(),
             Base::Recovery => recovery::channel(),
+            Base::MultifdPrecopy => multifd::base(),
             Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
         };
         let offset = (c.patch)(&mut parts);
@@ -51,6 +54,10 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             "{}: an invalid case gives an offset, a valid one none",
             c.name
         );
+        if c.base == Base::MultifdPrecopy {
+            multifd_case(&c, &parts, offset, &mut out, &mut index);
+            continue;
+        }
         let bytes = parts.bytes();
         let dir = format!("{}/", c.name);
         let mut files = serde_json::Map::new();
@@ -301,6 +308,107 @@ fn recovery_files(
     let replay = json!({"destination_capabilities": caps, "destination_parameters": {},
         "channels": replay_chans});
     (replay, Value::Array(chans))
+}
+
+/// Adds multifd case `c` (base [`multifd::base`], patched to `parts`; `offset` from 0 of the
+/// connection [`multifd::violation_conn`] names) to `out` and `index`: the main channel
+/// (`stream.bin`), the two connections (`multifd-conn1.bin`, `multifd-conn2.bin`), a valid
+/// case's return path and final RAM; an invalid case's `expected` names the connection file its
+/// offset counts in (`channel`).
+fn multifd_case(
+    c: &cases::Case,
+    parts: &build::Parts,
+    offset: Option<u64>,
+    out: &mut BTreeMap<String, Vec<u8>>,
+    index: &mut Vec<Value>,
+) {
+    {
+        let (main_parts, conns) = multifd::split(parts);
+        let name = c.name.clone();
+        let class = if c.class == Class::Valid {
+            "valid"
+        } else {
+            "invalid"
+        };
+        let mut files = serde_json::Map::new();
+        let mut add = |file: &str, bytes: Vec<u8>, what: &str| {
+            files.insert(
+                file.into(),
+                json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes), "description": what}),
+            );
+            out.insert(format!("{name}/{file}"), bytes);
+        };
+        add(
+            "stream.bin",
+            main_parts.bytes(),
+            "the main channel, source to destination",
+        );
+        for (k, f) in multifd::CONN_FILES.iter().enumerate() {
+            add(
+                f,
+                conns[k].bytes(),
+                "a multifd connection, source to destination, opened after the main one",
+            );
+        }
+        let caps = json!({"events": true, "return-path": true, "multifd": true});
+        let mut main = json!({"label": "main", "feed_to_destination": "stream.bin",
+                   "multifd_connections_in_order": multifd::CONN_FILES});
+        let mut final_ram = json!(null);
+        if c.class == Class::Valid {
+            add(
+                "rp.bin",
+                base::precopy_rp(),
+                "the return path a conforming destination writes",
+            );
+            main["expected_return_path"] = json!("rp.bin");
+            main["return_path_rule"] = json!("exact");
+            final_ram = final_ram_json(&base::final_ram(false));
+        } else {
+            main["expect_failure"] = json!(true);
+        }
+        if multifd::closes_connections(c) {
+            // The source closes its multifd connections once written (one ends early).
+            main["multifd_close_after_write"] = json!(true);
+        }
+        let expected = match offset {
+            Some(off) => json!({"rule": c.rule, "offset": off,
+                "channel": multifd::CONN_FILES[multifd::violation_conn(c)]}),
+            None => json!(null),
+        };
+        let manifest = json!({
+            "format": FORMAT,
+            "scenario": name,
+            "description": c.description,
+            "qemu": {"version_string": "synthetic (7.2 profile)", "binary": null},
+            "machine": {"type": "none", "cpu": null, "ram_mb": RAM_BYTES >> 20, "ram_bytes": RAM_BYTES,
+                        "ram_block": "ram", "ram_guest_physical_base": 0, "target_page_size": TPS},
+            "files": files,
+            "channels": [{"label": "main", "file": "stream.bin", "multifd_channels": multifd::CONN_FILES}],
+            "final_ram": final_ram,
+            "replay": {"destination_capabilities": caps,
+                       "destination_parameters": {"multifd-channels": 2}, "channels": [main]},
+            "synthetic": {
+                "class": class,
+                "rule": c.rule,
+                "exercises": c.exercises,
+                "profile": "7.2",
+                "base": "multifd-precopy",
+                "channel": "main+multifd",
+                "checker": "destination-multifd",
+                "flags": ["multifd", "return-path"],
+                "blocks": [["ram", RAM_BYTES]],
+                "expected": expected,
+                "generator": "qmig conformance --generate (conformance/src/synth)",
+            },
+        });
+        let mut text = serde_json::to_vec_pretty(&manifest).expect("json");
+        text.push(b'\n');
+        out.insert(format!("{name}/manifest.json"), text);
+        index.push(
+            json!({"name": name, "rule": c.rule, "class": class, "profile": "7.2",
+            "exercises": c.exercises, "expected": expected}),
+        );
+    }
 }
 
 /// Writes every synthetic vector under `dir` (created if needed). Returns the file count.

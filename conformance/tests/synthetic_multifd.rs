@@ -1,0 +1,251 @@
+//! The synthetic multifd migration cases (`*-multifd-precopy-*`): their exact bytes, their
+//! decode check, and their replay against qmig-dst and QEMU 7.2 when installed (the QEMU
+//! replay prints a note and passes without it). The replays use the `qmig-dst` next to the test
+//! binary: build it first (`cargo build -p qmig-dst -p qmig-conformance --bins`).
+
+use std::path::{Path, PathBuf};
+
+use qmig_conformance::qemu::{find_qemu, QemuVersion};
+use qmig_conformance::runner::{self, report::CaseResult, report::Status, skip, Options};
+
+const VALID: &str = "valid-mfd-sync-multifd-precopy-72";
+/// Invalid cases: name, the connection file the violation is on, the `error-desc` prefix.
+const INVALID: [(&str, &str, &str); 3] = [
+    // The second connection's init packet names id 0 again: its id byte.
+    (
+        "invalid-mfd-channel-multifd-precopy-72",
+        "multifd-conn2.bin",
+        "offset 24: MFD-CHANNEL:",
+    ),
+    // Init packet (64) + SYNC packet (1344) + the flags field (8) of the page packet.
+    (
+        "invalid-mfd-flags-multifd-precopy-72",
+        "multifd-conn1.bin",
+        "offset 1416: MFD-FLAGS:",
+    ),
+    // Init (64) + SYNC (1344) + one-page packet (1344 + 4096) + SYNC (1344): the end of the
+    // connection, where the third SYNC should be.
+    (
+        "invalid-mfd-sync-multifd-precopy-72",
+        "multifd-conn2.bin",
+        "offset 8192: MFD-SYNC:",
+    ),
+];
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors/synthetic")
+}
+
+fn read(case: &str, file: &str) -> Vec<u8> {
+    std::fs::read(dir().join(case).join(file)).unwrap()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn manifest(case: &str) -> serde_json::Value {
+    serde_json::from_slice(&read(case, "manifest.json")).unwrap()
+}
+
+fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
+    let skips = skip::load(&PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/src/runner/skip-qemu.txt"
+    )))
+    .unwrap();
+    runner::run_suite(&Options {
+        vectors: vec![dir()],
+        dst: vec![dst.to_string()],
+        src: vec![],
+        skips,
+        filter: Some(filter.to_string()),
+        print: true,
+    })
+    .unwrap()
+}
+
+fn status<'a>(r: &'a [CaseResult], name: &str) -> &'a Status {
+    &r.iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no case {name}: {r:#?}"))
+        .status
+}
+
+/// The 7.2 SYNC packet header with packet number `num`: magic, version 1, flags 1, 128 slots,
+/// no pages, no data, the number; then 32 unused bytes, block `ram`, 128 zero slots.
+fn sync_packet(num: u8) -> String {
+    format!(
+        "11223344000000010000000100000080000000000000000000000000000000{num:02x}{}72616d{}",
+        "00".repeat(32),
+        "00".repeat(253 + 128 * 8)
+    )
+}
+
+/// Connections of the valid case byte for byte: init packet (id 0 / 1), SYNC, one page packet
+/// (page 0 / page 4), SYNC, SYNC; packet numbers 0, 2, 4, 6 and 1, 3, 5, 7.
+#[test]
+fn multifd_connections_are_exact() {
+    for (k, file) in ["multifd-conn1.bin", "multifd-conn2.bin"]
+        .iter()
+        .enumerate()
+    {
+        let c = read(VALID, file);
+        assert_eq!(c.len(), 64 + 1344 * 4 + 4096, "{file}");
+        assert_eq!(
+            hex(&c[..64]),
+            format!(
+                "1122334400000001{}{:02x}{}",
+                "00".repeat(16),
+                k,
+                "00".repeat(39)
+            ),
+            "{file}: init packet"
+        );
+        let n = k as u8;
+        assert_eq!(hex(&c[64..64 + 1344]), sync_packet(n), "{file}: SYNC 1");
+        let p = &c[64 + 1344..64 + 2 * 1344 + 4096];
+        let addr: u64 = if k == 0 { 0 } else { 4 * 4096 };
+        assert_eq!(
+            hex(&p[..32]),
+            format!(
+                "11223344000000010000000000000080000000010000100000000000000000{:02x}",
+                2 + n
+            ),
+            "{file}: page packet header"
+        );
+        assert_eq!(&p[64..67], b"ram");
+        assert_eq!(p[320..328], addr.to_be_bytes(), "{file}: first slot");
+        assert!(p[328..1344].iter().all(|b| *b == 0), "{file}: other slots");
+        if k == 1 {
+            assert!(p[1344..].iter().all(|b| *b == 0x5a), "{file}: page 4 data");
+        }
+        let rest = &c[64 + 2 * 1344 + 4096..];
+        assert_eq!(hex(&rest[..1344]), sync_packet(4 + n), "{file}: SYNC 2");
+        assert_eq!(hex(&rest[1344..]), sync_packet(6 + n), "{file}: SYNC 3");
+    }
+    // The main channel carries no data page: only the three zero pages (1 naming `ram`).
+    let main = hex(&read(VALID, "stream.bin"));
+    assert!(
+        main.contains("00000000000010020372616d00"),
+        "zero page 1 named"
+    );
+    assert!(main.contains("000000000000202200"), "zero page 2");
+    assert!(main.contains("000000000000302200"), "zero page 3");
+    assert!(
+        !main.contains("0000000000000028"),
+        "no PAGE record on the main channel"
+    );
+    assert_eq!(
+        hex(&read(VALID, "rp.bin")),
+        "00020004000000010001000400000000",
+        "PONG(1), SHUT(0)"
+    );
+    // The invalid cases: each differs from the valid one only where it says.
+    let (v1, v2) = (
+        read(VALID, "multifd-conn1.bin"),
+        read(VALID, "multifd-conn2.bin"),
+    );
+    let dup = read(INVALID[0].0, "multifd-conn2.bin");
+    assert_eq!((dup[24], &dup[..24], &dup[25..]), (0, &v2[..24], &v2[25..]));
+    let flags = read(INVALID[1].0, "multifd-conn1.bin");
+    assert_eq!(flags[1416..1420], [0, 0, 0, 2]);
+    assert_eq!((&flags[..1416], &flags[1420..]), (&v1[..1416], &v1[1420..]));
+    assert_eq!(read(INVALID[2].0, "multifd-conn2.bin"), v2[..8192]);
+    for (case, file, _) in INVALID {
+        let m = manifest(case);
+        assert_eq!(m["synthetic"]["expected"]["channel"], file, "{case}");
+        assert_eq!(
+            read(case, "stream.bin"),
+            read(VALID, "stream.bin"),
+            "{case}"
+        );
+        assert_eq!(
+            m["replay"]["channels"][0]["multifd_close_after_write"] == true,
+            case.contains("mfd-sync"),
+            "{case}"
+        );
+    }
+}
+
+#[test]
+fn multifd_cases_pass_their_decode_check() {
+    let r = runner::run_suite(&Options {
+        vectors: vec![dir()],
+        filter: Some("decode/synthetic/*-multifd-precopy-*".into()),
+        ..Default::default()
+    })
+    .unwrap();
+    assert_eq!(r.len(), 4, "{r:#?}");
+    assert_eq!(
+        status(&r, &format!("decode/synthetic/{VALID}")),
+        &Status::Pass(
+            "valid: 3 channels consumed, completed, return path and final RAM as expected".into()
+        )
+    );
+    for (case, file, desc) in INVALID {
+        let (off, rule) = desc
+            .trim_start_matches("offset ")
+            .trim_end_matches(':')
+            .split_once(": ")
+            .unwrap();
+        match status(&r, &format!("decode/synthetic/{case}")) {
+            Status::Pass(m) => assert!(
+                m.starts_with(&format!(
+                    "rejected as expected: {rule} at offset {off} of {file} (value "
+                )) && m.ends_with("), failed"),
+                "{case}: {m}"
+            ),
+            s => panic!("{case}: {s:?}"),
+        }
+    }
+}
+
+/// qmig-dst: the valid case completes with the final RAM equal; each invalid one fails with
+/// its rule and offset in `error-desc`.
+#[test]
+fn multifd_cases_against_qmig_dst() {
+    let r = run("qmig", "replay-dst[qmig]/synthetic/*-multifd-precopy-*");
+    assert_eq!(r.len(), 4, "{r:#?}");
+    match status(&r, &format!("replay-dst[qmig]/synthetic/{VALID}")) {
+        Status::Pass(m) => assert_eq!(
+            m,
+            "1 channel(s) replayed, return path per rule, completed, final RAM (1 MiB) equal; 2 multifd connection(s) played alongside"
+        ),
+        s => panic!("{VALID}: {s:?}"),
+    }
+    for (case, _, desc) in INVALID {
+        match status(&r, &format!("replay-dst[qmig]/synthetic/{case}")) {
+            Status::Pass(m) => assert!(
+                m.starts_with(&format!("rejected: migration failed, error-desc `{desc}")),
+                "{case}: {m}"
+            ),
+            s => panic!("{case}: {s:?}"),
+        }
+    }
+}
+
+/// QEMU 7.2 completes the valid case with the final RAM equal; the invalid ones are skipped
+/// (it never fails them: it waits for ever, see skip-qemu.txt).
+#[test]
+fn multifd_cases_against_qemu() {
+    if find_qemu(QemuVersion::V7_2).unwrap().is_none() {
+        eprintln!("QEMU 7.2 not installed: multifd replays against it not run");
+        return;
+    }
+    let r = run("qemu", "replay-dst[qemu]/synthetic/*-multifd-precopy-*");
+    assert_eq!(r.len(), 4, "{r:#?}");
+    assert!(matches!(
+        status(&r, &format!("replay-dst[qemu]/synthetic/{VALID}")),
+        Status::Pass(m) if m.contains("completed, final RAM (1 MiB) equal")
+    ));
+    for (case, _, _) in INVALID {
+        assert!(
+            matches!(
+                status(&r, &format!("replay-dst[qemu]/synthetic/{case}")),
+                Status::Skip(m) if m.starts_with("QEMU 7.2")
+            ),
+            "{case}"
+        );
+    }
+}
