@@ -595,6 +595,16 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "MFD-SYNC", "7.2", MultifdPrecopy, "the second connection ends (closed by the source) without the SYNC of the END's EOS: the main channel waits for it at its last sync point", |p| {
             p.remove("c2_sync3"); Some(multifd::conn_len(p, 1))
         }),
+        case!(Valid, "MFD-SYNC", "10", MultifdPrecopy, "a 10.x multifd migration: pages 0 and 4 on two multifd connections (ids 0 and 1), zero pages on the main channel, one SYNC per connection for each of the three MULTIFD_FLUSH, completed", |_| None, &["MFD-CHANNEL", "MFD-FLAGS", "MFD-MAGIC", "MFD-VERSION", "MFD-PAGES"]),
+        case!(Invalid, "MFD-CHANNEL", "10", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
+            p.get("c2_init")[24] = 0; Some(multifd::offset_in_conn(p, "c2_init") + 24)
+        }),
+        case!(Invalid, "MFD-FLAGS", "10", MultifdPrecopy, "the first connection's page packet with flag bit 1 (zlib compression, not negotiated)", |p| {
+            p.get("c1_pages")[11] |= 2; Some(multifd::offset_in_conn(p, "c1_pages") + 8)
+        }),
+        case!(Invalid, "MFD-SYNC", "10", MultifdPrecopy, "the second connection ends (closed by the source) without the SYNC of the END's MULTIFD_FLUSH: the main channel waits for it at its last sync point", |p| {
+            p.remove("c2_sync3"); Some(multifd::conn_len(p, 1))
+        }),
     ];
     for c in &mut v {
         let kind = match c.class {

@@ -44,7 +44,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => base::rp_channel(),
             Base::Multifd => base::multifd_conn(),
             Base::Recovery => recovery::channel(),
-            Base::MultifdPrecopy => multifd::base(),
+            Base::MultifdPrecopy => multifd::base(ten),
             Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
         };
         let offset = (c.patch)(&mut parts);
@@ -379,7 +379,7 @@ fn multifd_case(
             "format": FORMAT,
             "scenario": name,
             "description": c.description,
-            "qemu": {"version_string": "synthetic (7.2 profile)", "binary": null},
+            "qemu": {"version_string": format!("synthetic ({} profile)", c.profile), "binary": null},
             "machine": {"type": "none", "cpu": null, "ram_mb": RAM_BYTES >> 20, "ram_bytes": RAM_BYTES,
                         "ram_block": "ram", "ram_guest_physical_base": 0, "target_page_size": TPS},
             "files": files,
@@ -391,7 +391,7 @@ fn multifd_case(
                 "class": class,
                 "rule": c.rule,
                 "exercises": c.exercises,
-                "profile": "7.2",
+                "profile": c.profile,
                 "base": "multifd-precopy",
                 "channel": "main+multifd",
                 "checker": "destination-multifd",
