@@ -31,7 +31,7 @@ pub enum Base {
     /// Return-path bytes the runner writes to a SOURCE in a postcopy migration, once
     /// POSTCOPY_RUN has arrived (judged by the source: `replay-src`).
     SrcPostcopy,
-    /// [`super::multifd::base`]: a 7.2 precopy migration with two multifd connections, judged
+    /// [`super::multifd::base`]: a precopy migration (7.2 or 10.x) with two multifd connections, judged
     /// by a destination (a patch's offset counts from 0 of the connection
     /// [`super::multifd::violation_conn`] names).
     MultifdPrecopy,

@@ -9,7 +9,7 @@
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
-//! | [`multifd`] | the multifd migration base (main channel, two multifd connections) and its cases |
+//! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.

@@ -1,7 +1,7 @@
 //! The synthetic multifd migration (profiles 7.2 and 10): a precopy main channel whose non-zero pages
 //! travel on two multifd connections, in the layout of the captured `precopy-multifd` vectors
 //! (`stream.bin`, `multifd-conn1.bin`, `multifd-conn2.bin`, `rp.bin`), and its cases (MFD-CHANNEL,
-//! MFD-FLAGS, MFD-SYNC; listed in [`super::cases`]). An invalid case's expected offset counts
+//! MFD-FLAGS, MFD-SYNC: listed in [`super::cases`]). An invalid case's expected offset counts
 //! from 0 of the connection the violation is on, which the manifest names
 //! (`synthetic.expected.channel`).
 
