@@ -3,10 +3,11 @@
 //! (a QEMU replay prints a note and passes without it). The replays use the `qmig-dst` next to the test
 //! binary: build it first (`cargo build -p qmig-dst -p qmig-conformance --bins`).
 
-use std::path::{Path, PathBuf};
-
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
-use qmig_conformance::runner::{self, report::CaseResult, report::Status, skip, Options};
+use qmig_conformance::runner::{self, report::Status, Options};
+
+mod synth_util;
+use synth_util::{dir, hex, read, run, status};
 
 const VALID: &str = "valid-mfd-sync-multifd-precopy-";
 /// Profiles, as case name suffixes.
@@ -35,44 +36,8 @@ const INVALID: [(&str, &str, &str); 3] = [
     ),
 ];
 
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors/synthetic")
-}
-
-fn read(case: &str, file: &str) -> Vec<u8> {
-    std::fs::read(dir().join(case).join(file)).unwrap()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 fn manifest(case: &str) -> serde_json::Value {
     serde_json::from_slice(&read(case, "manifest.json")).unwrap()
-}
-
-fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
-    let skips = skip::load(&PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/src/runner/skip-qemu.txt"
-    )))
-    .unwrap();
-    runner::run_suite(&Options {
-        vectors: vec![dir()],
-        dst: vec![dst.to_string()],
-        src: vec![],
-        skips,
-        filter: Some(filter.to_string()),
-        print: true,
-    })
-    .unwrap()
-}
-
-fn status<'a>(r: &'a [CaseResult], name: &str) -> &'a Status {
-    &r.iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no case {name}: {r:#?}"))
-        .status
 }
 
 /// A SYNC packet with packet number `num`: magic, version 1, flags 1, 128 slots (7.2) or none

@@ -4,10 +4,11 @@
 //! without it). The replays use the `qmig-dst` next to the test binary: build it first
 //! (`cargo build -p qmig-dst -p qmig-conformance --bins`).
 
-use std::path::{Path, PathBuf};
-
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
-use qmig_conformance::runner::{self, report::CaseResult, report::Status, skip, Options};
+use qmig_conformance::runner::{self, report::Status, Options};
+
+mod synth_util;
+use synth_util::{dir, hex, read, run, status};
 
 const VALID: [&str; 2] = [
     "valid-cmd-recv-bitmap-len-recovery-72",
@@ -39,42 +40,6 @@ const INVALID: [(&str, &str); 7] = [
         "offset 0: SM-RECOVER-NO-HEADER:",
     ),
 ];
-
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("vectors/synthetic")
-}
-
-fn read(case: &str, file: &str) -> Vec<u8> {
-    std::fs::read(dir().join(case).join(file)).unwrap()
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
-    let skips = skip::load(&PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/src/runner/skip-qemu.txt"
-    )))
-    .unwrap();
-    runner::run_suite(&Options {
-        vectors: vec![dir()],
-        dst: vec![dst.to_string()],
-        src: vec![],
-        skips,
-        filter: Some(filter.to_string()),
-        print: true,
-    })
-    .unwrap()
-}
-
-fn status<'a>(r: &'a [CaseResult], name: &str) -> &'a Status {
-    &r.iter()
-        .find(|c| c.name == name)
-        .unwrap_or_else(|| panic!("no case {name}: {r:#?}"))
-        .status
-}
 
 /// The valid recovery channel and the return path a destination must write on it, byte for
 /// byte: RECV_BITMAP(`ram`), POSTCOPY_RESUME, PART with page 3 as ZERO naming `ram`, EOS,
