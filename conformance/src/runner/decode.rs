@@ -17,10 +17,7 @@ use std::sync::Arc;
 use qmig_protocol::bitmap::{BitmapView, PageBitmap};
 use qmig_protocol::command::Command;
 use qmig_protocol::limits::Limits;
-use qmig_protocol::machine::{
-    Destination, DestinationConfig, GuestMemory, Instant, MemoryError, MigrationStatus,
-    RamBlockSpec,
-};
+use qmig_protocol::machine::{Destination, Instant, MigrationStatus};
 use qmig_protocol::multifd::MultifdDecoder;
 use qmig_protocol::ram::RamBody;
 use qmig_protocol::rp::{RpDecoder, RpMessage};
@@ -29,9 +26,9 @@ use qmig_protocol::vmdesc::VmDesc;
 use qmig_protocol::{Violation, WireError};
 use serde_json::Value;
 
+use super::synth_dst;
 use super::vector::Vector;
 use crate::qemu::driver::vmdesc_of_stream;
-use crate::qemu::pattern::sha256_hex;
 
 /// Target page size of every vector.
 const TPS: u64 = 4096;
@@ -291,32 +288,6 @@ fn check_rp_offsets(
     Ok(got.len())
 }
 
-/// Guest memory of the synthetic checks: plain vectors, one per block.
-struct Mem {
-    blocks: Vec<Vec<u8>>,
-}
-
-impl GuestMemory for Mem {
-    fn place_page(&mut self, block: usize, offset: u64, data: &[u8]) -> Result<(), MemoryError> {
-        let o = offset as usize;
-        self.blocks[block][o..o + data.len()].copy_from_slice(data);
-        Ok(())
-    }
-    fn place_zero(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
-        let o = offset as usize;
-        self.blocks[block][o..o + len as usize].fill(0);
-        Ok(())
-    }
-    fn discard(&mut self, block: usize, offset: u64, len: u64) -> Result<(), MemoryError> {
-        self.place_zero(block, offset, len)
-    }
-    fn read_page(&self, block: usize, offset: u64, out: &mut [u8]) -> bool {
-        let o = offset as usize;
-        out.copy_from_slice(&self.blocks[block][o..o + out.len()]);
-        true
-    }
-}
-
 fn synthetic_blocks(s: &Value) -> Vec<(Vec<u8>, u64)> {
     s["blocks"]
         .as_array()
@@ -422,22 +393,13 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
         // `destination-devices`: the same, with the destination's device table declared.
         Some("destination" | "destination-devices") => {
             let stream = v.read("stream.bin").map_err(|e| e.to_string())?;
-            let specs: Vec<RamBlockSpec> = blocks
-                .iter()
-                .map(|(n, l)| RamBlockSpec::new(&String::from_utf8_lossy(n), *l, TPS))
-                .collect();
             let flags: Vec<&str> = s["flags"]
                 .as_array()
                 .into_iter()
                 .flatten()
                 .filter_map(Value::as_str)
                 .collect();
-            let mut cfg = DestinationConfig::new(
-                v.profile(),
-                v.manifest["machine"]["type"].as_str().unwrap_or("none"),
-                specs,
-                flags.contains(&"postcopy-ram"),
-            );
+            let (mut cfg, mut mem) = synth_dst::setup(v, flags.contains(&"postcopy-ram"));
             // The destination's device table (SEC-UNKNOWN-DEVICE, SEC-VERSION), when declared.
             cfg.known_devices = s["known_devices"].as_array().map(|l| {
                 l.iter()
@@ -464,9 +426,6 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 _ => {}
             }
             let mut dst = Destination::new(cfg).map_err(|e| format!("{e:?}"))?;
-            let mut mem = Mem {
-                blocks: blocks.iter().map(|(_, l)| vec![0u8; *l as usize]).collect(),
-            };
             dst.handle_channel_opened(Instant(0))
                 .map_err(|e| e.to_string())?;
             let mut rp = Vec::new();
@@ -500,19 +459,8 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                     dst.status()
                 ));
             }
-            let want_rp = v.read("rp.bin").map_err(|e| e.to_string())?;
-            if rp != want_rp {
-                return Err(format!(
-                    "return path {} differs from rp.bin {}",
-                    crate::qemu::pattern::hex(&rp),
-                    crate::qemu::pattern::hex(&want_rp)
-                ));
-            }
-            let want = v.manifest["final_ram"]["sha256"].as_str().unwrap_or("");
-            let got = sha256_hex(&mem.blocks[0]);
-            if got != want {
-                return Err(format!("final RAM sha256 {got}, manifest {want}"));
-            }
+            synth_dst::same_return_path(v, &rp, "rp.bin")?;
+            synth_dst::same_final_ram(v, &mem)?;
             Ok(format!(
                 "valid: completed, return path and final RAM as expected ({} bytes)",
                 stream.len()

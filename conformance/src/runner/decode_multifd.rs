@@ -9,18 +9,13 @@
 //! must consume every byte and complete, with the return path equal to `rp.bin` byte for byte
 //! and the final RAM equal to `final_ram`.
 
-use qmig_protocol::machine::{
-    Destination, DestinationConfig, Instant, MigrationStatus, MultifdConfig, RamBlockSpec,
-};
+use qmig_protocol::machine::{Destination, Instant, MigrationStatus, MultifdConfig};
 use qmig_protocol::Violation;
 use serde_json::Value;
 
 use super::play_dst::Ram;
+use super::synth_dst;
 use super::vector::Vector;
-use crate::qemu::pattern::{hex, sha256_hex};
-
-/// Target page size of every synthetic vector.
-const TPS: u64 = 4096;
 
 /// `Some(result)` for a synthetic multifd case, `None` for any other vector.
 pub fn check(v: &Vector) -> Option<Result<String, String>> {
@@ -29,11 +24,6 @@ pub fn check(v: &Vector) -> Option<Result<String, String>> {
 }
 
 fn check_multifd(v: &Vector, s: &Value) -> Result<String, String> {
-    let blocks: Vec<(String, u64)> = super::replay_dst::block_list(v);
-    let specs: Vec<RamBlockSpec> = blocks
-        .iter()
-        .map(|(n, l)| RamBlockSpec::new(n, *l, TPS))
-        .collect();
     let ch = v
         .replay_channels()
         .first()
@@ -51,17 +41,9 @@ fn check_multifd(v: &Vector, s: &Value) -> Result<String, String> {
         files.push(f.as_str().ok_or("multifd connection entry")?.to_string());
     }
     let channels = u8::try_from(files.len() - 1).map_err(|e| e.to_string())?;
-    let mut cfg = DestinationConfig::new(
-        v.profile(),
-        v.manifest["machine"]["type"].as_str().unwrap_or("none"),
-        specs,
-        false,
-    );
+    let (mut cfg, mut mem) = synth_dst::setup(v, false);
     cfg.multifd = Some(MultifdConfig::new(&v.profile(), channels));
     let mut dst = Destination::new(cfg).map_err(|e| format!("{e:?}"))?;
-    let mut mem = Ram {
-        blocks: blocks.iter().map(|(_, l)| vec![0u8; *l as usize]).collect(),
-    };
     dst.handle_channel_opened(Instant(0))
         .map_err(|e| e.to_string())?;
     let inputs: Vec<Vec<u8>> = files
@@ -113,19 +95,8 @@ fn check_multifd(v: &Vector, s: &Value) -> Result<String, String> {
     if dst.status() != MigrationStatus::Completed {
         return Err(format!("ends in {}, not completed", dst.status()));
     }
-    let want_rp = v.read("rp.bin").map_err(|e| e.to_string())?;
-    if rp != want_rp {
-        return Err(format!(
-            "return path {} differs from rp.bin {}",
-            hex(&rp),
-            hex(&want_rp)
-        ));
-    }
-    let want = v.manifest["final_ram"]["sha256"].as_str().unwrap_or("");
-    let got = sha256_hex(&mem.blocks[0]);
-    if got != want {
-        return Err(format!("final RAM sha256 {got}, manifest {want}"));
-    }
+    synth_dst::same_return_path(v, &rp, "rp.bin")?;
+    synth_dst::same_final_ram(v, &mem)?;
     Ok(format!(
         "valid: {} channels consumed, completed, return path and final RAM as expected",
         inputs.len()

@@ -8,17 +8,11 @@
 //! with its return path equal to its `expected_return_path` byte for byte and the final RAM
 //! equal to `final_ram`.
 
-use qmig_protocol::machine::{
-    Control, Destination, DestinationConfig, Instant, MigrationStatus, RamBlockSpec,
-};
+use qmig_protocol::machine::{Control, Destination, Instant, MigrationStatus};
 use serde_json::Value;
 
-use super::play_dst::Ram;
+use super::synth_dst;
 use super::vector::Vector;
-use crate::qemu::pattern::{hex, sha256_hex};
-
-/// Target page size of every synthetic vector.
-const TPS: u64 = 4096;
 
 /// `Some(result)` for a synthetic recovery case, `None` for any other vector.
 pub fn check(v: &Vector) -> Option<Result<String, String>> {
@@ -27,21 +21,8 @@ pub fn check(v: &Vector) -> Option<Result<String, String>> {
 }
 
 fn check_recovery(v: &Vector, s: &Value) -> Result<String, String> {
-    let blocks: Vec<(String, u64)> = super::replay_dst::block_list(v);
-    let specs: Vec<RamBlockSpec> = blocks
-        .iter()
-        .map(|(n, l)| RamBlockSpec::new(n, *l, TPS))
-        .collect();
-    let cfg = DestinationConfig::new(
-        v.profile(),
-        v.manifest["machine"]["type"].as_str().unwrap_or("none"),
-        specs,
-        true,
-    );
+    let (cfg, mut mem) = synth_dst::setup(v, true);
     let mut dst = Destination::new(cfg).map_err(|e| format!("{e:?}"))?;
-    let mut mem = Ram {
-        blocks: blocks.iter().map(|(_, l)| vec![0u8; *l as usize]).collect(),
-    };
     let chans = v.replay_channels();
     let mut now = 0u64;
     let mut tick = || {
@@ -122,25 +103,13 @@ fn check_recovery(v: &Vector, s: &Value) -> Result<String, String> {
             ));
         }
         if let Some(want) = ch["expected_return_path"].as_str() {
-            let want = v.read(want).map_err(|e| e.to_string())?;
-            if rp != want {
-                return Err(format!(
-                    "{label}: return path {} differs from {} ({})",
-                    hex(&rp),
-                    ch["expected_return_path"],
-                    hex(&want)
-                ));
-            }
+            synth_dst::same_return_path(v, &rp, want).map_err(|e| format!("{label}: {e}"))?;
         }
     }
     if dst.status() != MigrationStatus::Completed {
         return Err(format!("ends in {}, not completed", dst.status()));
     }
-    let want = v.manifest["final_ram"]["sha256"].as_str().unwrap_or("");
-    let got = sha256_hex(&mem.blocks[0]);
-    if got != want {
-        return Err(format!("final RAM sha256 {got}, manifest {want}"));
-    }
+    synth_dst::same_final_ram(v, &mem)?;
     notes.push(format!(
         "{} channels: completed, return paths and final RAM as expected",
         chans.len()

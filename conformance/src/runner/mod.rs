@@ -11,6 +11,7 @@
 //! | [`replay_src`] | replay against a source target: the runner plays the destination |
 //! | [`play_dst`] | the played destination (decoder, `Destination` machine, the runner's books) |
 //! | [`play_multifd`] | the played destination's multifd connections |
+//! | [`synth_dst`] | the Destination machine of the synthetic decode checks: setup, return path, final RAM |
 //! | [`synth_src`] | source-side synthetic cases: return-path bytes written to a live source |
 //! | [`broken_src`] | deliberately broken sources (tamper stage on the recovery channel) |
 //! | [`skip`] | skip lists with a reason per entry |
@@ -29,6 +30,7 @@ pub mod replay_src;
 pub mod report;
 pub mod shim;
 pub mod skip;
+pub mod synth_dst;
 pub mod synth_src;
 pub mod vector;
 
