@@ -7,8 +7,9 @@
 //! elements, nested structs and `tmp` layouts (whose bytes must add up to the field's `size`),
 //! `nullptr` elements (the byte `VMS_NULLPTR_MARKER`), and subsections, found like QEMU does by
 //! peeking `0x05` and a name that starts with the parent's vmsd name. Mismatches break
-//! `DEV-SCHEMA`; a subsection with the parent's prefix that the description lacks breaks
-//! `DEV-SUBSECTION`; nesting beyond `Limits::max_vmdesc_depth` breaks `DEV-NESTING`.
+//! `DEV-SCHEMA`; a subsection with the parent's prefix that the description lacks, or whose
+//! version is newer than the described one, breaks `DEV-SUBSECTION`; nesting beyond
+//! `Limits::max_vmdesc_depth` breaks `DEV-NESTING`.
 
 use crate::codes::VMS_NULLPTR_MARKER;
 use crate::error::{WireError, WireResult};
@@ -232,7 +233,16 @@ impl<'a> Walk<'_, 'a> {
                     name.len() as u64,
                 ));
             };
-            let _version = p.be32()?;
+            // A subsection newer than its description is unknown to this layout.
+            let version_at = p.offset();
+            let version = p.be32()?;
+            if version > sub.version {
+                return Err(WireError::invalid(
+                    version_at,
+                    Rule::DevSubsection,
+                    version as u64,
+                ));
+            }
             let start = self.r.clone();
             self.r = p;
             let mut kids = out.as_ref().map(|_| Vec::new());
@@ -355,6 +365,13 @@ mod tests {
         assert_eq!(
             decode_device(dev, &q, 0, &Limits::DEFAULT),
             Err(WireError::invalid(13, Rule::DevSubsection, 5))
+        );
+        // A known subsection newer than described: rejected at its version field.
+        let mut q = p[..13].to_vec();
+        q.extend_from_slice(&[5, 5, b'd', b'/', b's', b'u', b'b', 0, 0, 0, 2, 9]);
+        assert_eq!(
+            decode_device(dev, &q, 0, &Limits::DEFAULT),
+            Err(WireError::invalid(20, Rule::DevSubsection, 2))
         );
         // A wrong null marker.
         let mut q = p[..13].to_vec();

@@ -412,9 +412,19 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                     })
                     .collect()
             });
+            // Device payloads are delimited (and decoded) by the VM description the stream
+            // ends with, as the replay gives it to the destination, unless the case is about
+            // the footer scan (`replay.destination_vmdesc: false`).
+            let desc = (v.manifest["replay"]["destination_vmdesc"] != false)
+                .then(|| vmdesc(v))
+                .flatten();
+            cfg.vmdesc = desc.as_deref().cloned();
             // The plain decoder first (the whole channel, declared final): stream-level rules,
             // including what follows EOF; then the machine for the state-dependent rules.
             let mut dec = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
+            if let Some(d) = &desc {
+                dec.set_vmdesc((**d).clone());
+            }
             match decode_channel(&mut dec, &stream) {
                 (_, Err(WireError::Invalid(x)), _) => return judge(s, Some(x), ""),
                 // The file is the whole channel: ending inside a record (or before EOF) is a

@@ -139,8 +139,12 @@ pub const VMDESC_JSON: &[u8] = br#"{"page_size":4096,"devices":[{"name":"globals
 /// The VM description a precopy stream ends with (`0x06`, be32 length, [`VMDESC_JSON`]): as
 /// QEMU does, and it lets the footer scan decide the last device section.
 pub fn vmdesc() -> Vec<u8> {
-    let j = VMDESC_JSON;
-    cat(&[&[0x06], &be32(j.len() as u32), j])
+    vmdesc_of(VMDESC_JSON)
+}
+
+/// A VM description record (`0x06`, be32 length, `json`).
+pub fn vmdesc_of(json: &[u8]) -> Vec<u8> {
+    cat(&[&[0x06], &be32(json.len() as u32), json])
 }
 
 /// The precopy main channel: header, configuration, OPEN_RETURN_PATH, PING(1), `ram` START

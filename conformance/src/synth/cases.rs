@@ -606,6 +606,7 @@ pub fn all() -> Vec<Case> {
             p.remove("c2_sync3"); Some(multifd::conn_len(p, 1))
         }),
     ];
+    v.extend(super::devices::cases());
     for c in &mut v {
         let kind = match c.class {
             Class::Valid => "valid",
@@ -643,9 +644,7 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("RAM-APPLY", "replay: final RAM compared with final_ram"),
     ("BITMAP-LE", "replay: RECV_BITMAP bytes compared with resume-rp.bin; broken target bitmap-be"),
     ("BITMAP-MARK", "behaviour of a destination (which bits it keeps), no invalid input exists: the valid synthetic recovery cases (valid-cmd-recv-bitmap-len-recovery-72, valid-sm-recover-no-header-recovery-10) and the captured recovery vectors compare the RECV_BITMAP the destination writes with resume-rp.bin byte for byte (discarded page 2 received again, page 3 discarded and cut short: clear)"),
-    ("DEV-SCHEMA", "protocol device decoder tests on real vectors"),
-    ("DEV-SUBSECTION", "protocol device decoder tests on real vectors"),
-    ("DEV-NESTING", "protocol device decoder tests"),
+    ("DEV-NESTING", "valid: the device cases (valid-dev-subsection-precopy-*) nest a subsection one level; invalid: not generated: the limit is a property of the VM description, which a destination is given out of band (`qmig-dst --vmdesc`: a deeper one is refused when it is loaded, before any migration) and QEMU never reads (its layouts are compiled in); protocol/src/vmdesc.rs and device.rs tests (DEV-NESTING in the description and in the data)"),
     ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
     ("SM-FATAL-BEFORE-RUN", "behaviour (an error before POSTCOPY_RUN fails, not pauses); no input of its own: it is checked on every invalid postcopy-base synthetic case whose violation precedes POSTCOPY_RUN (10 cases): replay-dst requires the target to end `failed`, a `postcopy-paused` fails the case (replay_dst.rs before_run); also conformance/tests/hostile.rs, reference-dst/tests/live_qemu100.rs"),
     ("SM-PAUSE-AFTER-RUN", "behaviour (a channel loss, not a violation): replay-dst of the postcopy-recover captures and of the synthetic recovery cases (the target must pause at the cut after POSTCOPY_RUN; invalid-ram-offset-recovery-*: a violation after POSTCOPY_RESUME pauses again and a second recovery completes); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses; reference-dst/tests/live_qemu72.rs, live_qemu100.rs"),

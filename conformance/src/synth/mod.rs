@@ -8,6 +8,7 @@
 //! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
+//! | [`devices`] | the device-payload cases (`timer` and its subsection, decoded by description) |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
 //!
@@ -17,6 +18,7 @@
 pub mod base;
 pub mod build;
 pub mod cases;
+pub mod devices;
 pub mod multifd;
 pub mod recovery;
 

@@ -37,6 +37,15 @@ impl StreamDecoder {
                         Rule::SecDeviceLen,
                         n as u64,
                     )),
+                    // The described fields and subsections end here, so the footer must
+                    // follow: any other byte (extra data, a subsection of another device) is
+                    // a payload that does not match its description.
+                    Ok(n) => match window.get(n) {
+                        Some(&b) if b != crate::codes::SectionType::FOOTER.0 => Err(
+                            WireError::invalid(self.offset + n as u64, Rule::DevSchema, b as u64),
+                        ),
+                        _ => Ok(n),
+                    },
                     r => r,
                 };
             }

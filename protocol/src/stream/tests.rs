@@ -269,6 +269,76 @@ fn device_delimiting_rules() {
     );
 }
 
+/// A decoder that delimits `timer` (two be32 fields) by its description.
+#[cfg(feature = "vmdesc")]
+fn described_timer() -> StreamDecoder {
+    let j = br#"{"page_size":4096,"devices":[{"name":"timer","instance_id":0,"vmsd_name":"timer","version":2,
+      "fields":[{"name":"a","type":"uint32","size":4},{"name":"b","type":"uint32","size":4}],
+      "subsections":[{"vmsd_name":"timer/s","version":1,"fields":[{"name":"c","type":"uint8","size":1}]}]}]}"#;
+    let desc = crate::vmdesc::VmDesc::parse(j, 0, &Limits::DEFAULT).unwrap();
+    let mut d = StreamDecoder::new(Channel::Main, Profile::QEMU_10, Limits::DEFAULT);
+    d.set_vmdesc(desc);
+    d
+}
+
+/// The first error of `d` on `bytes`, decoded whole.
+#[cfg(feature = "vmdesc")]
+fn first_error(mut d: StreamDecoder, bytes: &[u8]) -> WireError {
+    let mut pos = 0;
+    loop {
+        match d.decode_final(&bytes[pos..]) {
+            Ok((_, used)) => pos += used,
+            Err(e) => return e,
+        }
+    }
+}
+
+#[cfg(feature = "vmdesc")]
+#[test]
+fn described_payload_is_followed_by_its_footer() {
+    let payload_at = prologue().len() as u64 + 1 + 4 + 1 + 5 + 8;
+    let timer = |payload: &[u8]| {
+        let mut b = prologue();
+        start(&mut b, 4, 0, b"timer", 2);
+        b.extend_from_slice(payload);
+        encode_footer(0, &mut b);
+        b.push(0);
+        b
+    };
+    // Exactly the fields, then fields and the described subsection: EOF reached.
+    for p in [
+        &[0u8; 8][..],
+        &[
+            0, 0, 0, 1, 0, 0, 0, 2, 5, 7, b't', b'i', b'm', b'e', b'r', b'/', b's', 0, 0, 0, 1, 9,
+        ],
+    ] {
+        let e = first_error(described_timer(), &timer(p));
+        assert_eq!(e, WireError::Incomplete { needed: 1 }, "{p:?}");
+    }
+    // One byte more than described: DEV-SCHEMA at that byte (a footer scan accepts it).
+    let b = timer(&[0, 0, 0, 1, 0, 0, 0, 2, 0x33]);
+    assert_eq!(
+        first_error(described_timer(), &b),
+        WireError::invalid(payload_at + 8, Rule::DevSchema, 0x33)
+    );
+    let (n, _, _) = run(&b, true);
+    assert_eq!(n, 10, "the footer scan takes the 9 bytes as the payload");
+    // A subsection of another device after the fields ends the subsection list: DEV-SCHEMA.
+    let b = timer(&[0, 0, 0, 1, 0, 0, 0, 2, 5, 3, b'c', b'p', b'u', 0, 0, 0, 1]);
+    assert_eq!(
+        first_error(described_timer(), &b),
+        WireError::invalid(payload_at + 8, Rule::DevSchema, 5)
+    );
+    // A subsection newer than described: DEV-SUBSECTION at its version field.
+    let b = timer(&[
+        0, 0, 0, 1, 0, 0, 0, 2, 5, 7, b't', b'i', b'm', b'e', b'r', b'/', b's', 0, 0, 0, 2, 9,
+    ]);
+    assert_eq!(
+        first_error(described_timer(), &b),
+        WireError::invalid(payload_at + 17, Rule::DevSubsection, 2)
+    );
+}
+
 #[test]
 fn eof_and_vmdesc_rules() {
     let mut b = prologue();
