@@ -64,6 +64,21 @@ pub enum Class {
     Valid,
     /// Must be rejected with the rule at the offset.
     Invalid,
+    /// Breaks the rule at the offset, which a verifier (the decode check, `qmig verify`) must
+    /// report, while a destination may either reject it or complete the migration with the
+    /// expected RAM: what only a verifier reads (the trailing VM description).
+    Acceptable,
+}
+
+impl Class {
+    /// Name used in manifests and case names.
+    pub fn name(self) -> &'static str {
+        match self {
+            Class::Valid => "valid",
+            Class::Invalid => "invalid",
+            Class::Acceptable => "acceptable",
+        }
+    }
 }
 
 /// A patch: edits the parts, returns the expected violation offset (invalid cases).
@@ -221,6 +236,7 @@ pub const PRECOPY_EXERCISES: &[&str] = &[
     "SEC-DEVICE-LEN",
     "VMDESC-PLACE",
     "VMDESC-LEN",
+    "VMDESC-JSON",
     "EOF-TRAILING",
     "STREAM-TRUNCATED",
     "CMD-UNKNOWN",
@@ -608,10 +624,7 @@ pub fn all() -> Vec<Case> {
     ];
     v.extend(super::devices::cases());
     for c in &mut v {
-        let kind = match c.class {
-            Class::Valid => "valid",
-            Class::Invalid => "invalid",
-        };
+        let kind = c.class.name();
         c.name = format!(
             "{}-{}-{}-{}",
             kind,
@@ -638,13 +651,11 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-SHUT-LAST", "behaviour of a destination; no invalid input exists: every valid synthetic and captured replay-dst compares the destination's return path with rp.bin (exact in precopy, per rule in postcopy), so a SHUT not last fails those cases"),
     ("SM-PONG", "behaviour of a destination; no invalid input exists: valid replays check every PONG; the self-test `--dst broken-drop-pong:qmig` fails every vector with a return path (conformance/tests/runner.rs broken_destination_drop_pong_fails_every_vector_with_a_return_path)"),
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("VMDESC-JSON", "valid: every synthetic precopy base and real precopy vector carries a VM description; invalid: not generated — a destination's device table comes from the description it is given (`qmig-dst --vmdesc`), not from the one the stream ends with, which neither StreamDecoder nor the Destination machine parses (QEMU ignores it too); `qmig verify` and the protocol vmdesc tests (VmDesc::parse) judge it"),
     ("RAM-HOSTPAGE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical, records_props.rs"),
     ("RAM-PAGESIZE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical"),
     ("RAM-APPLY", "replay: final RAM compared with final_ram"),
     ("BITMAP-LE", "replay: RECV_BITMAP bytes compared with resume-rp.bin; broken target bitmap-be"),
     ("BITMAP-MARK", "behaviour of a destination (which bits it keeps), no invalid input exists: the valid synthetic recovery cases (valid-cmd-recv-bitmap-len-recovery-72, valid-sm-recover-no-header-recovery-10) and the captured recovery vectors compare the RECV_BITMAP the destination writes with resume-rp.bin byte for byte (discarded page 2 received again, page 3 discarded and cut short: clear)"),
-    ("DEV-NESTING", "valid: the device cases (valid-dev-subsection-precopy-*) nest a subsection one level; invalid: not generated: the limit is a property of the VM description, which a destination is given out of band (`qmig-dst --vmdesc`: a deeper one is refused when it is loaded, before any migration) and QEMU never reads (its layouts are compiled in); protocol/src/vmdesc.rs and device.rs tests (DEV-NESTING in the description and in the data)"),
     ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
     ("SM-FATAL-BEFORE-RUN", "behaviour (an error before POSTCOPY_RUN fails, not pauses); no input of its own: it is checked on every invalid postcopy-base synthetic case whose violation precedes POSTCOPY_RUN (10 cases): replay-dst requires the target to end `failed`, a `postcopy-paused` fails the case (replay_dst.rs before_run); also conformance/tests/hostile.rs, reference-dst/tests/live_qemu100.rs"),
     ("SM-PAUSE-AFTER-RUN", "behaviour (a channel loss, not a violation): replay-dst of the postcopy-recover captures and of the synthetic recovery cases (the target must pause at the cut after POSTCOPY_RUN; invalid-ram-offset-recovery-*: a violation after POSTCOPY_RESUME pauses again and a second recovery completes); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses; reference-dst/tests/live_qemu72.rs, live_qemu100.rs"),

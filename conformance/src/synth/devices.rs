@@ -5,6 +5,11 @@
 //! `qemu_icount_bias`, `qemu_icount`, both int64). Every QEMU machine registers `timer`, so
 //! QEMU destinations judge these payloads with their own layout, qmig-dst and the decode
 //! check with the description.
+//!
+//! Also the flawed descriptions ([`Class::Acceptable`]): a VM description after EOF that is
+//! not JSON of the documented shape (VMDESC-JSON) or nests deeper than 32 levels
+//! (DEV-NESTING). A verifier must report them; a destination, which does not read what
+//! follows EOF (QEMU never does), may complete the migration.
 
 use super::base::{footer, sec_start, vmdesc_of};
 use super::build::{be32, cat, Parts};
@@ -59,6 +64,25 @@ fn case(
     }
 }
 
+/// [`super::base::VMDESC_JSON`] with a struct field nested `levels` deep added to `globalstate`
+/// (a description whose depth is `levels`).
+fn nested_vmdesc(levels: usize) -> Vec<u8> {
+    let mut field = String::from(r#"{"name":"b","type":"uint8","size":1}"#);
+    for _ in 0..levels {
+        field = format!(
+            r#"{{"name":"s","type":"struct","size":1,"struct":{{"vmsd_name":"s","version":1,"fields":[{field}]}}}}"#
+        );
+    }
+    let base = std::str::from_utf8(super::base::VMDESC_JSON).expect("ASCII");
+    let with = base.replacen(
+        r#"{"name":"runstate","type":"buffer","size":100}"#,
+        &format!(r#"{{"name":"runstate","type":"buffer","size":100}},{field}"#),
+        1,
+    );
+    assert_ne!(with, base, "globalstate's last field is runstate");
+    with.into_bytes()
+}
+
 /// The device cases, for both profiles.
 pub fn cases() -> Vec<Case> {
     let mut v = Vec::new();
@@ -73,6 +97,28 @@ pub fn cases() -> Vec<Case> {
                 None
             },
             &["DEV-SCHEMA", "DEV-NESTING"],
+        ));
+        v.push(case(
+            Class::Acceptable,
+            "VMDESC-JSON",
+            profile,
+            "the VM description after EOF is JSON that ends early (`{\"page_size\":4096,\"devices\":[`): a verifier reports it at its first byte, a destination may complete",
+            |p| {
+                p.set("vmdesc", vmdesc_of(br#"{"page_size":4096,"devices":["#));
+                Some(p.offset_of("vmdesc") + 5)
+            },
+            &[],
+        ));
+        v.push(case(
+            Class::Acceptable,
+            "DEV-NESTING",
+            profile,
+            "the VM description after EOF describes globalstate with a struct nested 33 levels (the cap is 32): a verifier reports it at the description's first byte, a destination may complete",
+            |p| {
+                p.set("vmdesc", vmdesc_of(&nested_vmdesc(33)));
+                Some(p.offset_of("vmdesc") + 5)
+            },
+            &[],
         ));
         v.push(case(
             Class::Invalid,
