@@ -61,6 +61,15 @@ fn every_rule_has_a_valid_and_an_invalid_case_or_a_stated_check() {
             }
         }
     }
+    // An invalid case also checks the state rule its violation's place requires (`reaction`:
+    // the destination must fail, or pause), which the replay and the decode check enforce.
+    let index: serde_json::Value =
+        serde_json::from_slice(&qmig_conformance::synth::render()["index.json"]).unwrap();
+    for c in index["cases"].as_array().unwrap() {
+        if let Some(r) = c["reaction"].as_str() {
+            invalid.insert(qmig_protocol::Rule::from_id(r).unwrap().id());
+        }
+    }
     let elsewhere: BTreeSet<&str> = cases::ELSEWHERE.iter().map(|(r, _)| *r).collect();
     let mut missing = Vec::new();
     for id in qmig_protocol::rule::Rule::ALL.iter().map(|r| r.id()) {

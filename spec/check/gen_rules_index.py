@@ -41,7 +41,9 @@ out += [
     'exercises the rule without being about it. A rule without a pair of cases says where it is',
     'checked instead (`ELSEWHERE` in conformance/src/synth/cases.rs). The invalid column also lists',
     '`acceptable-*` cases: they break the rule where only a verifier looks (the VM description after',
-    'EOF), so a destination may complete them.', '',
+    'EOF), so a destination may complete them. An invalid case in parentheses breaks another rule at a',
+    'place where this state rule decides how the destination must end (its `reaction`: fail before',
+    'POSTCOPY_RUN, pause after it or in postcopy-recover), which the replay and the decode check require.', '',
     '| rule | valid cases | invalid cases | checked elsewhere |', '|---|---|---|---|',
 ]
 elsewhere = {e['rule']: e['checked_by'] for e in index['not_generated']}
@@ -55,7 +57,13 @@ for _, rid, _ in rules:
         shown = ex[:3]
         more = f' +{len(ex) - len(shown)} more' if len(ex) > len(shown) else ''
         cell += (' ' if cell else '') + '(' + ', '.join(f'`{n}`' for n in shown) + more + ')'
+    react = [c['name'] for c in index['cases'] if c.get('reaction') == rid]
+    icell = ', '.join(f'`{n}`' for n in invalid)
+    if react:
+        shown = react[:3]
+        more = f' +{len(react) - len(shown)} more' if len(react) > len(shown) else ''
+        icell += (' ' if icell else '') + '(' + ', '.join(f'`{n}`' for n in shown) + more + ')'
     els = elsewhere.get(rid, '').replace('|', '\\|')
-    out.append(f"| {rid} | {cell or '-'} | {', '.join(f'`{n}`' for n in invalid) or '-'} | {els or '-'} |")
+    out.append(f"| {rid} | {cell or '-'} | {icell or '-'} | {els or '-'} |")
 open(os.path.join(ROOT, 'spec/rules.md'), 'w').write('\n'.join(out) + '\n')
 print(f'{len(rules)} rules written to spec/rules.md')

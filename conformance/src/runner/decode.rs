@@ -426,6 +426,10 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 dec.set_vmdesc((**d).clone());
             }
             match decode_channel(&mut dec, &stream) {
+                // With a `reaction`, the machine below must report it too and end as required.
+                (_, Err(WireError::Invalid(x)), _) if s["reaction"].is_string() => {
+                    judge(s, Some(x), "")?;
+                }
                 (_, Err(WireError::Invalid(x)), _) => return judge(s, Some(x), ""),
                 // The file is the whole channel: ending inside a record (or before EOF) is a
                 // truncation at the first byte of the incomplete record.
@@ -477,7 +481,21 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             dst.poll_transmit(&mut rp);
             let r = judge(s, got, "")?;
             if expected_of(s).is_some() {
-                return Ok(r);
+                // The end state the violation's place requires (`reaction`).
+                let want = match s["reaction"].as_str() {
+                    Some("SM-FATAL-BEFORE-RUN") => Some(MigrationStatus::Failed),
+                    Some("SM-PAUSE-AFTER-RUN") => Some(MigrationStatus::PostcopyPaused),
+                    _ => None,
+                };
+                return match want {
+                    Some(w) if dst.status() != w => Err(format!(
+                        "{r}, but the machine ends in {}, not {w} ({})",
+                        dst.status(),
+                        s["reaction"]
+                    )),
+                    Some(w) => Ok(format!("{r}, then {w}")),
+                    None => Ok(r),
+                };
             }
             // Valid: consumed to the end, completed, the expected return path and RAM.
             if pos != stream.len() {

@@ -345,25 +345,6 @@ fn messages(v: &Vector, bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
     Ok(out)
 }
 
-/// Whether synthetic case `v`'s expected violation lies before the POSTCOPY_RUN of `stream`
-/// (or the stream has none): a destination must then fail, not pause (SM-FATAL-BEFORE-RUN).
-fn before_run(v: &Vector, stream: &[u8]) -> bool {
-    use qmig_protocol::command::Command;
-    use qmig_protocol::stream::{Channel, Item, StreamDecoder};
-    let Some(off) = v.synthetic().and_then(|s| s["expected"]["offset"].as_u64()) else {
-        return false;
-    };
-    let mut d = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
-    let mut pos = 0;
-    while let Ok((item, n)) = d.decode(&stream[pos..]) {
-        if matches!(item, Item::Command(Command::PostcopyRun)) {
-            return off < pos as u64;
-        }
-        pos += n;
-    }
-    true
-}
-
 /// The vector's RAM blocks (name, bytes): the synthetic list, or main + `final_ram.other_blocks`.
 pub fn block_list(v: &Vector) -> Vec<(String, u64)> {
     if let Some(s) = v.synthetic() {
@@ -758,11 +739,31 @@ fn drive(
                 let desc = info["error-desc"].as_str()?.to_string();
                 desc.contains(&want).then_some(desc)
             };
-            if s == "failed" && names_rules && v.synthetic().is_some() {
+            // The end state the violation's place requires (`synthetic.reaction`).
+            match (
+                v.synthetic().and_then(|s| s["reaction"].as_str()),
+                s.as_str(),
+            ) {
+                (Some(r @ "SM-PAUSE-AFTER-RUN"), st) if st != "postcopy-paused" => {
+                    return Ok(Verdict::Fail(format!(
+                        "the violation comes after POSTCOPY_RUN: the target must pause ({r}), it ended in {st} (exit {exit:?})"
+                    )));
+                }
+                (Some(r @ "SM-FATAL-BEFORE-RUN"), "postcopy-paused") => {
+                    return Ok(Verdict::Fail(format!(
+                        "the violation comes before POSTCOPY_RUN: the target must fail ({r}), it paused"
+                    )));
+                }
+                _ => {}
+            }
+            if matches!(s.as_str(), "failed" | "postcopy-paused")
+                && names_rules
+                && v.synthetic().is_some()
+            {
                 return Ok(match error_desc_names(v, t) {
                     Err(why) => Verdict::Fail(format!("failed, but {why}")),
                     Ok(desc) => Verdict::Pass(format!(
-                        "rejected: migration failed, error-desc `{desc}` ({} return-path bytes)",
+                        "rejected: migration {s}, error-desc `{desc}` ({} return-path bytes)",
                         rp.len()
                     )),
                 });
@@ -770,8 +771,6 @@ fn drive(
             let why = match (s.as_str(), exit) {
                 ("failed", _) => Some("migration failed".to_string()),
                 ("completed", _) => after_eof(t).map(|d| format!("reported after completion: {d}")),
-                // SM-FATAL-BEFORE-RUN: a synthetic violation before POSTCOPY_RUN must fail.
-                ("postcopy-paused", _) if before_run(v, &bytes) => None,
                 ("postcopy-paused", _) => {
                     Some("postcopy paused (error after POSTCOPY_RUN)".to_string())
                 }

@@ -30,6 +30,11 @@ impl Parts {
             .unwrap_or_else(|| panic!("synthetic base has no part {name}"))
     }
 
+    /// Whether a part `name` exists.
+    pub fn has(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| p.name == name)
+    }
+
     /// Absolute offset of the first byte of part `name`.
     pub fn offset_of(&self, name: &str) -> u64 {
         let i = self.index(name);

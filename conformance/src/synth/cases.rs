@@ -190,6 +190,26 @@ fn compressed(addr: u64, body: &[u8]) -> Vec<u8> {
     ])
 }
 
+/// The state rule that decides how a destination must end an invalid case, from where its
+/// violation lies (by construction, like the offset): in a postcopy main channel, at or before
+/// POSTCOPY_RUN the migration fails (SM-FATAL-BEFORE-RUN), after it it pauses
+/// (SM-PAUSE-AFTER-RUN); in a recovery channel, before POSTCOPY_RESUME it returns to
+/// postcopy-paused (SM-PAUSE-IN-RECOVER), after it it pauses again (SM-PAUSE-AFTER-RUN: the
+/// destination is postcopy-active). The replay and the decode check require that end state.
+pub fn reaction(c: &Case, p: &Parts, offset: u64) -> Option<&'static str> {
+    if c.class != Class::Invalid {
+        return None;
+    }
+    let after = |part: &str| p.has(part) && offset > p.offset_of(part);
+    match c.base {
+        Base::Postcopy if after("pkg_run") => Some("SM-PAUSE-AFTER-RUN"),
+        Base::Postcopy => Some("SM-FATAL-BEFORE-RUN"),
+        Base::Recovery if after("resume") => Some("SM-PAUSE-AFTER-RUN"),
+        Base::Recovery => Some("SM-PAUSE-IN-RECOVER"),
+        _ => None,
+    }
+}
+
 /// Destination capabilities a case needs besides the base's (QEMU 7.2 decompresses only with
 /// `compress` on: its decompression threads exist only then).
 pub fn extra_caps(c: &Case) -> &'static [&'static str] {
@@ -260,8 +280,10 @@ pub const PRECOPY_EXERCISES: &[&str] = &[
     "SM-SWITCHOVER-START",
 ];
 
-/// Rules the unpatched postcopy base exercises.
+/// Rules the unpatched postcopy base exercises (SM-FATAL-BEFORE-RUN: everything before
+/// POSTCOPY_RUN is accepted, so the migration must not fail there, and completes).
 pub const POSTCOPY_EXERCISES: &[&str] = &[
+    "SM-FATAL-BEFORE-RUN",
     "CMD-ADVISE-LEN",
     "CMD-ADVISE-PAGESIZE",
     "CMD-DISCARD-LEN",
@@ -657,9 +679,7 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("BITMAP-LE", "replay: RECV_BITMAP bytes compared with resume-rp.bin; broken target bitmap-be"),
     ("BITMAP-MARK", "behaviour of a destination (which bits it keeps), no invalid input exists: the valid synthetic recovery cases (valid-cmd-recv-bitmap-len-recovery-72, valid-sm-recover-no-header-recovery-10) and the captured recovery vectors compare the RECV_BITMAP the destination writes with resume-rp.bin byte for byte (discarded page 2 received again, page 3 discarded and cut short: clear)"),
     ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
-    ("SM-FATAL-BEFORE-RUN", "behaviour (an error before POSTCOPY_RUN fails, not pauses); no input of its own: it is checked on every invalid postcopy-base synthetic case whose violation precedes POSTCOPY_RUN (10 cases): replay-dst requires the target to end `failed`, a `postcopy-paused` fails the case (replay_dst.rs before_run); also conformance/tests/hostile.rs, reference-dst/tests/live_qemu100.rs"),
-    ("SM-PAUSE-AFTER-RUN", "behaviour (a channel loss, not a violation): replay-dst of the postcopy-recover captures and of the synthetic recovery cases (the target must pause at the cut after POSTCOPY_RUN; invalid-ram-offset-recovery-*: a violation after POSTCOPY_RESUME pauses again and a second recovery completes); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses; reference-dst/tests/live_qemu72.rs, live_qemu100.rs"),
-    ("SM-PAUSE-IN-RECOVER", "behaviour, checked with the invalid synthetic recovery cases whose violation comes before POSTCOPY_RESUME (invalid-cmd-recv-bitmap-len-recovery-*, invalid-cmd-block-unknown-recovery-10; their rule is the wire rule the recovery channel breaks): the destination must take the channel (postcopy-recover), reject it and return to postcopy-paused, then complete a second recovery with the same RECV_BITMAP and final RAM equal (replay_dst.rs, decode_recovery.rs; QEMU 7.2 skipped, deviations D-1); also protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses, machine_cuts.rs ten_consecutive_failures_including_in_recover; interop double-failure mode"),
+    ("SM-PAUSE-IN-RECOVER", "invalid: the recovery cases whose violation precedes POSTCOPY_RESUME carry it as their `reaction` (invalid-cmd-recv-bitmap-len-recovery-*, invalid-cmd-block-unknown-recovery-10, invalid-sm-recover-no-header-recovery-*: the destination must take the channel, reject it, return to postcopy-paused and complete a second recovery; replay_dst.rs, decode_recovery.rs; QEMU 7.2 skipped, deviations D-1); valid: not generated — a recovery channel lost in postcopy-recover (no violation) needs a replay that cuts a recovery channel before POSTCOPY_RESUME: the interop double-failure mode does it live (qmig and QEMU 10.0); protocol/tests/machine_harness.rs error_after_run_pauses_and_error_in_recover_pauses, machine_cuts.rs ten_consecutive_failures_including_in_recover"),
     ("SM-PARTIAL-HOSTPAGE", "behaviour with huge pages (the synthetic blocks are 4 KiB): protocol/tests/machine_cuts.rs cut_at_every_offset_recovers_with_huge_pages (a cut at every offset, final memory identical)"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),

@@ -149,6 +149,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Some(off) => json!({"rule": c.rule, "offset": off}),
             None => json!(null),
         };
+        let reaction = offset.and_then(|off| cases::reaction(&c, &parts, off));
         let source_replay = if src_side {
             let ram = base::source_ram(ten);
             let mut r = json!({
@@ -192,6 +193,9 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 "generator": "qmig conformance --generate (conformance/src/synth)",
             },
         });
+        if let Some(r) = reaction {
+            manifest["synthetic"]["reaction"] = json!(r);
+        }
         if cases::needs_device_table(&c) {
             // A destination that knows its devices: the table it derives from the stream's VM
             // description (given to a target as `{VMDESC}`).
@@ -209,10 +213,12 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let mut text = serde_json::to_vec_pretty(&manifest).expect("json");
         text.push(b'\n');
         out.insert(format!("{dir}manifest.json"), text);
-        index.push(
-            json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
-                          "profile": c.profile, "exercises": c.exercises, "expected": expected}),
-        );
+        let mut entry = json!({"name": c.name, "rule": c.rule, "class": manifest["synthetic"]["class"],
+                          "profile": c.profile, "exercises": c.exercises, "expected": expected});
+        if let Some(r) = reaction {
+            entry["reaction"] = json!(r);
+        }
+        index.push(entry);
     }
     let elsewhere: Vec<Value> = cases::ELSEWHERE
         .iter()
