@@ -4,7 +4,8 @@
 //!
 //! A channel with `expect_failure` must stop with `synthetic.expected` (rule, and offset counted
 //! from 0 of that connection) and leave the machine in `expect_status` (`postcopy-paused`,
-//! SM-PAUSE-IN-RECOVER); the last channel must consume to its end and complete the migration,
+//! SM-PAUSE-IN-RECOVER); a recovery channel with `ends_mid_stream` is lost after its bytes and
+//! must leave the machine in postcopy-paused too; the last channel must consume to its end and complete the migration,
 //! with its return path equal to its `expected_return_path` byte for byte and the final RAM
 //! equal to `final_ram`.
 
@@ -89,11 +90,23 @@ fn check_recovery(v: &Vector, s: &Value) -> Result<String, String> {
         }
         let used = r.map_err(|x| format!("{label}: {x}"))?;
         if cut {
+            // The main channel cut after POSTCOPY_RUN (SM-PAUSE-AFTER-RUN), or a recovery
+            // channel lost in postcopy-recover (SM-PAUSE-IN-RECOVER): paused either way.
             dst.handle_channel_closed(tick());
+            let when = if i == 0 {
+                "cut after POSTCOPY_RUN"
+            } else {
+                "lost in postcopy-recover"
+            };
             if dst.status() != MigrationStatus::PostcopyPaused {
                 return Err(format!(
-                    "{label}: cut after POSTCOPY_RUN, status {} (want postcopy-paused)",
+                    "{label}: {when}, status {} (want postcopy-paused)",
                     dst.status()
+                ));
+            }
+            if i > 0 {
+                notes.push(format!(
+                    "{label}: {when} after {used} bytes, then postcopy-paused"
                 ));
             }
         } else if used != bytes.len() {

@@ -655,14 +655,18 @@ fn drive(
         }
         let cut = ch["ends_mid_stream"].as_bool() == Some(true);
         let breakage = target_breakage;
-        if i > 0 && ch_invalid {
-            // An invalid recovery channel (synthetic recovery case): the target takes it
-            // (`postcopy-recover`), rejects it and returns to `expect_status` (SM-PAUSE-IN-RECOVER);
-            // the next channel recovers again.
+        if i > 0 && (ch_invalid || cut) {
+            // An invalid recovery channel (synthetic recovery case), or one that is lost (ends
+            // before POSTCOPY_RESUME): the target takes it (`postcopy-recover`), rejects it or
+            // sees it end, and returns to `expect_status` (SM-PAUSE-IN-RECOVER); the next
+            // channel recovers again. Ending our side after the bytes is deterministic: the
+            // target acts on every byte written (a lost channel's RECV_BITMAP is answered)
+            // before it reads the end.
             // End the sending side (a target waiting for more sees EOF); the return path is
             // collected once the target ended the attempt.
             let _ = conn.sock.shutdown(Shutdown::Write);
             let want = ch["expect_status"].as_str().unwrap_or("postcopy-paused");
+            let what = if ch_invalid { "invalid" } else { "lost" };
             // By the MIGRATION events in order (not the status now, which may still be that of
             // before the channel was taken): `postcopy-recover`, then the first end after it
             // (`want`, or `completed` / `failed`, which fail the case at once).
@@ -677,17 +681,35 @@ fn drive(
                     |d| d["status"].as_str().is_some_and(ended),
                     PHASE,
                 )
-                .map_err(|e| anyhow!("after the invalid recovery channel: {e}"))?;
+                .map_err(|e| anyhow!("after the {what} recovery channel: {e}"))?;
             let got = end.data["status"].as_str().unwrap_or("?").to_string();
             let rp = conn.finish();
             let label = ch["label"].as_str().unwrap_or("?");
             if got != want {
                 return Ok(Verdict::Fail(format!(
-                    "{label}: invalid recovery channel: the target ended in {got}, not {want} ({})",
+                    "{label}: {what} recovery channel: the target ended in {got}, not {want} ({})",
                     v.synthetic()
                         .map(|s| s["expected"].to_string())
                         .unwrap_or_default()
                 )));
+            }
+            if !ch_invalid {
+                let rp = match breakage {
+                    Some(b) => b.apply(v, rp),
+                    None => rp,
+                };
+                if let Some(file) = ch["expected_return_path"].as_str() {
+                    let rule = ch["return_path_rule"].as_str().unwrap_or("exact");
+                    if let Err(e) = compare_rp(v, rule, &rp, &v.read(file)?) {
+                        return Ok(Verdict::Fail(format!("{label}: {e}")));
+                    }
+                }
+                notes.push(format!(
+                    "{label}: lost in postcopy-recover after {} bytes, back to {want} ({} return-path bytes as expected)",
+                    bytes.len(),
+                    rp.len()
+                ));
+                continue;
             }
             let mut desc = String::new();
             if names_rules {

@@ -285,7 +285,46 @@ fn recovery_files(
         json!({"label": "recovery", "file": "resume-stream.bin"}),
     ];
     let mut replay_chans = vec![initial];
-    if c.class == Class::Valid {
+    let second = |what: &str,
+                  replay_chans: &mut Vec<Value>,
+                  chans: &mut Vec<Value>,
+                  add: &mut dyn FnMut(&str, Vec<u8>, &str)| {
+        add("resume2-stream.bin", recovery::channel().bytes(), what);
+        add(
+            "resume2-rp.bin",
+            recovery::channel_rp(),
+            "the return path a conforming destination writes on the second recovery channel",
+        );
+        replay_chans.push(
+            json!({"label": "recovery-2", "feed_to_destination": "resume2-stream.bin",
+            "expected_return_path": "resume2-rp.bin", "return_path_rule": "recovery"}),
+        );
+        chans.push(
+            json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
+        );
+    };
+    if recovery::cut_in_recover(c) {
+        // SM-PAUSE-IN-RECOVER without a violation: the recovery channel is lost after its
+        // RECV_BITMAP was answered; back in postcopy-paused, a second recovery completes.
+        add(
+            "resume-rp.bin",
+            recovery::bitmap_rp(),
+            "the return path of the first recovery channel, lost after RECV_BITMAP: the received bitmap",
+        );
+        recovery["expected_return_path"] = json!("resume-rp.bin");
+        recovery["return_path_rule"] = json!("exact");
+        recovery["ends_mid_stream"] = json!(true);
+        recovery["expect_status"] = json!("postcopy-paused");
+        chans[1]["rp_file"] = json!("resume-rp.bin");
+        chans[1]["truncated_at"] = json!(recovery::channel_len_to("resume"));
+        replay_chans.push(recovery);
+        second(
+            "a second, valid recovery channel after the first one was lost",
+            &mut replay_chans,
+            &mut chans,
+            &mut add,
+        );
+    } else if c.class == Class::Valid {
         add(
             "resume-rp.bin",
             recovery::channel_rp(),
@@ -301,22 +340,11 @@ fn recovery_files(
         recovery["expect_failure"] = json!(true);
         recovery["expect_status"] = json!("postcopy-paused");
         replay_chans.push(recovery);
-        add(
-            "resume2-stream.bin",
-            recovery::channel().bytes(),
+        second(
             "a second, valid recovery channel after the first one failed",
-        );
-        add(
-            "resume2-rp.bin",
-            recovery::channel_rp(),
-            "the return path a conforming destination writes on the second recovery channel",
-        );
-        replay_chans.push(
-            json!({"label": "recovery-2", "feed_to_destination": "resume2-stream.bin",
-            "expected_return_path": "resume2-rp.bin", "return_path_rule": "recovery"}),
-        );
-        chans.push(
-            json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
+            &mut replay_chans,
+            &mut chans,
+            &mut add,
         );
     }
     let replay = json!({"destination_capabilities": caps, "destination_parameters": {},

@@ -55,6 +55,11 @@ pub fn channel() -> Parts {
     p
 }
 
+/// Length of [`channel`] up to (not including) part `name`.
+pub fn channel_len_to(name: &str) -> u64 {
+    channel().offset_of(name)
+}
+
 /// The received bitmap of `ram` when the main channel was cut: pages 0, 1 and 4 from precopy,
 /// page 2 placed in postcopy; page 3 cleared by RAM_DISCARD and cut short (BITMAP-MARK).
 pub fn received_at_cut() -> PageBitmap {
@@ -68,17 +73,29 @@ pub fn received_at_cut() -> PageBitmap {
 /// The return path a destination writes on a valid recovery channel: RECV_BITMAP(`ram`,
 /// [`received_at_cut`]), RESUME_ACK(1), SHUT(0).
 pub fn channel_rp() -> Vec<u8> {
-    let mut bytes = Vec::new();
-    received_at_cut().to_le_bytes(&mut bytes);
     [
-        rp(RpMessage::RecvBitmap {
-            name: b"ram",
-            bitmap: &bytes,
-        }),
+        bitmap_rp(),
         rp(RpMessage::ResumeAck(RESUME_ACK_VALUE)),
         rp(RpMessage::Shut(0)),
     ]
     .concat()
+}
+
+/// Whether valid case `c` loses its first recovery channel in postcopy-recover: the channel
+/// ends right after RECV_BITMAP (the destination answers it, then must return to
+/// postcopy-paused: SM-PAUSE-IN-RECOVER, no violation), and a second recovery completes.
+pub fn cut_in_recover(c: &super::cases::Case) -> bool {
+    c.class == super::cases::Class::Valid && c.rule == "SM-PAUSE-IN-RECOVER"
+}
+
+/// The return path of a recovery channel cut after RECV_BITMAP: only the received bitmap.
+pub fn bitmap_rp() -> Vec<u8> {
+    let mut bytes = Vec::new();
+    received_at_cut().to_le_bytes(&mut bytes);
+    rp(RpMessage::RecvBitmap {
+        name: b"ram",
+        bitmap: &bytes,
+    })
 }
 
 /// The header and configuration a main channel starts with (what a recovery channel must not).
