@@ -70,6 +70,11 @@ fn every_rule_has_a_valid_and_an_invalid_case_or_a_stated_check() {
             invalid.insert(qmig_protocol::Rule::from_id(r).unwrap().id());
         }
     }
+    // A destination behaviour rule's invalid side: a broken destination that must fail its
+    // cases (`every_broken_destination_fails_the_cases_it_names`).
+    for b in synth::broken::all() {
+        invalid.insert(b.rule);
+    }
     let elsewhere: BTreeSet<&str> = cases::ELSEWHERE.iter().map(|(r, _)| *r).collect();
     let mut missing = Vec::new();
     for id in qmig_protocol::rule::Rule::ALL.iter().map(|r| r.id()) {
@@ -90,6 +95,38 @@ fn every_rule_has_a_valid_and_an_invalid_case_or_a_stated_check() {
             qmig_protocol::Rule::from_id(id).is_some(),
             "ELSEWHERE names unknown rule {id}"
         );
+    }
+}
+
+/// Each broken destination (qmig-dst with its return path altered against one behaviour rule)
+/// fails every valid case it names, with the return-path check (needs `qmig-dst` built next to
+/// the test binary: `cargo build -p qmig-dst -p qmig-conformance --bins`).
+#[test]
+fn every_broken_destination_fails_the_cases_it_names() {
+    for b in synth::broken::all() {
+        let r = runner::run_suite(&Options {
+            vectors: vec![dir()],
+            dst: vec![b.target.clone()],
+            src: vec!["none".into()],
+            filter: Some(format!("replay-dst[{}]/synthetic/{}", b.target, b.cases)),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(r.len() >= 4, "{}: {} cases", b.target, r.len());
+        for c in &r {
+            match &c.status {
+                Status::Fail(m) => assert!(
+                    m.contains("return path")
+                        || m.contains("PONGs")
+                        || m.contains("does not decode"),
+                    "{} ({}): {}: {m}",
+                    b.target,
+                    b.rule,
+                    c.name
+                ),
+                s => panic!("{} ({}): {} did not fail: {s:?}", b.target, b.rule, c.name),
+            }
+        }
     }
 }
 

@@ -43,7 +43,9 @@ out += [
     '`acceptable-*` cases: they break the rule where only a verifier looks (the VM description after',
     'EOF), so a destination may complete them. An invalid case in parentheses breaks another rule at a',
     'place where this state rule decides how the destination must end (its `reaction`: fail before',
-    'POSTCOPY_RUN, pause after it or in postcopy-recover), which the replay and the decode check require.', '',
+    'POSTCOPY_RUN, pause after it or in postcopy-recover), which the replay and the decode check require.',
+    'For a destination behaviour rule no input can break, the invalid column names the broken destination',
+    '(`--dst broken-KIND:qmig`: its return path altered against that rule) that must fail the cases given.', '',
     '| rule | valid cases | invalid cases | checked elsewhere |', '|---|---|---|---|',
 ]
 elsewhere = {e['rule']: e['checked_by'] for e in index['not_generated']}
@@ -63,6 +65,9 @@ for _, rid, _ in rules:
         shown = react[:3]
         more = f' +{len(react) - len(shown)} more' if len(react) > len(shown) else ''
         icell += (' ' if icell else '') + '(' + ', '.join(f'`{n}`' for n in shown) + more + ')'
+    for b in index.get('broken_targets', []):
+        if b['rule'] == rid:
+            icell += (' ' if icell else '') + f"`--dst {b['target']}` fails `{b['fails']}`"
     els = elsewhere.get(rid, '').replace('|', '\\|')
     out.append(f"| {rid} | {cell or '-'} | {icell or '-'} | {els or '-'} |")
 open(os.path.join(ROOT, 'spec/rules.md'), 'w').write('\n'.join(out) + '\n')

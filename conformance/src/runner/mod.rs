@@ -53,8 +53,8 @@ pub struct Args {
     /// Destination under test: `qmig` (qmig-dst next to this binary or on PATH; the default),
     /// `qemu` (QEMU 7.2 or 10.0, matching each vector), `none` (no replay), a command-line
     /// template with placeholders (see conformance/README.md), or `broken-KIND:TARGET` (KIND
-    /// `bitmap-be` or `drop-pong`: TARGET with its return path deliberately corrupted, the
-    /// suite's self-test).
+    /// `bitmap-be`, `drop-pong`, `shut-first`, `mark-all` or `interleave`: TARGET with its
+    /// return path deliberately corrupted, the suite's self-test).
     #[arg(long = "dst", value_name = "CMD")]
     pub dst: Vec<String>,
     /// Source under test: `qmig` (qmig-src next to this binary or on PATH; the default),
@@ -131,8 +131,10 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
         let (kind, inner) = rest
             .split_once(':')
             .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
-        let b = replay_dst::Breakage::parse(kind)
-            .ok_or_else(|| format!("`{kind}`: not bitmap-be or drop-pong"))?;
+        let b = replay_dst::Breakage::parse(kind).ok_or_else(|| {
+            let kinds: Vec<&str> = replay_dst::Breakage::ALL.iter().map(|k| k.1).collect();
+            format!("`{kind}`: not one of {}", kinds.join(", "))
+        })?;
         let mut t = dst_target(inner, ver)?;
         t.label = format!("broken-{kind}:{}", t.label);
         t.breakage = Some(b);

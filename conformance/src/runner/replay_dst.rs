@@ -51,30 +51,64 @@ pub struct DstTarget {
     pub breakage: Option<Breakage>,
 }
 
-/// A deliberately broken destination, to prove the suite fails it (`--dst broken-KIND:TARGET`).
+/// A deliberately broken destination, to prove the suite fails it (`--dst broken-KIND:TARGET`):
+/// each defect breaks one behaviour rule of a destination, which no input can make a correct
+/// destination break (the rule in brackets).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Breakage {
-    /// Every 64-bit word of every RECV_BITMAP body byte-swapped (big-endian words).
+    /// Every 64-bit word of every RECV_BITMAP body byte-swapped: big-endian words [BITMAP-LE].
     BitmapBe,
-    /// Every PONG dropped.
+    /// Every PONG dropped [SM-PONG].
     DropPong,
+    /// SHUT written first, before the PONGs [SM-SHUT-LAST].
+    ShutFirst,
+    /// Every page bit of every RECV_BITMAP set: pages claimed received that never arrived
+    /// whole [BITMAP-MARK].
+    MarkAll,
+    /// The first message written in two pieces with the second message between them: two
+    /// writers interleaving on the return path [RP-ATOMIC].
+    Interleave,
 }
 
 impl Breakage {
-    /// Parses `bitmap-be` / `drop-pong`.
+    /// Every kind, with its name and the rule it breaks.
+    pub const ALL: [(Breakage, &'static str, &'static str); 5] = [
+        (Breakage::BitmapBe, "bitmap-be", "BITMAP-LE"),
+        (Breakage::DropPong, "drop-pong", "SM-PONG"),
+        (Breakage::ShutFirst, "shut-first", "SM-SHUT-LAST"),
+        (Breakage::MarkAll, "mark-all", "BITMAP-MARK"),
+        (Breakage::Interleave, "interleave", "RP-ATOMIC"),
+    ];
+
+    /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`).
     pub fn parse(s: &str) -> Option<Breakage> {
-        match s {
-            "bitmap-be" => Some(Breakage::BitmapBe),
-            "drop-pong" => Some(Breakage::DropPong),
-            _ => None,
-        }
+        Self::ALL
+            .iter()
+            .find(|(_, n, _)| *n == s)
+            .map(|(b, _, _)| *b)
     }
 
     /// Applies the defect to a return path the target wrote.
     fn apply(self, v: &Vector, rp: Vec<u8>) -> Vec<u8> {
-        let Ok(msgs) = messages(v, &rp) else {
+        let Ok(mut msgs) = messages(v, &rp) else {
             return rp;
         };
+        match self {
+            Breakage::ShutFirst => {
+                if let Some(i) = msgs.iter().position(|(t, _)| *t == 1) {
+                    let shut = msgs.remove(i);
+                    msgs.insert(0, shut);
+                }
+            }
+            Breakage::Interleave if msgs.len() >= 2 => {
+                let (_, first) = msgs.remove(0);
+                let (_, second) = msgs.remove(0);
+                let half = first.len() / 2;
+                let mixed = [&first[..half], &second[..], &first[half..]].concat();
+                msgs.insert(0, (0, mixed));
+            }
+            _ => {}
+        }
         let mut out = Vec::with_capacity(rp.len());
         for (ty, mut b) in msgs {
             match (self, ty) {
@@ -84,6 +118,23 @@ impl Breakage {
                     let end = b.len() - 8;
                     for w in b[start..end].chunks_exact_mut(8) {
                         w.reverse();
+                    }
+                }
+                (Breakage::MarkAll, 5) => {
+                    // Header (type, len), name, be64 size in bytes, body, end mark; the set
+                    // bits stop at the block's last page (BITMAP-PADDING stays right).
+                    let name_len = b[4] as usize;
+                    let start = 4 + 1 + name_len + 8;
+                    let name = String::from_utf8_lossy(&b[5..5 + name_len]).into_owned();
+                    let pages = block_list(v)
+                        .iter()
+                        .find(|(n, _)| *n == name)
+                        .map(|(_, l)| l / TPS as u64)
+                        .unwrap_or(0) as usize;
+                    let end = b.len() - 8;
+                    for i in 0..pages.min((end - start) * 8) {
+                        // Little-endian words: bit i is bit i % 8 of byte i / 8.
+                        b[start + i / 8] |= 1 << (i % 8);
                     }
                 }
                 _ => {}
@@ -648,7 +699,29 @@ fn drive(
         // channel is fed (the destination reads them concurrently: the main channel waits for
         // multifd sync points).
         let multifd = open_multifd(v, ch, port)?;
-        if let Some(w) = conn.feed(&bytes) {
+        // A violation after POSTCOPY_RUN in the main channel: deliver it only once the target
+        // has acted on RUN. In stream order it comes after RUN, but QEMU reads the bytes after
+        // a package on its listen thread while the main thread still works through the
+        // package: fed at once, QEMU 7.2 sometimes meets the violation before RUN took effect
+        // and fails instead of pausing (seen 1 run in 4).
+        let after_run = v
+            .synthetic()
+            .filter(|s| i == 0 && ch_invalid && s["reaction"] == "SM-PAUSE-AFTER-RUN")
+            .and_then(|s| s["expected"]["offset"].as_u64())
+            .and_then(|o| usize::try_from(o).ok())
+            .filter(|&o| o <= bytes.len());
+        let fed = match after_run {
+            Some(at) => conn.feed(&bytes[..at]).or_else(|| {
+                let ran = wait_status(t, "postcopy-active")
+                    .and_then(|_| crate::interop::cell::wait_destination_ran(&mut t.qmp, PHASE));
+                match ran {
+                    Ok(_) => conn.feed(&bytes[at..]),
+                    Err(e) => Some(format!("the target never ran before the violation: {e}")),
+                }
+            }),
+            None => conn.feed(&bytes),
+        };
+        if let Some(w) = fed {
             if !ch_invalid {
                 notes.push(w);
             }

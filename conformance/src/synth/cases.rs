@@ -278,6 +278,7 @@ pub const PRECOPY_EXERCISES: &[&str] = &[
     "SM-PONG",
     "SM-SHUT-LAST",
     "SM-SWITCHOVER-START",
+    "RP-ATOMIC",
 ];
 
 /// Rules the unpatched postcopy base exercises (SM-FATAL-BEFORE-RUN: everything before
@@ -672,15 +673,10 @@ pub fn all() -> Vec<Case> {
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-FIRST-REQ-NAMED", "behaviour of a destination, and no synthetic input makes one ask: it requests pages only for guest faults, which a replay does not cause (replay-dst ignores page requests); protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block fails when the first request of a connection is a bare REQ_PAGES; on the source side the runner's played destination writes named requests (play_dst.rs, decoded by its RpDecoder: RP-REQ-NO-BLOCK)"),
-    ("SM-SHUT-LAST", "behaviour of a destination; no invalid input exists: every valid synthetic and captured replay-dst compares the destination's return path with rp.bin (exact in precopy, per rule in postcopy), so a SHUT not last fails those cases"),
-    ("SM-PONG", "behaviour of a destination; no invalid input exists: valid replays check every PONG; the self-test `--dst broken-drop-pong:qmig` fails every vector with a return path (conformance/tests/runner.rs broken_destination_drop_pong_fails_every_vector_with_a_return_path)"),
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
     ("RAM-HOSTPAGE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical, records_props.rs"),
     ("RAM-PAGESIZE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical"),
     ("RAM-APPLY", "replay: final RAM compared with final_ram"),
-    ("BITMAP-LE", "replay: RECV_BITMAP bytes compared with resume-rp.bin; broken target bitmap-be"),
-    ("BITMAP-MARK", "behaviour of a destination (which bits it keeps), no invalid input exists: the valid synthetic recovery cases (valid-cmd-recv-bitmap-len-recovery-72, valid-sm-recover-no-header-recovery-10) and the captured recovery vectors compare the RECV_BITMAP the destination writes with resume-rp.bin byte for byte (discarded page 2 received again, page 3 discarded and cut short: clear)"),
-    ("RP-ATOMIC", "behaviour of a destination (each return-path message written whole, never interleaved with another): no input exists; replay-dst compares the destination's return path with rp.bin byte for byte, so an interleaved message fails every valid replay (and the runner's own played destination decodes what its machine writes, play_dst.rs flush_rp)"),
     ("SM-PARTIAL-HOSTPAGE", "behaviour with huge pages (the synthetic blocks are 4 KiB): protocol/tests/machine_cuts.rs cut_at_every_offset_recovers_with_huge_pages (a cut at every offset, final memory identical)"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),

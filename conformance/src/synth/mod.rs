@@ -7,6 +7,7 @@
 //! |---|---|
 //! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
+//! | [`broken`] | the broken destinations that stand for the invalid side of behaviour rules |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
 //! | [`devices`] | the device-payload cases (`timer` and its subsection, decoded by description) |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
@@ -16,6 +17,7 @@
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
 
 pub mod base;
+pub mod broken;
 pub mod build;
 pub mod cases;
 pub mod devices;
@@ -224,9 +226,14 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         .iter()
         .map(|(r, w)| json!({"rule": r, "checked_by": w}))
         .collect();
+    let broken: Vec<Value> = broken::all()
+        .iter()
+        .map(|b| json!({"rule": b.rule, "target": b.target, "fails": b.cases}))
+        .collect();
     let mut text = serde_json::to_vec_pretty(&json!({
         "format": "qmig-synthetic-index/1",
         "cases": index,
+        "broken_targets": broken,
         "not_generated": elsewhere,
     }))
     .expect("json");
