@@ -414,7 +414,8 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             });
             // The plain decoder first (the whole channel, declared final): stream-level rules,
             // including what follows EOF; then the machine for the state-dependent rules.
-            let mut dec = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
+            // (Blocks of another page size than the target page declared: RAM-PAGESIZE.)
+            let mut dec = super::replay_dst::main_decoder(v);
             match decode_channel(&mut dec, &stream) {
                 (_, Err(WireError::Invalid(x)), _) => return judge(s, Some(x), ""),
                 // The file is the whole channel: ending inside a record (or before EOF) is a

@@ -112,7 +112,9 @@ fn ram_start(p: &mut Parts) {
     p.push("start_footer", footer(RAM_ID));
 }
 
-fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
+/// Appends the end of a channel: [SWITCHOVER_START if `ten`], the `ram` END (EOS), with
+/// `devices` the `globalstate` FULL, EOF, and with `devices` the VM description.
+pub fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
     if ten {
         p.push("switchover", cmd(Command::SwitchoverStart));
     }
@@ -277,8 +279,9 @@ pub fn postcopy(ten: bool) -> Parts {
     p
 }
 
-/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument).
-fn postcopy_package() -> Vec<u8> {
+/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument): LISTEN,
+/// `globalstate` FULL, PING(3), RUN.
+pub fn postcopy_package() -> Vec<u8> {
     cat(&[
         &cmd(Command::PostcopyListen),
         &sec_start(0x04, GS_ID, "globalstate", 1),
