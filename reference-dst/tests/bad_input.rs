@@ -171,10 +171,15 @@ fn synthetic_destination_vectors() {
         if first[0] != "ram" && first[0] != "microvm.ram" {
             panic!("{name}: first block {first}");
         }
+        // A block of larger pages carries its page size third (the huge-page cases).
+        if let Some(ps) = first.get(2) {
+            args.extend(["--ram-page-size".into(), ps.to_string()]);
+        }
         for b in blocks {
+            let ps = b.get(2).map(|p| format!(":{p}")).unwrap_or_default();
             args.extend([
                 "--block".into(),
-                format!("{}:{}", b[0].as_str().unwrap(), b[1]),
+                format!("{}:{}{ps}", b[0].as_str().unwrap(), b[1]),
             ]);
         }
         if !caps.is_empty() {
