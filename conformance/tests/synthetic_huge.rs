@@ -7,7 +7,7 @@
 //! (`cargo build -p qmig-dst -p qmig-conformance --bins`).
 
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
-use qmig_conformance::runner::{self, report::Status, Options};
+use qmig_conformance::runner::{self, report::CaseResult, report::Status, Options};
 use serde_json::{json, Value};
 
 mod synth_util;
@@ -25,6 +25,21 @@ const INVALID: [&str; 4] = [
     "invalid-ram-hostpage-huge-postcopy-72",
     "invalid-ram-hostpage-huge-postcopy-10",
 ];
+
+/// Every result of `r` has the status `want` (`Pass` or `Fail`, message aside).
+fn all(r: &[CaseResult], want: fn(&Status) -> bool) {
+    for c in r {
+        assert!(want(&c.status), "{}: {:?}", c.name, c.status);
+    }
+}
+
+/// The message of case `prefix/case`, which must have passed.
+fn passed<'a>(r: &'a [CaseResult], prefix: &str, case: &str) -> &'a str {
+    match status(r, &format!("{prefix}/{case}")) {
+        Status::Pass(m) => m,
+        s => panic!("{case}: {s:?}"),
+    }
+}
 
 fn manifest(case: &str) -> Value {
     serde_json::from_slice(&read(case, "manifest.json")).unwrap()
@@ -100,14 +115,7 @@ fn huge_cases_pass_their_decode_check_and_need_the_page_size() {
     })
     .unwrap();
     assert_eq!(r.len(), 8, "{r:#?}");
-    for c in &r {
-        assert!(
-            matches!(c.status, Status::Pass(_)),
-            "{}: {:?}",
-            c.name,
-            c.status
-        );
-    }
+    all(&r, |s| matches!(s, Status::Pass(_)));
     assert_eq!(
         status(&r, "decode/synthetic/invalid-ram-hostpage-huge-postcopy-72"),
         &Status::Pass("rejected as expected: RAM-HOSTPAGE at offset 16791 (value 0)".into())
@@ -140,14 +148,7 @@ fn huge_cases_pass_their_decode_check_and_need_the_page_size() {
     .unwrap();
     std::fs::remove_dir_all(&tmp).unwrap();
     assert_eq!(r.len(), 4, "{r:#?}");
-    for c in &r {
-        assert!(
-            matches!(c.status, Status::Fail(_)),
-            "{}: {:?}",
-            c.name,
-            c.status
-        );
-    }
+    all(&r, |s| matches!(s, Status::Fail(_)));
 }
 
 /// qmig-dst with `--ram-page-size 2097152`: the valid cases complete with the exact return
@@ -157,45 +158,33 @@ fn huge_cases_pass_their_decode_check_and_need_the_page_size() {
 fn huge_cases_against_qmig_dst() {
     let r = run("qmig", "replay-dst[qmig]/synthetic/*-huge-*");
     assert_eq!(r.len(), 8, "{r:#?}");
+    let at = "replay-dst[qmig]/synthetic";
     for case in VALID {
-        match status(&r, &format!("replay-dst[qmig]/synthetic/{case}")) {
-            Status::Pass(m) => assert!(
-                m.contains("return path per rule, completed, final RAM (4 MiB) equal"),
-                "{case}: {m}"
-            ),
-            s => panic!("{case}: {s:?}"),
-        }
+        let m = passed(&r, at, case);
+        assert!(
+            m.contains("return path per rule, completed, final RAM (4 MiB) equal"),
+            "{case}: {m}"
+        );
     }
     for case in &INVALID[..2] {
-        match status(&r, &format!("replay-dst[qmig]/synthetic/{case}")) {
-            Status::Pass(m) => assert!(
-                m.contains("migration failed, error-desc `offset 69: RAM-PAGESIZE:"),
-                "{case}: {m}"
-            ),
-            s => panic!("{case}: {s:?}"),
-        }
+        let m = passed(&r, at, case);
+        assert!(
+            m.contains("migration failed, error-desc `offset 69: RAM-PAGESIZE:"),
+            "{case}: {m}"
+        );
     }
     for case in &INVALID[2..] {
-        match status(&r, &format!("replay-dst[qmig]/synthetic/{case}")) {
-            Status::Pass(m) => assert!(
-                m.starts_with("rejected: postcopy paused (error after POSTCOPY_RUN)"),
-                "{case}: {m}"
-            ),
-            s => panic!("{case}: {s:?}"),
-        }
+        let m = passed(&r, at, case);
+        assert!(
+            m.starts_with("rejected: postcopy paused (error after POSTCOPY_RUN)"),
+            "{case}: {m}"
+        );
     }
     let no_page_size = "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} --machine {MACHINE} \
                         --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
     let r = run(no_page_size, "replay-dst[custom]/synthetic/valid-*-huge-*");
     assert_eq!(r.len(), 4, "{r:#?}");
-    for c in &r {
-        assert!(
-            matches!(c.status, Status::Fail(_)),
-            "{}: {:?}",
-            c.name,
-            c.status
-        );
-    }
+    all(&r, |s| matches!(s, Status::Fail(_)));
 }
 
 /// Two free 2 MiB pages on a hugetlbfs at /dev/hugepages (what `{MEM_BACKEND}` needs).

@@ -9,13 +9,12 @@
 //! 512 target pages of host page 1 arrive consecutively (RAM-HOSTPAGE), the first naming its
 //! block, so a destination places the host page atomically once its last target page is in.
 
-use super::base::{self, cmd, footer, named, rp, sec_part, sec_start, word, FILL4, RAM_ID, SEED};
+use super::base::{self, cmd, footer, named, sec_part, sec_start, word, FILL4, RAM_ID, SEED};
 use super::build::{be64, cat, Parts};
 use crate::qemu::pattern::random_page;
 use qmig_protocol::bitmap::PageBitmap;
-use qmig_protocol::codes::{RamFlags, RESUME_ACK_VALUE};
+use qmig_protocol::codes::RamFlags;
 use qmig_protocol::command::{Advise, Command, Discard};
-use qmig_protocol::rp::RpMessage;
 
 /// Size of the huge-page block `ram` (4 MiB: two host pages).
 pub const HUGE_RAM_BYTES: u64 = 4 << 20;
@@ -110,26 +109,7 @@ pub fn postcopy(ten: bool) -> Parts {
     p.push("start_eos", word(0, RamFlags::EOS));
     p.push("start_footer", footer(RAM_ID));
     p.push("part_hdr", sec_part(0x02, RAM_ID));
-    p.push(
-        "page0",
-        cat(&[&named(0, RamFlags::PAGE, "ram"), &base::page0()]),
-    );
-    for (name, pg) in [("zero1", 1u64), ("zero2", 2), ("zero3", 3)] {
-        p.push(
-            name,
-            cat(&[
-                &word(pg * TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)),
-                &[0],
-            ]),
-        );
-    }
-    p.push(
-        "page4",
-        cat(&[
-            &word(4 * TPS, RamFlags::PAGE.with(RamFlags::CONTINUE)),
-            &vec![FILL4; TPS as usize],
-        ]),
-    );
+    base::precopy_pages(&mut p);
     p.push(
         "page512",
         cat(&[
@@ -202,32 +182,11 @@ pub fn received_at_cut() -> PageBitmap {
 /// A valid recovery channel after [`recovery_main`]: RECV_BITMAP(`ram`), POSTCOPY_RESUME, `ram`
 /// PART (host page 1 whole again, its first page naming `ram`, EOS), END (EOS), EOF.
 pub fn recovery_channel() -> Parts {
-    let mut p = Parts::default();
-    p.push("recv_bitmap", cmd(Command::RecvBitmap { name: b"ram" }));
-    p.push("resume", cmd(Command::PostcopyResume));
-    p.push("part_hdr", sec_part(0x02, RAM_ID));
-    host_page_1(&mut p);
-    p.push("part_eos", word(0, RamFlags::EOS));
-    p.push("part_footer", footer(RAM_ID));
-    p.push("end_hdr", sec_part(0x03, RAM_ID));
-    p.push("end_eos", word(0, RamFlags::EOS));
-    p.push("end_footer", footer(RAM_ID));
-    p.push("eof", vec![0x00]);
-    p
+    super::recovery::channel_with(host_page_1)
 }
 
 /// The return path a destination writes on [`recovery_channel`]: RECV_BITMAP(`ram`,
 /// [`received_at_cut`]: host page 1 clear), RESUME_ACK(1), SHUT(0).
 pub fn recovery_channel_rp() -> Vec<u8> {
-    let mut bytes = Vec::new();
-    received_at_cut().to_le_bytes(&mut bytes);
-    [
-        rp(RpMessage::RecvBitmap {
-            name: b"ram",
-            bitmap: &bytes,
-        }),
-        rp(RpMessage::ResumeAck(RESUME_ACK_VALUE)),
-        rp(RpMessage::Shut(0)),
-    ]
-    .concat()
+    super::recovery::rp_for(&received_at_cut())
 }
