@@ -143,7 +143,8 @@ fn synthetic_destination_vectors() {
         };
         let m: Value = serde_json::from_slice(&text).unwrap();
         let s = &m["synthetic"];
-        if s["checker"] != "destination" || s["channel"] != "main" {
+        let checker = s["checker"].as_str().unwrap_or_default();
+        if !matches!(checker, "destination" | "destination-huge-pages") || s["channel"] != "main" {
             continue;
         }
         let name = v.file_name().unwrap().to_string_lossy().to_string();

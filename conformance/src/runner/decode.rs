@@ -390,8 +390,9 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             }
             judge(s, got, &format!("{n_msgs} messages decoded"))
         }
-        // `destination-devices`: the same, with the destination's device table declared.
-        Some("destination" | "destination-devices") => {
+        // `destination-devices`: the same, with the destination's device table declared;
+        // `destination-huge-pages`: the same (blocks of larger pages, as `blocks` gives them).
+        Some("destination" | "destination-devices" | "destination-huge-pages") => {
             let stream = v.read("stream.bin").map_err(|e| e.to_string())?;
             let flags: Vec<&str> = s["flags"]
                 .as_array()

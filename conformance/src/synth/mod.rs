@@ -216,6 +216,11 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             // The main block's page size (a hugetlbfs block on QEMU: `{MEM_BACKEND}`).
             manifest["machine"]["ram_page_size"] = json!(huge::HUGE_PAGE);
         }
+        if c.base == Base::HugePostcopy {
+            // Judged by a destination whose blocks have the page sizes of `blocks` (the
+            // runner's played destination, which has 4 KiB pages only, does not judge them).
+            manifest["synthetic"]["checker"] = json!("destination-huge-pages");
+        }
         if cases::needs_device_table(&c) {
             // A destination that knows its devices: the table it derives from the stream's VM
             // description (given to a target as `{VMDESC}`).
