@@ -1,7 +1,7 @@
 //! The command line, shaped like QEMU's where it can be.
 //!
 //! This module owns [`Args`] (clap) and the parsing of its values: sizes (`256M`), extra RAM
-//! blocks (`NAME:SIZE`), the workload spec (`random|sequential[,threads=N][,rate=P][,working-set=S][,write]`),
+//! blocks (`NAME:SIZE[:PAGESIZE]`), block page sizes, the workload spec (`random|sequential[,threads=N][,rate=P][,working-set=S][,write]`),
 //! capability lists, the version profile, and [`Args::blocks`], the RAM block list a machine
 //! type implies.
 
@@ -30,9 +30,19 @@ pub struct Args {
     /// Machine type; decides the RAM block names and must match the source's (CFG-MACHINE).
     #[arg(long, short = 'M', default_value = "none", value_parser = ["none", "microvm"])]
     pub machine: String,
-    /// Extra RAM block `NAME:SIZE` (repeatable), after the machine's own blocks.
+    /// Page size of the machine's main block (`2M` for a block QEMU backs with 2 MiB
+    /// hugetlbfs pages). It is the block's migration unit: in postcopy the destination collects
+    /// the target pages of one such page and places it whole (one `UFFDIO_COPY`), drops it
+    /// whole when a channel fails with it incomplete, and requests it whole on a fault; the
+    /// MEM_SIZE entry of the block must carry it (RAM-PAGESIZE). LIMITATION: the memory itself
+    /// stays 4 KiB anonymous userfaultfd-registered memory, not hugetlbfs; only the protocol
+    /// unit changes. Default: 4K (the target page size).
+    #[arg(long, value_parser = parse_page_size)]
+    pub ram_page_size: Option<u64>,
+    /// Extra RAM block `NAME:SIZE[:PAGESIZE]` (repeatable), after the machine's own blocks;
+    /// PAGESIZE as for `--ram-page-size` (default 4K).
     #[arg(long = "block", value_parser = parse_block)]
-    pub blocks: Vec<(String, u64)>,
+    pub blocks: Vec<BlockArg>,
     /// Wire profile of the source: `7.2` or `10`.
     #[arg(long, default_value = "10", value_parser = parse_profile)]
     pub profile: Profile,
@@ -57,24 +67,55 @@ pub struct Args {
     pub dump_devices: Option<PathBuf>,
 }
 
+/// One RAM block of the destination: name, bytes, page size.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockArg {
+    /// Block name (as the source's MEM_SIZE list names it).
+    pub name: String,
+    /// Length in bytes.
+    pub len: u64,
+    /// Page size in bytes (its migration unit in postcopy; 4096 unless declared).
+    pub page_size: u64,
+}
+
+/// Target page size, the page size of a block that declares none.
+pub const TARGET_PAGE: u64 = 4096;
+
 /// A parsed `--workload` value (the shared parser; `write` makes the guest read then write).
 pub use qmig_host::workload::WorkloadSpec;
 
 impl Args {
-    /// The RAM blocks `(name, bytes)` in migration order: the machine's, then `--block`s.
-    pub fn blocks(&self) -> Vec<(String, u64)> {
+    /// The RAM blocks in migration order: the machine's (the main one with `--ram-page-size`),
+    /// then `--block`s. Errors name a block whose length is not a multiple of its page size.
+    pub fn blocks(&self) -> Result<Vec<BlockArg>, String> {
+        let b = |name: &str, len: u64| BlockArg {
+            name: name.to_string(),
+            len,
+            page_size: TARGET_PAGE,
+        };
         let mut v = match self.machine.as_str() {
             "microvm" => vec![
-                ("microvm.ram".to_string(), self.ram),
-                ("/rom@etc/acpi/tables".to_string(), 4096),
-                ("pc.bios".to_string(), 131072),
-                ("/rom@etc/table-loader".to_string(), 4096),
-                ("/rom@etc/acpi/rsdp".to_string(), 4096),
+                b("microvm.ram", self.ram),
+                b("/rom@etc/acpi/tables", 4096),
+                b("pc.bios", 131072),
+                b("/rom@etc/table-loader", 4096),
+                b("/rom@etc/acpi/rsdp", 4096),
             ],
-            _ => vec![("ram".to_string(), self.ram)],
+            _ => vec![b("ram", self.ram)],
         };
+        if let Some(ps) = self.ram_page_size {
+            v[0].page_size = ps;
+        }
         v.extend(self.blocks.iter().cloned());
-        v
+        for b in &v {
+            if b.len % b.page_size != 0 {
+                return Err(format!(
+                    "block {}: {} bytes is not a multiple of its page size {}",
+                    b.name, b.len, b.page_size
+                ));
+            }
+        }
+        Ok(v)
     }
 
     /// The QMP socket path.
@@ -93,14 +134,37 @@ fn parse_uri(s: &str) -> Result<MigrationUri, String> {
     MigrationUri::parse(s).map_err(|e| format!("{s}: {e}"))
 }
 
-fn parse_block(s: &str) -> Result<(String, u64), String> {
-    let (name, size) = s
+/// `NAME:SIZE` or `NAME:SIZE:PAGESIZE` (a name may hold colons: the sizes are the last fields
+/// that parse as sizes).
+fn parse_block(s: &str) -> Result<BlockArg, String> {
+    let (head, last) = s
         .rsplit_once(':')
-        .ok_or_else(|| format!("--block {s:?}: expected NAME:SIZE"))?;
+        .ok_or_else(|| format!("--block {s:?}: expected NAME:SIZE[:PAGESIZE]"))?;
+    let (name, len, page_size) = match head.rsplit_once(':') {
+        Some((name, size)) if !name.is_empty() && parse_size(size).is_ok() => {
+            (name, parse_size(size)?, parse_page_size(last)?)
+        }
+        _ => (head, parse_size(last)?, TARGET_PAGE),
+    };
     if name.is_empty() || name.len() > 255 {
         return Err(format!("--block {s:?}: name must be 1..=255 bytes"));
     }
-    Ok((name.to_string(), parse_size(size)?))
+    Ok(BlockArg {
+        name: name.to_string(),
+        len,
+        page_size,
+    })
+}
+
+/// A block page size: a power of two from 4K (the target page) to 1G.
+fn parse_page_size(s: &str) -> Result<u64, String> {
+    let ps = parse_size(s)?;
+    if !ps.is_power_of_two() || !(TARGET_PAGE..=1 << 30).contains(&ps) {
+        return Err(format!(
+            "page size {s:?}: a power of two from 4K to 1G expected"
+        ));
+    }
+    Ok(ps)
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -160,11 +224,60 @@ mod tests {
             "--block",
             "extra:8K",
         ]);
-        let b = a.blocks();
-        assert_eq!(b[0], ("microvm.ram".to_string(), 64 << 20));
-        assert_eq!(b[2], ("pc.bios".to_string(), 131072));
-        assert_eq!(b[5], ("extra".to_string(), 8192));
+        let b = a.blocks().unwrap();
+        let blk = |n: &str, len: u64, page_size: u64| BlockArg {
+            name: n.to_string(),
+            len,
+            page_size,
+        };
+        assert_eq!(b[0], blk("microvm.ram", 64 << 20, 4096));
+        assert_eq!(b[2], blk("pc.bios", 131072, 4096));
+        assert_eq!(b[5], blk("extra", 8192, 4096));
         assert_eq!(a.incoming, MigrationUri::Defer);
+    }
+
+    /// `--ram-page-size` sets the main block's page size, `--block` takes an optional third
+    /// field (names may hold colons); page sizes are powers of two from 4K to 1G, and a block
+    /// must be a whole number of its pages.
+    #[test]
+    fn page_sizes() {
+        let a = Args::parse_from([
+            "qmig-dst",
+            "--qmp",
+            "unix:/tmp/x",
+            "-m",
+            "4M",
+            "--ram-page-size",
+            "2M",
+            "--block",
+            "huge:4M:2M",
+            "--block",
+            "/rom@etc:x:8K",
+        ]);
+        let b = a.blocks().unwrap();
+        assert_eq!(
+            (b[0].name.as_str(), b[0].len, b[0].page_size),
+            ("ram", 4 << 20, 2 << 20)
+        );
+        assert_eq!((b[1].name.as_str(), b[1].page_size), ("huge", 2 << 20));
+        assert_eq!(
+            (b[2].name.as_str(), b[2].len, b[2].page_size),
+            ("/rom@etc:x", 8192, 4096)
+        );
+        assert!(parse_page_size("3M").is_err());
+        assert!(parse_page_size("2K").is_err());
+        assert!(parse_page_size("2G").is_err());
+        assert!(parse_block("x:4M:3M").is_err());
+        let odd = Args::parse_from([
+            "qmig-dst",
+            "--qmp",
+            "unix:/tmp/x",
+            "-m",
+            "3M",
+            "--ram-page-size",
+            "2M",
+        ]);
+        assert!(odd.blocks().is_err());
     }
 
     #[test]

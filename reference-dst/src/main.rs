@@ -51,8 +51,10 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     let qmp_path = args.qmp_path()?;
-    let blocks = args.blocks();
-    let specs: Vec<(&str, u64)> = blocks.iter().map(|(n, l)| (n.as_str(), *l)).collect();
+    let blocks = args.blocks()?;
+    // The memory is 4 KiB anonymous memory whatever a block's declared page size (its migration
+    // unit only: see `--ram-page-size`).
+    let specs: Vec<(&str, u64)> = blocks.iter().map(|b| (b.name.as_str(), b.len)).collect();
     let ram = Arc::new(GuestRam::new(&specs, MapOptions::default()).map_err(|e| e.to_string())?);
     let (uffd, faults) = UffdRam::register_polled(ram.clone(), PlaceConfig::default())
         .map_err(|e| format!("userfaultfd: {e}"))?;

@@ -36,7 +36,7 @@ use qmig_protocol::vmdesc::VmDesc;
 use rustix::event::{poll, PollFd, PollFlags};
 use serde_json::Value;
 
-use crate::cli::WorkloadSpec;
+use crate::cli::{BlockArg, WorkloadSpec};
 use crate::control::{Ctl, Waker};
 use crate::devices;
 use crate::memory::Placer;
@@ -77,8 +77,8 @@ pub struct Config {
     pub profile: Profile,
     /// Machine type name (CFG-MACHINE).
     pub machine: String,
-    /// RAM blocks, in order.
-    pub blocks: Vec<(String, u64)>,
+    /// RAM blocks (name, bytes, page size), in order.
+    pub blocks: Vec<BlockArg>,
     /// VM description for device sections.
     pub vmdesc: Option<VmDesc>,
     /// Guest workload.
@@ -370,12 +370,11 @@ impl Loop {
     fn new_machine(&self) -> Result<Destination, String> {
         let caps = self.sh.view().caps.clone();
         let postcopy = caps.get("postcopy-ram").copied().unwrap_or(false);
-        let tps = self.cfg.profile.target_page_size as u64;
         let blocks = self
             .cfg
             .blocks
             .iter()
-            .map(|(n, l)| RamBlockSpec::new(n, *l, tps))
+            .map(|b| RamBlockSpec::new(&b.name, b.len, b.page_size))
             .collect();
         let mut dc = DestinationConfig::new(self.cfg.profile, &self.cfg.machine, blocks, postcopy);
         dc.vmdesc = self.cfg.vmdesc.clone();

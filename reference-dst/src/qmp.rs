@@ -131,6 +131,9 @@ impl Handler {
             now,
             v.status.into(),
             RamFigures {
+                // QEMU's `ram.page-size` is the target page size whatever the blocks' page
+                // sizes (`--ram-page-size` changes the migration unit, not this figure), and the
+                // missing pages above are counted in target pages too.
                 page_size: 4096,
                 total,
                 remaining,

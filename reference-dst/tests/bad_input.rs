@@ -143,7 +143,8 @@ fn synthetic_destination_vectors() {
         };
         let m: Value = serde_json::from_slice(&text).unwrap();
         let s = &m["synthetic"];
-        if s["checker"] != "destination" || s["channel"] != "main" {
+        let checker = s["checker"].as_str().unwrap_or_default();
+        if !matches!(checker, "destination" | "destination-huge-pages") || s["channel"] != "main" {
             continue;
         }
         let name = v.file_name().unwrap().to_string_lossy().to_string();
@@ -171,10 +172,15 @@ fn synthetic_destination_vectors() {
         if first[0] != "ram" && first[0] != "microvm.ram" {
             panic!("{name}: first block {first}");
         }
+        // A block of larger pages carries its page size third (the huge-page cases).
+        if let Some(ps) = first.get(2) {
+            args.extend(["--ram-page-size".into(), ps.to_string()]);
+        }
         for b in blocks {
+            let ps = b.get(2).map(|p| format!(":{p}")).unwrap_or_default();
             args.extend([
                 "--block".into(),
-                format!("{}:{}", b[0].as_str().unwrap(), b[1]),
+                format!("{}:{}{ps}", b[0].as_str().unwrap(), b[1]),
             ]);
         }
         if !caps.is_empty() {

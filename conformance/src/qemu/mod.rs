@@ -25,7 +25,9 @@ pub mod proxy;
 pub mod qtest;
 pub mod records;
 
-pub use find::{find_qemu, find_qemu_at, qemu_required, QemuBinary, QemuVersion};
+pub use find::{
+    find_qemu, find_qemu_at, hugetlbfs_free_pages, qemu_required, QemuBinary, QemuVersion,
+};
 pub use launch::{Machine, Qemu};
 pub use proxy::Proxy;
 pub use qtest::Qtest;

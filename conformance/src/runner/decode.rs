@@ -390,8 +390,15 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             }
             judge(s, got, &format!("{n_msgs} messages decoded"))
         }
-        // `destination-devices`: the same, with the destination's device table declared.
-        Some("destination" | "destination-devices") => {
+        // `destination-devices`: the same, with the destination's device table declared;
+        // `destination-huge-pages`: the same (blocks of larger pages, as `blocks` gives them).
+        // `destination-described`: the same (device payloads decoded by the VM description).
+        Some(
+            "destination"
+            | "destination-devices"
+            | "destination-huge-pages"
+            | "destination-described",
+        ) => {
             let stream = v.read("stream.bin").map_err(|e| e.to_string())?;
             let flags: Vec<&str> = s["flags"]
                 .as_array()
@@ -421,7 +428,8 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
             cfg.vmdesc = desc.as_deref().cloned();
             // The plain decoder first (the whole channel, declared final): stream-level rules,
             // including what follows EOF; then the machine for the state-dependent rules.
-            let mut dec = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
+            // (Blocks of another page size than the target page declared: RAM-PAGESIZE.)
+            let mut dec = super::replay_dst::main_decoder(v);
             if let Some(d) = &desc {
                 dec.set_vmdesc((**d).clone());
             }

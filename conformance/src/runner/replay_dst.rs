@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, Context};
 use qmig_protocol::limits::Limits;
 use qmig_protocol::rp::RpDecoder;
+use qmig_protocol::stream::{Channel, StreamDecoder};
 use serde_json::{json, Value};
 
 use super::shim::{self, free_port, scratch_dir, StartError, Target, Values};
@@ -36,6 +37,8 @@ use crate::qemu::pattern::{hex, sha256_hex};
 const PHASE: Duration = Duration::from_secs(120);
 /// Target page size.
 const TPS: usize = 4096;
+/// Where the hugetlbfs that backs a huge-page block on QEMU is mounted (`.ci/run` mounts it).
+pub const HUGETLBFS: &str = "/dev/hugepages";
 
 /// What a destination target is.
 #[derive(Clone, Debug)]
@@ -63,7 +66,7 @@ pub enum Breakage {
     /// SHUT written first, before the PONGs [SM-SHUT-LAST].
     ShutFirst,
     /// Every page bit of every RECV_BITMAP set: pages claimed received that never arrived
-    /// whole [BITMAP-MARK].
+    /// whole [BITMAP-MARK], a partly received host page kept [SM-PARTIAL-HOSTPAGE].
     MarkAll,
     /// The first message written in two pieces with the second message between them: two
     /// writers interleaving on the return path [RP-ATOMIC].
@@ -71,21 +74,18 @@ pub enum Breakage {
 }
 
 impl Breakage {
-    /// Every kind, with its name and the rule it breaks.
-    pub const ALL: [(Breakage, &'static str, &'static str); 5] = [
-        (Breakage::BitmapBe, "bitmap-be", "BITMAP-LE"),
-        (Breakage::DropPong, "drop-pong", "SM-PONG"),
-        (Breakage::ShutFirst, "shut-first", "SM-SHUT-LAST"),
-        (Breakage::MarkAll, "mark-all", "BITMAP-MARK"),
-        (Breakage::Interleave, "interleave", "RP-ATOMIC"),
+    /// Every kind with its name (the rules each breaks: `synth::broken`).
+    pub const ALL: [(Breakage, &'static str); 5] = [
+        (Breakage::BitmapBe, "bitmap-be"),
+        (Breakage::DropPong, "drop-pong"),
+        (Breakage::ShutFirst, "shut-first"),
+        (Breakage::MarkAll, "mark-all"),
+        (Breakage::Interleave, "interleave"),
     ];
 
     /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`).
     pub fn parse(s: &str) -> Option<Breakage> {
-        Self::ALL
-            .iter()
-            .find(|(_, n, _)| *n == s)
-            .map(|(b, _, _)| *b)
+        Self::ALL.iter().find(|(_, n)| *n == s).map(|(b, _)| *b)
     }
 
     /// Applies the defect to a return path the target wrote.
@@ -252,6 +252,27 @@ pub fn values_for(
             .map(|p: PathBuf| vec!["--vmdesc".into(), p.display().to_string()])
             .unwrap_or_default(),
     );
+    // A main block of another page size than the target page (`machine.ram_page_size`):
+    // QEMU backs it with a hugetlbfs file named like the block, qmig-dst declares it.
+    let (backend, page_size) = match m["ram_page_size"].as_u64() {
+        Some(ps) if ps != TPS as u64 => {
+            let block = m["ram_block"].as_str().unwrap_or("ram");
+            (
+                vec![
+                    "-object".into(),
+                    format!(
+                        "memory-backend-file,id={block},size={ram_bytes},mem-path={HUGETLBFS},share=on"
+                    ),
+                    "-machine".into(),
+                    format!("memory-backend={block}"),
+                ],
+                vec!["--ram-page-size".into(), ps.to_string()],
+            )
+        }
+        _ => (vec![], vec![]),
+    };
+    vals.list("MEM_BACKEND", backend);
+    vals.list("RAM_PAGE_SIZE", page_size);
     for (k, x) in extra {
         vals.set(k, x.clone());
     }
@@ -398,13 +419,8 @@ fn messages(v: &Vector, bytes: &[u8]) -> Result<Vec<(u16, Vec<u8>)>, String> {
 
 /// The vector's RAM blocks (name, bytes): the synthetic list, or main + `final_ram.other_blocks`.
 pub fn block_list(v: &Vector) -> Vec<(String, u64)> {
-    if let Some(s) = v.synthetic() {
-        return s["blocks"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|b| Some((b[0].as_str()?.to_string(), b[1].as_u64()?)))
-            .collect();
+    if v.synthetic().is_some() {
+        return block_pages(v).into_iter().map(|(n, l, _)| (n, l)).collect();
     }
     let fr = &v.manifest["final_ram"];
     let mut out = vec![(
@@ -421,6 +437,37 @@ pub fn block_list(v: &Vector) -> Vec<(String, u64)> {
         }
     }
     out
+}
+
+/// A synthetic vector's RAM blocks with their page sizes (name, bytes, page size): entries of
+/// `synthetic.blocks` are `[name, bytes]` (pages of the target page size) or
+/// `[name, bytes, page_size]` (a huge-page block).
+pub fn block_pages(v: &Vector) -> Vec<(String, u64, u64)> {
+    v.synthetic()
+        .map(|s| &s["blocks"])
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|b| {
+            let ps = b.get(2).map_or(Some(TPS as u64), Value::as_u64)?;
+            Some((b[0].as_str()?.to_string(), b[1].as_u64()?, ps))
+        })
+        .collect()
+}
+
+/// A [`StreamDecoder`] for synthetic vector `v`'s main channel: its profile, and its blocks of
+/// another page size than the target page declared (their MEM_SIZE entries carry a `page_size`
+/// field once postcopy is advised, RAM-PAGESIZE).
+pub fn main_decoder(v: &Vector) -> StreamDecoder {
+    let mut d = StreamDecoder::new(Channel::Main, v.profile(), Limits::DEFAULT);
+    let pages = block_pages(v);
+    d.set_huge_page_blocks(
+        pages
+            .iter()
+            .filter(|(_, _, ps)| *ps != TPS as u64)
+            .map(|(n, _, _)| n.as_bytes()),
+    );
+    d
 }
 
 fn is_req(t: u16) -> bool {

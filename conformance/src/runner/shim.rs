@@ -2,8 +2,8 @@
 //!
 //! A target is a command-line template. The runner splits it into words (whitespace; single or
 //! double quotes group), then replaces placeholders inside each word. A word that is exactly a
-//! list placeholder (`{CPU}`, `{BIOS}`, `{VMDESC}`, `{BLOCK_ARGS}`, `{DEVICES}`) expands to zero
-//! or more words.
+//! list placeholder (`{CPU}`, `{BIOS}`, `{VMDESC}`, `{BLOCK_ARGS}`, `{DEVICES}`, `{MEM_BACKEND}`,
+//! `{RAM_PAGE_SIZE}`) expands to zero or more words.
 //!
 //! | placeholder | value |
 //! |---|---|
@@ -24,6 +24,8 @@
 //! | `{BLOCK_ARGS}` | (sources) list: `--block NAME:BYTES` per RAM block beyond the main one |
 //! | `{DEVICES}` | (sources) list: `--device-template FILE` on microvm, else nothing |
 //! | `{QTEST}` | (sources) a qtest socket path: if used, the runner writes the RAM image through it |
+//! | `{MEM_BACKEND}` | list, QEMU syntax: for a main block whose page size is not 4 KiB (`machine.ram_page_size`, the huge-page synthetic cases) `-object memory-backend-file,id=BLOCK,size=BYTES,mem-path=/dev/hugepages,share=on -machine memory-backend=BLOCK` (a hugetlbfs file named like the block); else nothing |
+//! | `{RAM_PAGE_SIZE}` | list: `--ram-page-size BYTES` for such a block (qmig-dst syntax), else nothing |
 //!
 //! Exit code [`EXIT_UNSUPPORTED`] (89) from the target at any point means "this case is not
 //! supported": the case is skipped, not failed.
@@ -41,11 +43,11 @@ use qmig_host::qmp_client::QmpClient;
 pub const EXIT_UNSUPPORTED: i32 = 89;
 
 /// The QEMU 7.2 destination template (proves the contract: QEMU itself is a valid target).
-pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} -nodefaults -nographic -display none {BIOS} -incoming defer -qmp unix:{QMP},server=on,wait=off";
+pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} {MEM_BACKEND} -nodefaults -nographic -display none {BIOS} -incoming defer -qmp unix:{QMP},server=on,wait=off";
 
 /// The qmig-dst destination template.
 pub const QMIG_DST_TEMPLATE: &str =
-    "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} --machine {MACHINE} --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
+    "{BIN_DIR}/qmig-dst --qmp unix:{QMP} -m {RAM} {RAM_PAGE_SIZE} --machine {MACHINE} --profile {PROFILE} --capabilities {CAPS} {VMDESC}";
 
 /// Values for one target start.
 #[derive(Clone, Debug, Default)]

@@ -12,13 +12,14 @@ use crate::qemu::pattern::{hex, sha256_hex};
 /// Target page size of every synthetic vector.
 pub const TPS: u64 = 4096;
 
-/// The machine's configuration for case `v` (its profile, machine type and blocks; `postcopy`
-/// for the postcopy-ram capability) and guest memory of those blocks, all zero.
+/// The machine's configuration for case `v` (its profile, machine type and blocks with their
+/// page sizes; `postcopy` for the postcopy-ram capability) and guest memory of those blocks,
+/// all zero.
 pub fn setup(v: &Vector, postcopy: bool) -> (DestinationConfig, Ram) {
-    let blocks = super::replay_dst::block_list(v);
+    let blocks = super::replay_dst::block_pages(v);
     let specs = blocks
         .iter()
-        .map(|(n, l)| RamBlockSpec::new(n, *l, TPS))
+        .map(|(n, l, ps)| RamBlockSpec::new(n, *l, *ps))
         .collect();
     let cfg = DestinationConfig::new(
         v.profile(),
@@ -27,7 +28,10 @@ pub fn setup(v: &Vector, postcopy: bool) -> (DestinationConfig, Ram) {
         postcopy,
     );
     let mem = Ram {
-        blocks: blocks.iter().map(|(_, l)| vec![0u8; *l as usize]).collect(),
+        blocks: blocks
+            .iter()
+            .map(|(_, l, _)| vec![0u8; *l as usize])
+            .collect(),
     };
     (cfg, mem)
 }

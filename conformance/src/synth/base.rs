@@ -112,7 +112,9 @@ fn ram_start(p: &mut Parts) {
     p.push("start_footer", footer(RAM_ID));
 }
 
-fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
+/// Appends the end of a channel: [SWITCHOVER_START if `ten`], the `ram` END (EOS), with
+/// `devices` the `globalstate` FULL, EOF, and with `devices` the VM description.
+pub fn ram_tail_and_devices(p: &mut Parts, ten: bool, devices: bool) {
     if ten {
         p.push("switchover", cmd(Command::SwitchoverStart));
     }
@@ -147,17 +149,10 @@ pub fn vmdesc_of(json: &[u8]) -> Vec<u8> {
     cat(&[&[0x06], &be32(json.len() as u32), json])
 }
 
-/// The precopy main channel: header, configuration, OPEN_RETURN_PATH, PING(1), `ram` START
-/// (MEM_SIZE, EOS), PART (page 0 as PAGE naming `ram`, pages 1-3 as ZERO|CONTINUE, page 4 as
-/// PAGE|CONTINUE filled with [`FILL4`], EOS), [SWITCHOVER_START on 10.x], END (EOS),
-/// `globalstate` FULL, EOF, VM description.
-pub fn precopy(ten: bool) -> Parts {
-    let mut p = Parts::default();
-    header_and_config(&mut p);
-    p.push("open_rp", cmd(Command::OpenReturnPath));
-    p.push("ping1", cmd(Command::Ping(1)));
-    ram_start(&mut p);
-    p.push("part_hdr", sec_part(0x02, RAM_ID));
+/// Appends the precopy pages of every main-channel base: page 0 as PAGE naming `ram`
+/// ([`page0`]), pages 1-3 as ZERO|CONTINUE, page 4 as PAGE|CONTINUE filled with [`FILL4`]
+/// (parts `page0`, `zero1`-`zero3`, `page4`).
+pub fn precopy_pages(p: &mut Parts) {
     p.push("page0", cat(&[&named(0, RamFlags::PAGE, "ram"), &page0()]));
     for (name, pg) in [("zero1", 1u64), ("zero2", 2), ("zero3", 3)] {
         p.push(
@@ -175,6 +170,20 @@ pub fn precopy(ten: bool) -> Parts {
             &vec![FILL4; TPS as usize],
         ]),
     );
+}
+
+/// The precopy main channel: header, configuration, OPEN_RETURN_PATH, PING(1), `ram` START
+/// (MEM_SIZE, EOS), PART (page 0 as PAGE naming `ram`, pages 1-3 as ZERO|CONTINUE, page 4 as
+/// PAGE|CONTINUE filled with [`FILL4`], EOS), [SWITCHOVER_START on 10.x], END (EOS),
+/// `globalstate` FULL, EOF, VM description.
+pub fn precopy(ten: bool) -> Parts {
+    let mut p = Parts::default();
+    header_and_config(&mut p);
+    p.push("open_rp", cmd(Command::OpenReturnPath));
+    p.push("ping1", cmd(Command::Ping(1)));
+    ram_start(&mut p);
+    p.push("part_hdr", sec_part(0x02, RAM_ID));
+    precopy_pages(&mut p);
     p.push("part_eos", word(0, RamFlags::EOS));
     p.push("part_footer", footer(RAM_ID));
     ram_tail_and_devices(&mut p, ten, true);
@@ -216,23 +225,7 @@ pub fn postcopy(ten: bool) -> Parts {
     );
     ram_start(&mut p);
     p.push("part_hdr", sec_part(0x02, RAM_ID));
-    p.push("page0", cat(&[&named(0, RamFlags::PAGE, "ram"), &page0()]));
-    for (name, pg) in [("zero1", 1u64), ("zero2", 2), ("zero3", 3)] {
-        p.push(
-            name,
-            cat(&[
-                &word(pg * TPS, RamFlags::ZERO.with(RamFlags::CONTINUE)),
-                &[0],
-            ]),
-        );
-    }
-    p.push(
-        "page4",
-        cat(&[
-            &word(4 * TPS, RamFlags::PAGE.with(RamFlags::CONTINUE)),
-            &vec![FILL4; TPS as usize],
-        ]),
-    );
+    precopy_pages(&mut p);
     p.push("part_eos", word(0, RamFlags::EOS));
     p.push("part_footer", footer(RAM_ID));
     if ten {
@@ -281,8 +274,9 @@ pub fn postcopy(ten: bool) -> Parts {
     p
 }
 
-/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument).
-fn postcopy_package() -> Vec<u8> {
+/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument): LISTEN,
+/// `globalstate` FULL, PING(3), RUN.
+pub fn postcopy_package() -> Vec<u8> {
     cat(&[
         &cmd(Command::PostcopyListen),
         &sec_start(0x04, GS_ID, "globalstate", 1),

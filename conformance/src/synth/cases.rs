@@ -39,6 +39,13 @@ pub enum Base {
     /// cut, judged by a destination (the patch edits the recovery channel; offsets count from
     /// 0 of that connection).
     Recovery,
+    /// [`super::huge::postcopy`]: a postcopy main channel of one 4 MiB block `ram` whose page
+    /// size is 2 MiB, destination with postcopy-ram and that block.
+    HugePostcopy,
+    /// [`super::huge::recovery_channel`]: the recovery channel after
+    /// [`super::huge::recovery_main`] was cut inside host page 1 (offsets count from 0 of that
+    /// connection).
+    HugeRecovery,
 }
 
 impl Base {
@@ -53,7 +60,14 @@ impl Base {
             Base::SrcPostcopy => "source-postcopy",
             Base::Recovery => "recovery",
             Base::MultifdPrecopy => "multifd-precopy",
+            Base::HugePostcopy => "huge-postcopy",
+            Base::HugeRecovery => "huge-recover",
         }
+    }
+
+    /// Whether the base's block `ram` has 2 MiB pages ([`super::huge`]).
+    pub fn is_huge(self) -> bool {
+        matches!(self, Base::HugePostcopy | Base::HugeRecovery)
     }
 }
 
@@ -201,11 +215,13 @@ pub fn reaction(c: &Case, p: &Parts, offset: u64) -> Option<&'static str> {
         return None;
     }
     let after = |part: &str| p.has(part) && offset > p.offset_of(part);
+    // The huge-page base keeps its package as one part (`pkg`), followed by PING 4.
+    let after_run = after("pkg_run") || (p.has("ping4") && offset >= p.offset_of("ping4"));
     match c.base {
-        Base::Postcopy if after("pkg_run") => Some("SM-PAUSE-AFTER-RUN"),
-        Base::Postcopy => Some("SM-FATAL-BEFORE-RUN"),
-        Base::Recovery if after("resume") => Some("SM-PAUSE-AFTER-RUN"),
-        Base::Recovery => Some("SM-PAUSE-IN-RECOVER"),
+        Base::Postcopy | Base::HugePostcopy if after_run => Some("SM-PAUSE-AFTER-RUN"),
+        Base::Postcopy | Base::HugePostcopy => Some("SM-FATAL-BEFORE-RUN"),
+        Base::Recovery | Base::HugeRecovery if after("resume") => Some("SM-PAUSE-AFTER-RUN"),
+        Base::Recovery | Base::HugeRecovery => Some("SM-PAUSE-IN-RECOVER"),
         _ => None,
     }
 }
@@ -331,6 +347,55 @@ pub const RECOVERY_EXERCISES: &[&str] = &[
     "RAM-CONTINUE",
     "RAM-APPLY",
 ];
+
+/// Rules the unpatched huge-page postcopy base exercises besides RAM-HOSTPAGE: the MEM_SIZE
+/// entry's `page_size` equals the destination's 2 MiB (RAM-PAGESIZE), ADVISE's summary matches
+/// (CMD-ADVISE-PAGESIZE), the discard covers a host page (CMD-DISCARD-RANGE), and host page 1
+/// is placed whole (RAM-APPLY).
+pub const HUGE_EXERCISES: &[&str] = &[
+    "RAM-PAGESIZE",
+    "CMD-ADVISE-PAGESIZE",
+    "CMD-DISCARD-RANGE",
+    "RAM-POSTCOPY-FLAG",
+    "RAM-CONTINUE",
+    "RAM-APPLY",
+    "SM-PONG",
+    "SM-SHUT-LAST",
+];
+
+/// Rules the huge-page recovery exercises: the cut inside host page 1 drops it (its bits clear
+/// in the RECV_BITMAP answer, byte for byte: BITMAP-MARK), it is sent again whole
+/// (RAM-HOSTPAGE), the final RAM.
+pub const HUGE_RECOVERY_EXERCISES: &[&str] = &[
+    "SM-PAUSE-AFTER-RUN",
+    "SM-RECOVER-NO-HEADER",
+    "BITMAP-MARK",
+    "BITMAP-LE",
+    "SM-RESUME-STATE",
+    "RAM-HOSTPAGE",
+    "RAM-PAGESIZE",
+    "RAM-APPLY",
+];
+
+/// RAM-PAGESIZE: the MEM_SIZE entry of `ram` declares 1 GiB pages where the destination's
+/// block has 2 MiB ones; rejected at the `page_size` field (spec/ram.md).
+fn page_size_1g(p: &mut Parts) -> Option<u64> {
+    let at = super::huge::PAGE_SIZE_FIELD as usize;
+    set_be64(p, "memsize", at, 1 << 30);
+    Some(o(p, "memsize") + at as u64)
+}
+
+/// RAM-HOSTPAGE: after POSTCOPY_RUN, page 0 (host page 0, received in precopy) arrives between
+/// the first and the second target page of host page 1, which is incomplete; rejected at the
+/// intruding record's header word.
+fn host_page_interleaved(p: &mut Parts) -> Option<u64> {
+    p.insert_before(
+        "hp1_zeros",
+        "intruder",
+        cat(&[&word(0, RamFlags::ZERO.with(RamFlags::CONTINUE)), &[0]]),
+    );
+    Some(o(p, "intruder"))
+}
 
 /// SM-RECOVER-NO-HEADER: the header and configuration of a new stream where the recovery
 /// channel's RECV_BITMAP must come first; rejected at offset 0.
@@ -625,6 +690,15 @@ pub fn all() -> Vec<Case> {
         }),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "7.2", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
+        // ---- a block of 2 MiB pages (hugetlbfs on QEMU), postcopy ----
+        case!(Valid, "RAM-HOSTPAGE", "7.2", HugePostcopy, "7.2 postcopy of a 4 MiB block of 2 MiB pages: MEM_SIZE carries page_size 2 MiB, ADVISE the 2 MiB summary, host page 1 discarded whole and sent after POSTCOPY_RUN as 512 consecutive target pages, completed", |_| None, HUGE_EXERCISES),
+        case!(Valid, "RAM-HOSTPAGE", "10", HugePostcopy, "10.x postcopy of a 4 MiB block of 2 MiB pages: MEM_SIZE carries page_size 2 MiB, ADVISE the 2 MiB summary, host page 1 discarded whole and sent after POSTCOPY_RUN as 512 consecutive target pages, completed", |_| None, HUGE_EXERCISES),
+        case!(Invalid, "RAM-PAGESIZE", "7.2", HugePostcopy, "the MEM_SIZE entry of `ram` declares 1 GiB pages; the destination's block has 2 MiB pages", page_size_1g),
+        case!(Invalid, "RAM-PAGESIZE", "10", HugePostcopy, "the MEM_SIZE entry of `ram` declares 1 GiB pages; the destination's block has 2 MiB pages", page_size_1g),
+        case!(Invalid, "RAM-HOSTPAGE", "7.2", HugePostcopy, "after POSTCOPY_RUN, a target page of host page 0 between the first two target pages of host page 1 (incomplete): the destination pauses", host_page_interleaved),
+        case!(Invalid, "RAM-HOSTPAGE", "10", HugePostcopy, "after POSTCOPY_RUN, a target page of host page 0 between the first two target pages of host page 1 (incomplete): the destination pauses", host_page_interleaved),
+        case!(Valid, "SM-PARTIAL-HOSTPAGE", "7.2", HugeRecovery, "a 7.2 recovery with 2 MiB pages: the main channel is cut after POSTCOPY_RUN with 101 of host page 1's 512 target pages received; RECV_BITMAP(ram) shows pages 0-4 only (host page 1 dropped), host page 1 resent whole, completed", |_| None, HUGE_RECOVERY_EXERCISES),
+        case!(Valid, "SM-PARTIAL-HOSTPAGE", "10", HugeRecovery, "a 10.x recovery with 2 MiB pages: the main channel is cut after POSTCOPY_RUN with 101 of host page 1's 512 target pages received; RECV_BITMAP(ram) shows pages 0-4 only (host page 1 dropped), host page 1 resent whole, completed", |_| None, HUGE_RECOVERY_EXERCISES),
         // ---- a multifd migration (main channel and two multifd connections) ----
         case!(Valid, "MFD-SYNC", "7.2", MultifdPrecopy, "a 7.2 multifd migration: pages 0 and 4 on two multifd connections (ids 0 and 1), zero pages on the main channel, one SYNC per connection for each of the three EOS, completed", |_| None, &["MFD-CHANNEL", "MFD-FLAGS", "MFD-MAGIC", "MFD-VERSION", "MFD-PAGES"]),
         case!(Invalid, "MFD-CHANNEL", "7.2", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
@@ -674,10 +748,7 @@ pub fn all() -> Vec<Case> {
 pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-FIRST-REQ-NAMED", "behaviour of a destination, and no synthetic input makes one ask: it requests pages only for guest faults, which a replay does not cause (replay-dst ignores page requests); protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block fails when the first request of a connection is a bare REQ_PAGES; on the source side the runner's played destination writes named requests (play_dst.rs, decoded by its RpDecoder: RP-REQ-NO-BLOCK)"),
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("RAM-HOSTPAGE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical, records_props.rs"),
-    ("RAM-PAGESIZE", "needs huge-page blocks (the synthetic blocks are 4 KiB-page `ram`): protocol/tests/machine_harness.rs huge_pages_postcopy_ends_identical"),
     ("RAM-APPLY", "replay: final RAM compared with final_ram"),
-    ("SM-PARTIAL-HOSTPAGE", "behaviour with huge pages (the synthetic blocks are 4 KiB): protocol/tests/machine_cuts.rs cut_at_every_offset_recovers_with_huge_pages (a cut at every offset, final memory identical)"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),
     ("SM-RESUME-STATE", "valid: the synthetic recovery cases (POSTCOPY_RESUME in postcopy-recover answered RESUME_ACK(1), resume-rp.bin); invalid: no input is rejected — outside postcopy-recover the command is ignored (a stricter destination MAY reject it): protocol/tests/machine_harness.rs recv_bitmap_and_resume_outside_recover_are_not_answered"),

@@ -44,6 +44,13 @@ fn with_timer(p: &mut Parts, tail: Vec<u8>) {
     p.set("vmdesc", vmdesc_of(VMDESC_JSON));
 }
 
+/// Whether case `c` is judged by a destination that decodes device payloads by the VM
+/// description (checker `destination-described`): the payload cases. A destination without one
+/// (the runner's played destination) delimits by the footer scan and cannot see them.
+pub fn described(c: &Case) -> bool {
+    c.class != Class::Acceptable && matches!(c.rule, "DEV-SCHEMA" | "DEV-SUBSECTION")
+}
+
 fn case(
     class: Class,
     rule: &'static str,

@@ -12,6 +12,7 @@
 //! | [`devices`] | the device-payload cases (`timer` and its subsection, decoded by description) |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
+//! | [`huge`] | the huge-page base (one 4 MiB block of 2 MiB pages, postcopy) and its recovery cut mid host page |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -21,6 +22,7 @@ pub mod broken;
 pub mod build;
 pub mod cases;
 pub mod devices;
+pub mod huge;
 pub mod multifd;
 pub mod recovery;
 
@@ -48,6 +50,8 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => base::rp_channel(),
             Base::Multifd => base::multifd_conn(),
             Base::Recovery => recovery::channel(),
+            Base::HugePostcopy => huge::postcopy(ten),
+            Base::HugeRecovery => huge::recovery_channel(),
             Base::MultifdPrecopy => multifd::base(ten),
             Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
         };
@@ -65,11 +69,25 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let bytes = parts.bytes();
         let dir = format!("{}/", c.name);
         let mut files = serde_json::Map::new();
-        let mut blocks = json!([["ram", RAM_BYTES]]);
+        let huge = c.base.is_huge();
+        // A block of another page size than the target page carries it third.
+        let (ram_bytes, mut blocks) = if huge {
+            let b = json!([["ram", huge::HUGE_RAM_BYTES, huge::HUGE_PAGE]]);
+            (huge::HUGE_RAM_BYTES, b)
+        } else {
+            (RAM_BYTES, json!([["ram", RAM_BYTES]]))
+        };
         if c.rule == "BITMAP-PADDING" && c.class == Class::Invalid {
             blocks = json!([["ram", 100 * TPS]]);
         }
-        let postcopy = matches!(c.base, Base::Postcopy | Base::SrcPostcopy | Base::Recovery);
+        let postcopy = matches!(
+            c.base,
+            Base::Postcopy
+                | Base::SrcPostcopy
+                | Base::Recovery
+                | Base::HugePostcopy
+                | Base::HugeRecovery
+        );
         let src_side = matches!(c.base, Base::SrcPrecopy | Base::SrcPostcopy);
         let mut caps = json!({"events": true, "return-path": true});
         if postcopy {
@@ -90,7 +108,9 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
             Base::SrcPrecopy | Base::SrcPostcopy => ("return-path", "source-replay", "rp.bin"),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
-            Base::Recovery => ("recovery", "destination-recovery", "resume-stream.bin"),
+            Base::Recovery | Base::HugeRecovery => {
+                ("recovery", "destination-recovery", "resume-stream.bin")
+            }
             _ => ("main", "destination", "stream.bin"),
         };
         files.insert(
@@ -108,11 +128,15 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let mut replay = json!(null);
         let mut final_ram = json!(null);
         let mut channels = json!([{"label": channel, "file": input}]);
-        if c.base == Base::Recovery {
+        if matches!(c.base, Base::Recovery | Base::HugeRecovery) {
             let (r, chans) = recovery_files(&c, ten, &caps, &mut files, &mut out);
             replay = r;
             channels = chans;
-            final_ram = final_ram_json(&base::final_ram(true));
+            final_ram = final_ram_json(&if huge {
+                huge::final_ram()
+            } else {
+                base::final_ram(true)
+            });
         }
         if channel == "main" {
             let mut ch = json!({"label": "main", "feed_to_destination": "stream.bin"});
@@ -135,7 +159,11 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 out.insert(format!("{dir}rp.bin"), rp);
                 ch["expected_return_path"] = json!("rp.bin");
                 ch["return_path_rule"] = json!(if postcopy { "postcopy" } else { "exact" });
-                final_ram = final_ram_json(&base::final_ram(postcopy));
+                final_ram = final_ram_json(&if huge {
+                    huge::final_ram()
+                } else {
+                    base::final_ram(postcopy)
+                });
             } else {
                 ch["expect_failure"] = json!(true);
             }
@@ -175,7 +203,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             "scenario": c.name,
             "description": c.description,
             "qemu": {"version_string": format!("synthetic ({} profile)", c.profile), "binary": null},
-            "machine": {"type": "none", "cpu": null, "ram_mb": RAM_BYTES >> 20, "ram_bytes": RAM_BYTES,
+            "machine": {"type": "none", "cpu": null, "ram_mb": ram_bytes >> 20, "ram_bytes": ram_bytes,
                         "ram_block": "ram", "ram_guest_physical_base": 0, "target_page_size": TPS},
             "files": files,
             "channels": channels,
@@ -197,6 +225,18 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         });
         if let Some(r) = reaction {
             manifest["synthetic"]["reaction"] = json!(r);
+        }
+        if huge {
+            // The main block's page size (a hugetlbfs block on QEMU: `{MEM_BACKEND}`).
+            manifest["machine"]["ram_page_size"] = json!(huge::HUGE_PAGE);
+        }
+        if c.base == Base::HugePostcopy {
+            // Judged by a destination whose blocks have the page sizes of `blocks` (the
+            // runner's played destination, which has 4 KiB pages only, does not judge them).
+            manifest["synthetic"]["checker"] = json!("destination-huge-pages");
+        }
+        if devices::described(&c) {
+            manifest["synthetic"]["checker"] = json!("destination-described");
         }
         if cases::needs_device_table(&c) {
             // A destination that knows its devices: the table it derives from the stream's VM
@@ -272,12 +312,21 @@ fn recovery_files(
         );
         out.insert(format!("{}/{name}", c.name), bytes);
     };
-    let main = recovery::main(ten);
+    let huge = c.base.is_huge();
+    let main = if huge {
+        huge::recovery_main(ten)
+    } else {
+        recovery::main(ten)
+    };
     let cut = main.len();
     add(
         "stream.bin",
         main.bytes(),
-        "the main channel, source to destination, cut inside page 3's record after POSTCOPY_RUN",
+        if huge {
+            "the main channel, source to destination, cut after POSTCOPY_RUN inside host page 1 (its first 101 target pages sent, the 102nd cut inside its record)"
+        } else {
+            "the main channel, source to destination, cut inside page 3's record after POSTCOPY_RUN"
+        },
     );
     add(
         "rp.bin",
@@ -296,10 +345,18 @@ fn recovery_files(
                   replay_chans: &mut Vec<Value>,
                   chans: &mut Vec<Value>,
                   add: &mut dyn FnMut(&str, Vec<u8>, &str)| {
-        add("resume2-stream.bin", recovery::channel().bytes(), what);
+        let (stream2, rp2) = if huge {
+            (
+                huge::recovery_channel().bytes(),
+                huge::recovery_channel_rp(),
+            )
+        } else {
+            (recovery::channel().bytes(), recovery::channel_rp())
+        };
+        add("resume2-stream.bin", stream2, what);
         add(
             "resume2-rp.bin",
-            recovery::channel_rp(),
+            rp2,
             "the return path a conforming destination writes on the second recovery channel",
         );
         replay_chans.push(
@@ -334,7 +391,11 @@ fn recovery_files(
     } else if c.class == Class::Valid {
         add(
             "resume-rp.bin",
-            recovery::channel_rp(),
+            if huge {
+                huge::recovery_channel_rp()
+            } else {
+                recovery::channel_rp()
+            },
             "the return path a conforming destination writes on the recovery channel",
         );
         recovery["expected_return_path"] = json!("resume-rp.bin");

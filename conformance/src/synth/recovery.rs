@@ -38,14 +38,22 @@ pub fn main_rp() -> Vec<u8> {
 /// A valid recovery channel (offsets from 0 of its connection): RECV_BITMAP(`ram`),
 /// POSTCOPY_RESUME, `ram` PART (page 3 as ZERO naming its block, EOS), END (EOS), EOF.
 pub fn channel() -> Parts {
+    channel_with(|p| {
+        p.push(
+            "zero3",
+            [named(3 * TPS, RamFlags::ZERO, "ram"), vec![0]].concat(),
+        )
+    })
+}
+
+/// A recovery channel: RECV_BITMAP(`ram`), POSTCOPY_RESUME, `ram` PART (the page records
+/// `pages` appends, then EOS), END (EOS), EOF.
+pub fn channel_with(pages: impl FnOnce(&mut Parts)) -> Parts {
     let mut p = Parts::default();
     p.push("recv_bitmap", cmd(Command::RecvBitmap { name: b"ram" }));
     p.push("resume", cmd(Command::PostcopyResume));
     p.push("part_hdr", sec_part(0x02, RAM_ID));
-    p.push(
-        "zero3",
-        [named(3 * TPS, RamFlags::ZERO, "ram"), vec![0]].concat(),
-    );
+    pages(&mut p);
     p.push("part_eos", word(0, RamFlags::EOS));
     p.push("part_footer", footer(RAM_ID));
     p.push("end_hdr", sec_part(0x03, RAM_ID));
@@ -73,8 +81,14 @@ pub fn received_at_cut() -> PageBitmap {
 /// The return path a destination writes on a valid recovery channel: RECV_BITMAP(`ram`,
 /// [`received_at_cut`]), RESUME_ACK(1), SHUT(0).
 pub fn channel_rp() -> Vec<u8> {
+    rp_for(&received_at_cut())
+}
+
+/// The return path of a valid recovery channel whose destination had received `received` of
+/// `ram` at the cut: RECV_BITMAP(`ram`, `received`), RESUME_ACK(1), SHUT(0).
+pub fn rp_for(received: &PageBitmap) -> Vec<u8> {
     [
-        bitmap_rp(),
+        bitmap_msg(received),
         rp(RpMessage::ResumeAck(RESUME_ACK_VALUE)),
         rp(RpMessage::Shut(0)),
     ]
@@ -90,8 +104,13 @@ pub fn cut_in_recover(c: &super::cases::Case) -> bool {
 
 /// The return path of a recovery channel cut after RECV_BITMAP: only the received bitmap.
 pub fn bitmap_rp() -> Vec<u8> {
+    bitmap_msg(&received_at_cut())
+}
+
+/// RECV_BITMAP(`ram`, `received`) as a destination writes it.
+fn bitmap_msg(received: &PageBitmap) -> Vec<u8> {
     let mut bytes = Vec::new();
-    received_at_cut().to_le_bytes(&mut bytes);
+    received.to_le_bytes(&mut bytes);
     rp(RpMessage::RecvBitmap {
         name: b"ram",
         bitmap: &bytes,

@@ -889,7 +889,11 @@ impl Destination {
     ) -> Result<(), Stop> {
         if let RamBody::MemSize(list) = rec.body {
             let mut count = 0usize;
-            for b in list.iter() {
+            let mut entries = list.iter();
+            loop {
+                // The list follows the record's 8-byte header word.
+                let entry_at = at + 8 + entries.offset();
+                let Some(b) = entries.next() else { break };
                 count += 1;
                 let Some(i) = self.block_index(b.name) else {
                     return Err(Violation::new(at, Rule::RamBlockUnknown, b.used_length).into());
@@ -899,7 +903,9 @@ impl Destination {
                 }
                 if let Some(ps) = b.page_size {
                     if ps != self.cfg.blocks[i].page_size {
-                        return Err(Violation::new(at, Rule::RamPageSize, ps).into());
+                        // At the field: after the counted name and the be64 used_length.
+                        let field_at = entry_at + 1 + b.name.len() as u64 + 8;
+                        return Err(Violation::new(field_at, Rule::RamPageSize, ps).into());
                     }
                 }
             }

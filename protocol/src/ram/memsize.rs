@@ -92,6 +92,15 @@ pub struct MemSizeIter<'a> {
     sized: [u64; SET_WORDS],
 }
 
+impl MemSizeIter<'_> {
+    /// Offset of the next entry's first byte (its name's length) from the start of the list,
+    /// the byte after the record's header word: where a receiver points a violation in it.
+    #[inline]
+    pub fn offset(&self) -> u64 {
+        self.r.offset()
+    }
+}
+
 impl<'a> Iterator for MemSizeIter<'a> {
     type Item = BlockInfo<'a>;
 
