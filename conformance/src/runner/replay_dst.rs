@@ -71,19 +71,24 @@ pub enum Breakage {
     /// The first message written in two pieces with the second message between them: two
     /// writers interleaving on the return path [RP-ATOMIC].
     Interleave,
+    /// The guest RAM read back (`pmemsave`) with its last page that holds data zeroed: a page
+    /// record never applied [RAM-APPLY].
+    DropPage,
 }
 
 impl Breakage {
     /// Every kind with its name (the rules each breaks: `synth::broken`).
-    pub const ALL: [(Breakage, &'static str); 5] = [
+    pub const ALL: [(Breakage, &'static str); 6] = [
         (Breakage::BitmapBe, "bitmap-be"),
         (Breakage::DropPong, "drop-pong"),
         (Breakage::ShutFirst, "shut-first"),
         (Breakage::MarkAll, "mark-all"),
         (Breakage::Interleave, "interleave"),
+        (Breakage::DropPage, "drop-page"),
     ];
 
-    /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`).
+    /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`,
+    /// `drop-page`).
     pub fn parse(s: &str) -> Option<Breakage> {
         Self::ALL.iter().find(|(_, n)| *n == s).map(|(b, _)| *b)
     }
@@ -1024,8 +1029,18 @@ fn drive(
             json!({"val": base, "size": bytes, "filename": file.display().to_string()}),
         )
         .context("pmemsave")?;
-    let ram = std::fs::read(&file).context("pmemsave output")?;
+    let mut ram = std::fs::read(&file).context("pmemsave output")?;
     let _ = std::fs::remove_file(&file);
+    if target_breakage == Some(Breakage::DropPage) {
+        // The last page holding data reads as zero: a record that was never applied.
+        if let Some(pg) = ram
+            .chunks_mut(TPS)
+            .rev()
+            .find(|p| p.iter().any(|&b| b != 0))
+        {
+            pg.fill(0);
+        }
+    }
     if ram.len() as u64 != bytes {
         bail!("pmemsave wrote {} of {bytes} bytes", ram.len());
     }

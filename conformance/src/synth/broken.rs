@@ -20,14 +20,16 @@ pub struct BrokenTarget {
 
 /// The rules and the cases: the bitmap defects fail the valid recovery cases (the only ones
 /// with a RECV_BITMAP; the huge-page recoveries, whose cut falls inside a host page, for
-/// SM-PARTIAL-HOSTPAGE), the others every valid case.
-const TABLE: [(&str, &str, &str); 6] = [
+/// SM-PARTIAL-HOSTPAGE), the others every valid case (`drop-page` alters the RAM read back,
+/// the others the return path).
+const TABLE: [(&str, &str, &str); 7] = [
     ("BITMAP-LE", "bitmap-be", "valid-*-recover*"),
     ("BITMAP-MARK", "mark-all", "valid-*-recovery-*"),
     ("SM-PARTIAL-HOSTPAGE", "mark-all", "valid-*-huge-recover-*"),
     ("SM-PONG", "drop-pong", "valid-*"),
     ("SM-SHUT-LAST", "shut-first", "valid-*"),
     ("RP-ATOMIC", "interleave", "valid-*"),
+    ("RAM-APPLY", "drop-page", "valid-*"),
 ];
 
 /// Every broken destination with the rule it stands for.
