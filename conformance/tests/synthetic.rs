@@ -98,6 +98,51 @@ fn every_rule_has_a_valid_and_an_invalid_case_or_a_stated_check() {
     }
 }
 
+/// An acceptable case passes whether the destination completes it (qmig-dst as usual) or
+/// rejects it: qmig-dst given a VM description without `globalstate` refuses that section
+/// (SEC-UNKNOWN-DEVICE) and the case still passes, as "rejected"; the same destination fails a
+/// valid case, so the rejection is real.
+#[test]
+fn an_acceptable_case_passes_completed_or_rejected() {
+    let tmp = std::env::temp_dir().join(format!("qmig-acceptable-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let desc = tmp.join("no-devices.json");
+    std::fs::write(&desc, br#"{"page_size":4096,"devices":[]}"#).unwrap();
+    let strict = format!(
+        "{{BIN_DIR}}/qmig-dst --qmp unix:{{QMP}} -m {{RAM}} --machine {{MACHINE}} \
+         --profile {{PROFILE}} --capabilities {{CAPS}} --vmdesc {}",
+        desc.display()
+    );
+    let run = |dst: &str, filter: &str| {
+        runner::run_suite(&Options {
+            vectors: vec![dir()],
+            dst: vec![dst.to_string()],
+            src: vec!["none".into()],
+            filter: Some(filter.into()),
+            ..Default::default()
+        })
+        .unwrap()
+    };
+    for (dst, want) in [
+        ("qmig", "1 channel(s) replayed"),
+        (strict.as_str(), "acceptable case rejected: status failed"),
+    ] {
+        let r = run(dst, "replay-dst*/synthetic/acceptable-*");
+        assert_eq!(r.len(), 4, "{r:#?}");
+        for c in &r {
+            assert!(
+                matches!(&c.status, Status::Pass(m) if m.starts_with(want)),
+                "{}: {:?}",
+                c.name,
+                c.status
+            );
+        }
+    }
+    let r = run(&strict, "replay-dst*/synthetic/valid-sm-pong-precopy-72");
+    assert!(matches!(r[0].status, Status::Fail(_)), "{r:#?}");
+    let _ = std::fs::remove_dir_all(&tmp);
+}
+
 /// Each broken destination (qmig-dst with its return path altered against one behaviour rule)
 /// fails every valid case it names, with the return-path check (needs `qmig-dst` built next to
 /// the test binary: `cargo build -p qmig-dst -p qmig-conformance --bins`).

@@ -106,6 +106,17 @@ pub fn bin_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
+/// `{BIN_DIR}` of a custom template: the directory of reference binary `name` as the `qmig`
+/// target finds it (next to `qmig`, its parent when `qmig` is a test binary in `deps/`, or on
+/// PATH), else `qmig`'s own directory.
+fn reference_dir(name: &str) -> String {
+    find_bin(name, &bin_dir())
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(bin_dir)
+        .display()
+        .to_string()
+}
+
 /// Finds a reference binary next to `qmig` (or `dir`), else on PATH.
 pub fn find_bin(name: &str, dir: &Path) -> Option<PathBuf> {
     let mut dirs = vec![dir.to_path_buf()];
@@ -173,7 +184,7 @@ fn dst_target(spec: &str, ver: &str) -> Result<DstTarget, String> {
         t => Ok(DstTarget {
             label: "custom".into(),
             template: t.into(),
-            extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
+            extra: vec![("BIN_DIR".into(), reference_dir("qmig-dst"))],
             breakage: None,
         }),
     }
@@ -225,7 +236,7 @@ fn src_target(spec: &str, ver: &str) -> Result<replay_src::SrcTarget, String> {
         t => Ok(replay_src::SrcTarget {
             label: "custom".into(),
             template: t.into(),
-            extra: vec![("BIN_DIR".into(), bin_dir().display().to_string())],
+            extra: vec![("BIN_DIR".into(), reference_dir("qmig-src"))],
             breakage: None,
         }),
     }
