@@ -53,8 +53,9 @@ pub struct Args {
     /// Destination under test: `qmig` (qmig-dst next to this binary or on PATH; the default),
     /// `qemu` (QEMU 7.2 or 10.0, matching each vector), `none` (no replay), a command-line
     /// template with placeholders (see conformance/README.md), or `broken-KIND:TARGET` (KIND
-    /// `bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave` or `drop-page`: TARGET
-    /// with its return path or its final RAM deliberately corrupted, the suite's self-test).
+    /// `bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`, `drop-page` or
+    /// `ack-resume`: TARGET with its return path or its final RAM deliberately corrupted, the
+    /// suite's self-test).
     #[arg(long = "dst", value_name = "CMD")]
     pub dst: Vec<String>,
     /// Source under test: `qmig` (qmig-src next to this binary or on PATH; the default),

@@ -74,21 +74,25 @@ pub enum Breakage {
     /// The guest RAM read back (`pmemsave`) with its last page that holds data zeroed: a page
     /// record never applied [RAM-APPLY].
     DropPage,
+    /// RESUME_ACK(1) written before SHUT when the main channel carries a POSTCOPY_RESUME: a
+    /// destination acting on it outside postcopy-recover [SM-RESUME-STATE].
+    AckResume,
 }
 
 impl Breakage {
     /// Every kind with its name (the rules each breaks: `synth::broken`).
-    pub const ALL: [(Breakage, &'static str); 6] = [
+    pub const ALL: [(Breakage, &'static str); 7] = [
         (Breakage::BitmapBe, "bitmap-be"),
         (Breakage::DropPong, "drop-pong"),
         (Breakage::ShutFirst, "shut-first"),
         (Breakage::MarkAll, "mark-all"),
         (Breakage::Interleave, "interleave"),
         (Breakage::DropPage, "drop-page"),
+        (Breakage::AckResume, "ack-resume"),
     ];
 
     /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`,
-    /// `drop-page`).
+    /// `drop-page`, `ack-resume`).
     pub fn parse(s: &str) -> Option<Breakage> {
         Self::ALL.iter().find(|(_, n)| *n == s).map(|(b, _)| *b)
     }
@@ -104,6 +108,10 @@ impl Breakage {
                     let shut = msgs.remove(i);
                     msgs.insert(0, shut);
                 }
+            }
+            Breakage::AckResume if main_has_resume(v) => {
+                let at = msgs.iter().position(|(t, _)| *t == 1).unwrap_or(msgs.len());
+                msgs.insert(at, (6, vec![0, 6, 0, 4, 0, 0, 0, 1]));
             }
             Breakage::Interleave if msgs.len() >= 2 => {
                 let (_, first) = msgs.remove(0);
@@ -148,6 +156,28 @@ impl Breakage {
         }
         out
     }
+}
+
+/// Whether vector `v`'s main channel (`stream.bin`, never a recovery channel) carries a
+/// POSTCOPY_RESUME.
+fn main_has_resume(v: &Vector) -> bool {
+    use qmig_protocol::command::Command;
+    use qmig_protocol::stream::Item;
+    let Ok(stream) = v.read("stream.bin") else {
+        return false;
+    };
+    let mut d = main_decoder(v);
+    let mut pos = 0;
+    while let Ok((item, n)) = d.decode(&stream[pos..]) {
+        if matches!(item, Item::Command(Command::PostcopyResume)) {
+            return true;
+        }
+        pos += n;
+        if n == 0 && pos >= stream.len() {
+            break;
+        }
+    }
+    false
 }
 
 /// The result of one replay: `Ok(detail)`, `Err(Fail)` or `Err(Skip)`.

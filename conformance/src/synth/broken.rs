@@ -22,7 +22,7 @@ pub struct BrokenTarget {
 /// with a RECV_BITMAP; the huge-page recoveries, whose cut falls inside a host page, for
 /// SM-PARTIAL-HOSTPAGE), the others every valid case (`drop-page` alters the RAM read back,
 /// the others the return path).
-const TABLE: [(&str, &str, &str); 7] = [
+const TABLE: [(&str, &str, &str); 8] = [
     ("BITMAP-LE", "bitmap-be", "valid-*-recover*"),
     ("BITMAP-MARK", "mark-all", "valid-*-recovery-*"),
     ("SM-PARTIAL-HOSTPAGE", "mark-all", "valid-*-huge-recover-*"),
@@ -30,6 +30,7 @@ const TABLE: [(&str, &str, &str); 7] = [
     ("SM-SHUT-LAST", "shut-first", "valid-*"),
     ("RP-ATOMIC", "interleave", "valid-*"),
     ("RAM-APPLY", "drop-page", "valid-*"),
+    ("SM-RESUME-STATE", "ack-resume", "valid-sm-resume-state-*"),
 ];
 
 /// Every broken destination with the rule it stands for.

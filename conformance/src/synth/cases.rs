@@ -671,6 +671,12 @@ pub fn all() -> Vec<Case> {
         // ---- postcopy recovery (main channel cut after POSTCOPY_RUN, then a recovery channel) ----
         case!(Valid, "CMD-RECV-BITMAP-LEN", "7.2", Recovery, "a 7.2 recovery: RECV_BITMAP(ram) answered with pages 0, 1, 2, 4 received, POSTCOPY_RESUME answered RESUME_ACK(1), page 3 resent, completed", |_| None, RECOVERY_EXERCISES),
         case!(Valid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a 10.x recovery: RECV_BITMAP(ram) answered with pages 0, 1, 2, 4 received, POSTCOPY_RESUME answered RESUME_ACK(1), page 3 resent, completed", |_| None, RECOVERY_EXERCISES),
+        case!(Valid, "SM-RESUME-STATE", "7.2", Postcopy, "POSTCOPY_RESUME on the main channel after POSTCOPY_RUN (postcopy-active, not postcopy-recover): ignored, no RESUME_ACK, the migration completes", |p| {
+            p.insert_after("ping4", "stray_resume", cmd(Command::PostcopyResume)); None
+        }),
+        case!(Valid, "SM-RESUME-STATE", "10", Postcopy, "POSTCOPY_RESUME on the main channel after POSTCOPY_RUN (postcopy-active, not postcopy-recover): ignored, no RESUME_ACK, the migration completes", |p| {
+            p.insert_after("ping4", "stray_resume", cmd(Command::PostcopyResume)); None
+        }),
         case!(Valid, "SM-PAUSE-IN-RECOVER", "7.2", Recovery, "the first recovery channel is lost right after RECV_BITMAP (answered; no POSTCOPY_RESUME): back to postcopy-paused, then a second recovery completes", |p| { p.truncate_at("resume"); None }),
         case!(Valid, "SM-PAUSE-IN-RECOVER", "10", Recovery, "the first recovery channel is lost right after RECV_BITMAP (answered; no POSTCOPY_RESUME): back to postcopy-paused, then a second recovery completes", |p| { p.truncate_at("resume"); None }),
         case!(Invalid, "CMD-RECV-BITMAP-LEN", "7.2", Recovery, "the recovery channel's RECV_BITMAP with length 5 for a 3-byte name", |p| {
@@ -750,7 +756,6 @@ pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),
-    ("SM-RESUME-STATE", "valid: the synthetic recovery cases (POSTCOPY_RESUME in postcopy-recover answered RESUME_ACK(1), resume-rp.bin); invalid: no input is rejected — outside postcopy-recover the command is ignored (a stricter destination MAY reject it): protocol/tests/machine_harness.rs recv_bitmap_and_resume_outside_recover_are_not_answered"),
     ("SM-REREQUEST", "behaviour of a destination with waiting faults (none in a replay): protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block (asserts that the waiting faults are requested again on the recovery connection)"),
     ("SM-URGENT-FIRST", "behaviour of a source: replay-src postcopy cases and valid-rp-req-range-source-postcopy-72 check that requested pages arrive (not their order); protocol/tests/machine_harness.rs postcopy_small_guest_with_faults_ends_identical"),
     ("SM-DISCARD-DIRTY", "behaviour of a source with a running guest: interop postcopy modes (final memory); replay-src applies RAM_DISCARD to its received-page books (play_dst.rs)"),
