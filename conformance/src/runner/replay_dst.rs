@@ -916,6 +916,13 @@ fn drive(
                 let desc = info["error-desc"].as_str()?.to_string();
                 desc.contains(&want).then_some(desc)
             };
+            // A target killed by a signal crashed on the input: that is not a rejection.
+            if let Some(sig) = t.killed_by() {
+                return Ok(Verdict::Fail(format!(
+                    "the target crashed (killed by signal {sig}) instead of rejecting the stream; log: {}",
+                    t.log_tail()
+                )));
+            }
             // The end state the violation's place requires (`synthetic.reaction`).
             match (
                 v.synthetic().and_then(|s| s["reaction"].as_str()),

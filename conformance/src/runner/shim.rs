@@ -208,7 +208,18 @@ impl Target {
         self.child.try_wait().ok().flatten().and_then(|s| s.code())
     }
 
-    /// Waits (at most `guard`) for the process to exit after its QMP socket closed; its code.
+    /// The signal that killed the target, if it has died of one (a crash, not a rejection).
+    pub fn killed_by(&mut self) -> Option<i32> {
+        use std::os::unix::process::ExitStatusExt;
+        self.child
+            .try_wait()
+            .ok()
+            .flatten()
+            .and_then(|s| s.signal())
+    }
+
+    /// Waits (at most `guard`) for the process to exit after its QMP socket closed; its code
+    /// (128 when a signal killed it: see [`Target::killed_by`]).
     pub fn wait_exit(&mut self, guard: Duration) -> Option<i32> {
         let deadline = std::time::Instant::now() + guard;
         loop {

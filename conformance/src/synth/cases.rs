@@ -710,6 +710,9 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "MFD-CHANNEL", "7.2", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
             p.get("c2_init")[24] = 0; Some(multifd::offset_in_conn(p, "c2_init") + 24)
         }),
+        case!(Invalid, "MFD-CHANNEL", "7.2", MultifdPrecopy, "the second multifd connection's init packet names channel id 2, out of range for multifd-channels 2 (rejected at its id byte)", |p| {
+            p.get("c2_init")[24] = 2; Some(multifd::offset_in_conn(p, "c2_init") + 24)
+        }),
         case!(Invalid, "MFD-FLAGS", "7.2", MultifdPrecopy, "the first connection's page packet with flag bit 1 (zlib compression, not negotiated)", |p| {
             p.get("c1_pages")[11] |= 2; Some(multifd::offset_in_conn(p, "c1_pages") + 8)
         }),
@@ -719,6 +722,9 @@ pub fn all() -> Vec<Case> {
         case!(Valid, "MFD-SYNC", "10", MultifdPrecopy, "a 10.x multifd migration: pages 0 and 4 on two multifd connections (ids 0 and 1), zero pages on the main channel, one SYNC per connection for each of the three MULTIFD_FLUSH, completed", |_| None, &["MFD-CHANNEL", "MFD-FLAGS", "MFD-MAGIC", "MFD-VERSION", "MFD-PAGES"]),
         case!(Invalid, "MFD-CHANNEL", "10", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
             p.get("c2_init")[24] = 0; Some(multifd::offset_in_conn(p, "c2_init") + 24)
+        }),
+        case!(Invalid, "MFD-CHANNEL", "10", MultifdPrecopy, "the second multifd connection's init packet names channel id 2, out of range for multifd-channels 2 (rejected at its id byte)", |p| {
+            p.get("c2_init")[24] = 2; Some(multifd::offset_in_conn(p, "c2_init") + 24)
         }),
         case!(Invalid, "MFD-FLAGS", "10", MultifdPrecopy, "the first connection's page packet with flag bit 1 (zlib compression, not negotiated)", |p| {
             p.get("c1_pages")[11] |= 2; Some(multifd::offset_in_conn(p, "c1_pages") + 8)
