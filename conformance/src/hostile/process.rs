@@ -14,12 +14,9 @@ use crate::demo::procs::find_binary;
 /// How long a QMP command may take before the test fails (a failure guard, not a measurement).
 pub const QMP_GUARD: Duration = Duration::from_secs(20);
 
-/// A free TCP port on 127.0.0.1 (bound, then released).
+/// A free TCP port on 127.0.0.1 for a target to listen on ([`crate::runner::shim::free_port`]).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    crate::runner::shim::free_port().expect("a free port")
 }
 
 /// A reference binary running with a QMP socket.

@@ -30,7 +30,7 @@
 //! Exit code [`EXIT_UNSUPPORTED`] (89) from the target at any point means "this case is not
 //! supported": the case is skipped, not failed.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -267,7 +267,34 @@ pub fn scratch_dir(tag: &str) -> anyhow::Result<PathBuf> {
 }
 
 /// A free loopback port (bound then released).
+///
+/// Chosen at random below the kernel's ephemeral range (`ip_local_port_range`), not by
+/// binding port 0: a port from the ephemeral range can be taken, between this call and the
+/// target's `listen`, as the local port of an outgoing connection of whatever runs beside (seen
+/// in CI: `migrate-recover` failing with "Address already in use" while tests ran in parallel).
+/// A port is handed out once per process, so two threads never get the same one.
 pub fn free_port() -> anyhow::Result<u16> {
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: std::sync::Mutex<BTreeSet<u16>> = std::sync::Mutex::new(BTreeSet::new());
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let (from, to) = (10_000u32, ephemeral_low.saturating_sub(1).min(65_535));
+    if to > from {
+        for _ in 0..64 {
+            // A fresh RandomState is randomly keyed: a random number without a dependency.
+            let r = std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish();
+            let port = (from + (r % u64::from(to - from + 1)) as u32) as u16;
+            let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+            if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                given.insert(port);
+                return Ok(port);
+            }
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }
