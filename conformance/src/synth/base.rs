@@ -105,9 +105,9 @@ pub fn header_and_config(p: &mut Parts) {
     p.push("config", cat(&[&[0x07], &be32(4), b"none"]));
 }
 
-fn ram_start(p: &mut Parts) {
+fn ram_start(p: &mut Parts, memsize: Vec<u8>) {
     p.push("ram_start", sec_start(0x01, RAM_ID, "ram", 4));
-    p.push("memsize", memsize());
+    p.push("memsize", memsize);
     p.push("start_eos", word(0, RamFlags::EOS));
     p.push("start_footer", footer(RAM_ID));
 }
@@ -181,7 +181,7 @@ pub fn precopy(ten: bool) -> Parts {
     header_and_config(&mut p);
     p.push("open_rp", cmd(Command::OpenReturnPath));
     p.push("ping1", cmd(Command::Ping(1)));
-    ram_start(&mut p);
+    ram_start(&mut p, memsize());
     p.push("part_hdr", sec_part(0x02, RAM_ID));
     precopy_pages(&mut p);
     p.push("part_eos", word(0, RamFlags::EOS));
@@ -213,46 +213,12 @@ pub fn final_ram(postcopy: bool) -> Vec<u8> {
 /// page 3 as ZERO|CONTINUE, EOS), END, EOF.
 pub fn postcopy(ten: bool) -> Parts {
     let mut p = Parts::default();
-    header_and_config(&mut p);
-    p.push("open_rp", cmd(Command::OpenReturnPath));
-    p.push("ping1", cmd(Command::Ping(1)));
-    p.push(
-        "advise",
-        cmd(Command::PostcopyAdvise(Some(Advise {
-            ram_pagesize_summary: TPS,
-            target_page_size: TPS,
-        }))),
-    );
-    ram_start(&mut p);
+    postcopy_head(&mut p, TPS, memsize());
     p.push("part_hdr", sec_part(0x02, RAM_ID));
     precopy_pages(&mut p);
     p.push("part_eos", word(0, RamFlags::EOS));
     p.push("part_footer", footer(RAM_ID));
-    if ten {
-        p.push("switchover", cmd(Command::SwitchoverStart));
-    }
-    let ranges = cat(&[&be64(2 * TPS), &be64(2 * TPS)]);
-    p.push(
-        "discard",
-        cmd(Command::RamDiscard(
-            Discard::new(b"ram", &ranges).expect("16-byte ranges"),
-        )),
-    );
-    p.push("ping2", cmd(Command::Ping(2)));
-    let blob = postcopy_package();
-    p.push(
-        "packaged",
-        cmd(Command::Packaged {
-            len: blob.len() as u32,
-        }),
-    );
-    p.push("pkg_listen", cmd(Command::PostcopyListen));
-    p.push("pkg_gs_hdr", sec_start(0x04, GS_ID, "globalstate", 1));
-    p.push("pkg_gs_payload", globalstate());
-    p.push("pkg_gs_footer", footer(GS_ID));
-    p.push("pkg_ping3", cmd(Command::Ping(3)));
-    p.push("pkg_run", cmd(Command::PostcopyRun));
-    p.push("ping4", cmd(Command::Ping(4)));
+    postcopy_switch(&mut p, ten, &cat(&[&be64(2 * TPS), &be64(2 * TPS)]));
     p.push("pc_part_hdr", sec_part(0x02, RAM_ID));
     p.push(
         "pc_page2",
@@ -274,17 +240,46 @@ pub fn postcopy(ten: bool) -> Parts {
     p
 }
 
-/// The blob inside [`postcopy`]'s PACKAGED (its length is the command's argument): LISTEN,
-/// `globalstate` FULL, PING(3), RUN.
-pub fn postcopy_package() -> Vec<u8> {
-    cat(&[
-        &cmd(Command::PostcopyListen),
-        &sec_start(0x04, GS_ID, "globalstate", 1),
-        &globalstate(),
-        &footer(GS_ID),
-        &cmd(Command::Ping(3)),
-        &cmd(Command::PostcopyRun),
-    ])
+/// The start of a postcopy main channel (the postcopy bases, 4 KiB and huge pages): header,
+/// configuration, OPEN_RETURN_PATH, PING(1), POSTCOPY_ADVISE(`summary`, 4096), `ram` START with
+/// the MEM_SIZE record `memsize`, EOS, footer.
+pub fn postcopy_head(p: &mut Parts, summary: u64, memsize: Vec<u8>) {
+    header_and_config(p);
+    p.push("open_rp", cmd(Command::OpenReturnPath));
+    p.push("ping1", cmd(Command::Ping(1)));
+    p.push(
+        "advise",
+        cmd(Command::PostcopyAdvise(Some(Advise {
+            ram_pagesize_summary: summary,
+            target_page_size: TPS,
+        }))),
+    );
+    ram_start(p, memsize);
+}
+
+/// The postcopy switch after the precopy part: [SWITCHOVER_START if `ten`],
+/// POSTCOPY_RAM_DISCARD(`ram`, `ranges`), PING(2), PACKAGED(LISTEN, `globalstate` FULL,
+/// PING(3), RUN) with each packaged record its own `pkg_*` part, PING(4).
+pub fn postcopy_switch(p: &mut Parts, ten: bool, ranges: &[u8]) {
+    if ten {
+        p.push("switchover", cmd(Command::SwitchoverStart));
+    }
+    p.push(
+        "discard",
+        cmd(Command::RamDiscard(
+            Discard::new(b"ram", ranges).expect("16-byte ranges"),
+        )),
+    );
+    p.push("ping2", cmd(Command::Ping(2)));
+    p.push("packaged", Vec::new());
+    p.push("pkg_listen", cmd(Command::PostcopyListen));
+    p.push("pkg_gs_hdr", sec_start(0x04, GS_ID, "globalstate", 1));
+    p.push("pkg_gs_payload", globalstate());
+    p.push("pkg_gs_footer", footer(GS_ID));
+    p.push("pkg_ping3", cmd(Command::Ping(3)));
+    p.push("pkg_run", cmd(Command::PostcopyRun));
+    fix_package_len(p);
+    p.push("ping4", cmd(Command::Ping(4)));
 }
 
 /// Recomputes the PACKAGED length after a case changed a `pkg_*` part.

@@ -215,10 +215,8 @@ pub fn reaction(c: &Case, p: &Parts, offset: u64) -> Option<&'static str> {
         return None;
     }
     let after = |part: &str| p.has(part) && offset > p.offset_of(part);
-    // The huge-page base keeps its package as one part (`pkg`), followed by PING 4.
-    let after_run = after("pkg_run") || (p.has("ping4") && offset >= p.offset_of("ping4"));
     match c.base {
-        Base::Postcopy | Base::HugePostcopy if after_run => Some("SM-PAUSE-AFTER-RUN"),
+        Base::Postcopy | Base::HugePostcopy if after("pkg_run") => Some("SM-PAUSE-AFTER-RUN"),
         Base::Postcopy | Base::HugePostcopy => Some("SM-FATAL-BEFORE-RUN"),
         Base::Recovery | Base::HugeRecovery if after("resume") => Some("SM-PAUSE-AFTER-RUN"),
         Base::Recovery | Base::HugeRecovery => Some("SM-PAUSE-IN-RECOVER"),

@@ -9,12 +9,11 @@
 //! 512 target pages of host page 1 arrive consecutively (RAM-HOSTPAGE), the first naming its
 //! block, so a destination places the host page atomically once its last target page is in.
 
-use super::base::{self, cmd, footer, named, sec_part, sec_start, word, FILL4, RAM_ID, SEED};
+use super::base::{self, footer, named, sec_part, word, FILL4, RAM_ID, SEED};
 use super::build::{be64, cat, Parts};
 use crate::qemu::pattern::random_page;
 use qmig_protocol::bitmap::PageBitmap;
 use qmig_protocol::codes::RamFlags;
-use qmig_protocol::command::{Advise, Command, Discard};
 
 /// Size of the huge-page block `ram` (4 MiB: two host pages).
 pub const HUGE_RAM_BYTES: u64 = 4 << 20;
@@ -94,20 +93,7 @@ fn host_page_1(p: &mut Parts) {
 /// 512-1023, consecutive, EOS), END, EOF.
 pub fn postcopy(ten: bool) -> Parts {
     let mut p = Parts::default();
-    base::header_and_config(&mut p);
-    p.push("open_rp", cmd(Command::OpenReturnPath));
-    p.push("ping1", cmd(Command::Ping(1)));
-    p.push(
-        "advise",
-        cmd(Command::PostcopyAdvise(Some(Advise {
-            ram_pagesize_summary: HUGE_PAGE,
-            target_page_size: TPS,
-        }))),
-    );
-    p.push("ram_start", sec_start(0x01, RAM_ID, "ram", 4));
-    p.push("memsize", memsize());
-    p.push("start_eos", word(0, RamFlags::EOS));
-    p.push("start_footer", footer(RAM_ID));
+    base::postcopy_head(&mut p, HUGE_PAGE, memsize());
     p.push("part_hdr", sec_part(0x02, RAM_ID));
     base::precopy_pages(&mut p);
     p.push(
@@ -119,26 +105,7 @@ pub fn postcopy(ten: bool) -> Parts {
     );
     p.push("part_eos", word(0, RamFlags::EOS));
     p.push("part_footer", footer(RAM_ID));
-    if ten {
-        p.push("switchover", cmd(Command::SwitchoverStart));
-    }
-    let ranges = cat(&[&be64(HUGE_PAGE), &be64(HUGE_PAGE)]);
-    p.push(
-        "discard",
-        cmd(Command::RamDiscard(
-            Discard::new(b"ram", &ranges).expect("16-byte ranges"),
-        )),
-    );
-    p.push("ping2", cmd(Command::Ping(2)));
-    let blob = base::postcopy_package();
-    p.push(
-        "packaged",
-        cmd(Command::Packaged {
-            len: blob.len() as u32,
-        }),
-    );
-    p.push("pkg", blob);
-    p.push("ping4", cmd(Command::Ping(4)));
+    base::postcopy_switch(&mut p, ten, &cat(&[&be64(HUGE_PAGE), &be64(HUGE_PAGE)]));
     p.push("pc_part_hdr", sec_part(0x02, RAM_ID));
     host_page_1(&mut p);
     p.push("pc_part_eos", word(0, RamFlags::EOS));
