@@ -4,10 +4,10 @@
 //! binary: build it first (`cargo build -p qmig-dst -p qmig-conformance --bins`).
 
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
-use qmig_conformance::runner::{self, report::Status, Options};
+use qmig_conformance::runner::report::Status;
 
 mod synth_util;
-use synth_util::{dir, hex, read, run, status};
+use synth_util::{decode, hex, read, run, status};
 
 const VALID: &str = "valid-mfd-sync-multifd-precopy-";
 
@@ -189,12 +189,7 @@ fn exact(profile: &str) {
 
 #[test]
 fn multifd_cases_pass_their_decode_check() {
-    let r = runner::run_suite(&Options {
-        vectors: vec![dir()],
-        filter: Some("decode/synthetic/*-multifd-precopy-*".into()),
-        ..Default::default()
-    })
-    .unwrap();
+    let r = decode("decode/synthetic/*-multifd-precopy-*");
     assert_eq!(r.len(), 10, "{r:#?}");
     for profile in PROFILES {
         assert_eq!(

@@ -8,7 +8,7 @@ use qmig_conformance::qemu::{find_qemu, QemuVersion};
 use qmig_conformance::runner::{self, report::Status, Options};
 
 mod synth_util;
-use synth_util::{dir, hex, read, run, status};
+use synth_util::{decode, dir, hex, read, run, status};
 
 const VALID: [&str; 2] = [
     "valid-cmd-recv-bitmap-len-recovery-72",
@@ -101,12 +101,7 @@ fn recovery_channels_and_return_paths_are_exact() {
 
 #[test]
 fn recovery_cases_pass_their_decode_check() {
-    let r = runner::run_suite(&Options {
-        vectors: vec![dir()],
-        filter: Some("decode/synthetic/*-recovery-*".into()),
-        ..Default::default()
-    })
-    .unwrap();
+    let r = decode("decode/synthetic/*-recovery-*");
     assert_eq!(r.len(), 11, "{r:#?}");
     assert_eq!(
         status(&r, "decode/synthetic/valid-sm-pause-in-recover-recovery-10"),

@@ -36,6 +36,16 @@ pub fn run(dst: &str, filter: &str) -> Vec<CaseResult> {
     .unwrap()
 }
 
+/// The decode checks of the synthetic cases whose names match `filter` (no replay).
+pub fn decode(filter: &str) -> Vec<CaseResult> {
+    runner::run_suite(&Options {
+        vectors: vec![dir()],
+        filter: Some(filter.to_string()),
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 pub fn status<'a>(r: &'a [CaseResult], name: &str) -> &'a Status {
     &r.iter()
         .find(|c| c.name == name)
