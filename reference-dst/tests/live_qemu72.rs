@@ -318,8 +318,8 @@ fn postcopy_huge_pages_with_faulting_workload() {
         eprintln!("{free} free huge pages at /dev/hugepages: huge-page postcopy not run");
         return;
     }
-    let backend = format!("memory-backend-file,id=ram,size={MB}M,mem-path=/dev/hugepages,share=on");
-    let extra = ["-object", &backend, "-machine", "memory-backend=ram"];
+    let backend = qmig_conformance::qemu::hugetlbfs_backend_args("ram", &format!("{MB}M"));
+    let extra: Vec<&str> = backend.iter().map(String::as_str).collect();
     let mut src = Qemu::launch(&bin, Machine::NoneCpu, MB, false, &extra).expect("launch QEMU");
     let q = src.qtest().expect("qtest");
     for w in pattern(105, Machine::NoneCpu, MB, 600) {

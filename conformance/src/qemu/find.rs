@@ -65,30 +65,6 @@ pub fn qemu_required() -> bool {
         .any(|k| std::env::var_os(k).is_some_and(|v| !v.is_empty() && v != "0" && v != "false"))
 }
 
-/// Free 2 MiB pages of the hugetlbfs at `/dev/hugepages` that a QEMU huge-page block
-/// (`memory-backend-file`, `{MEM_BACKEND}`) can use; 0 when none is mounted there.
-pub fn hugetlbfs_free_pages() -> u64 {
-    let mounted = std::fs::read_to_string("/proc/mounts")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split(' ').nth(1) == Some("/dev/hugepages") && l.contains(" hugetlbfs "));
-    let free = std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("HugePages_Free:")?
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .unwrap_or(0);
-    if mounted {
-        free
-    } else {
-        0
-    }
-}
-
 /// Finds QEMU `version`. `Ok(None)` means "not installed, skip"; with
 /// [`qemu_required`] a missing or wrong-version QEMU is `Err`.
 pub fn find_qemu(version: QemuVersion) -> Result<Option<QemuBinary>, QemuError> {

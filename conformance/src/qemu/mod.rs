@@ -5,6 +5,7 @@
 //! |---|---|
 //! | [`find`] | locating QEMU 7.2 / 10.0 ([`find_qemu`]), skip-or-fail policy |
 //! | [`launch`] | [`Qemu::launch`]: one QEMU with QMP/qtest sockets, killed on drop |
+//! | [`hugetlbfs`] | the hugetlbfs a 2 MiB-page RAM block lives on: mount point, free pages, QEMU arguments |
 //! | [`qtest`] | the qtest line-protocol client (guest memory reads and writes) |
 //! | [`proxy`] | the loopback recording TCP proxy with a cut switch |
 //! | [`firmware`] | the generated microvm test firmware |
@@ -19,15 +20,15 @@ pub mod capture;
 pub mod driver;
 pub mod find;
 pub mod firmware;
+pub mod hugetlbfs;
 pub mod launch;
 pub mod pattern;
 pub mod proxy;
 pub mod qtest;
 pub mod records;
 
-pub use find::{
-    find_qemu, find_qemu_at, hugetlbfs_free_pages, qemu_required, QemuBinary, QemuVersion,
-};
+pub use find::{find_qemu, find_qemu_at, qemu_required, QemuBinary, QemuVersion};
+pub use hugetlbfs::{hugetlbfs_backend_args, hugetlbfs_free_pages, HUGETLBFS};
 pub use launch::{Machine, Qemu};
 pub use proxy::Proxy;
 pub use qtest::Qtest;

@@ -37,8 +37,6 @@ use crate::qemu::pattern::{hex, sha256_hex};
 const PHASE: Duration = Duration::from_secs(120);
 /// Target page size.
 const TPS: usize = 4096;
-/// Where the hugetlbfs that backs a huge-page block on QEMU is mounted (`.ci/run` mounts it).
-pub const HUGETLBFS: &str = "/dev/hugepages";
 
 /// What a destination target is.
 #[derive(Clone, Debug)]
@@ -293,14 +291,7 @@ pub fn values_for(
         Some(ps) if ps != TPS as u64 => {
             let block = m["ram_block"].as_str().unwrap_or("ram");
             (
-                vec![
-                    "-object".into(),
-                    format!(
-                        "memory-backend-file,id={block},size={ram_bytes},mem-path={HUGETLBFS},share=on"
-                    ),
-                    "-machine".into(),
-                    format!("memory-backend={block}"),
-                ],
+                crate::qemu::hugetlbfs_backend_args(block, &ram_bytes.to_string()),
                 vec!["--ram-page-size".into(), ps.to_string()],
             )
         }
