@@ -341,33 +341,17 @@ fn recovery_files(
         json!({"label": "recovery", "file": "resume-stream.bin"}),
     ];
     let mut replay_chans = vec![initial];
-    let second = |what: &str,
-                  replay_chans: &mut Vec<Value>,
-                  chans: &mut Vec<Value>,
-                  add: &mut dyn FnMut(&str, Vec<u8>, &str)| {
-        let (stream2, rp2) = if huge {
-            (
-                huge::recovery_channel().bytes(),
-                huge::recovery_channel_rp(),
-            )
-        } else {
-            (recovery::channel().bytes(), recovery::channel_rp())
-        };
-        add("resume2-stream.bin", stream2, what);
-        add(
-            "resume2-rp.bin",
-            rp2,
-            "the return path a conforming destination writes on the second recovery channel",
-        );
-        replay_chans.push(
-            json!({"label": "recovery-2", "feed_to_destination": "resume2-stream.bin",
-            "expected_return_path": "resume2-rp.bin", "return_path_rule": "recovery"}),
-        );
-        chans.push(
-            json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
-        );
+    // The valid recovery channel and its return path: the whole recovery of a valid case, the
+    // second one after a lost or rejected first recovery channel.
+    let (good_channel, good_rp) = if huge {
+        (
+            huge::recovery_channel().bytes(),
+            huge::recovery_channel_rp(),
+        )
+    } else {
+        (recovery::channel().bytes(), recovery::channel_rp())
     };
-    if recovery::cut_in_recover(c) {
+    let second = if recovery::cut_in_recover(c) {
         // SM-PAUSE-IN-RECOVER without a violation: the recovery channel is lost after its
         // RECV_BITMAP was answered; back in postcopy-paused, a second recovery completes.
         add(
@@ -381,38 +365,38 @@ fn recovery_files(
         recovery["expect_status"] = json!("postcopy-paused");
         chans[1]["rp_file"] = json!("resume-rp.bin");
         chans[1]["truncated_at"] = json!(recovery::channel_len_to("resume"));
-        replay_chans.push(recovery);
-        second(
-            "a second, valid recovery channel after the first one was lost",
-            &mut replay_chans,
-            &mut chans,
-            &mut add,
-        );
+        Some("a second, valid recovery channel after the first one was lost")
     } else if c.class == Class::Valid {
         add(
             "resume-rp.bin",
-            if huge {
-                huge::recovery_channel_rp()
-            } else {
-                recovery::channel_rp()
-            },
+            good_rp.clone(),
             "the return path a conforming destination writes on the recovery channel",
         );
         recovery["expected_return_path"] = json!("resume-rp.bin");
         recovery["return_path_rule"] = json!("recovery");
         chans[1]["rp_file"] = json!("resume-rp.bin");
-        replay_chans.push(recovery);
+        None
     } else {
         // SM-PAUSE-IN-RECOVER: the violation returns the destination to postcopy-paused, from
         // which a second recovery completes the migration with nothing received lost.
         recovery["expect_failure"] = json!(true);
         recovery["expect_status"] = json!("postcopy-paused");
-        replay_chans.push(recovery);
-        second(
-            "a second, valid recovery channel after the first one failed",
-            &mut replay_chans,
-            &mut chans,
-            &mut add,
+        Some("a second, valid recovery channel after the first one failed")
+    };
+    replay_chans.push(recovery);
+    if let Some(what) = second {
+        add("resume2-stream.bin", good_channel, what);
+        add(
+            "resume2-rp.bin",
+            good_rp,
+            "the return path a conforming destination writes on the second recovery channel",
+        );
+        replay_chans.push(
+            json!({"label": "recovery-2", "feed_to_destination": "resume2-stream.bin",
+            "expected_return_path": "resume2-rp.bin", "return_path_rule": "recovery"}),
+        );
+        chans.push(
+            json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
         );
     }
     let replay = json!({"destination_capabilities": caps, "destination_parameters": {},
