@@ -705,6 +705,26 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
     result
 }
 
+/// Sends `command` (`migrate-incoming` or `migrate-recover`) with `tcp:127.0.0.1:PORT`, first
+/// `port`; when the target cannot listen there because the port was taken after it was picked
+/// ("Address already in use": seen in CI, on ports chosen free a moment before), again on
+/// another free port, at most 5 times. A failed listen changes nothing on the target (QEMU and
+/// qmig-dst bind before they change state). Returns the port the target listens on.
+fn listen_on(t: &mut Target, command: &str, mut port: u16) -> anyhow::Result<u16> {
+    let mut attempts = 1;
+    loop {
+        let uri = format!("tcp:127.0.0.1:{port}");
+        match t.qmp.execute(command, json!({ "uri": uri })) {
+            Ok(_) => return Ok(port),
+            Err(e) if attempts < 5 && e.to_string().contains("Address already in use") => {
+                attempts += 1;
+                port = free_port()?;
+            }
+            Err(e) => return Err(anyhow!(e).context(command.to_string())),
+        }
+    }
+}
+
 /// `names_rules`: the target is qmig-dst, whose `error-desc` must name an invalid synthetic
 /// case's rule and offset (`offset N: RULE-ID: ...`).
 fn drive(
@@ -736,18 +756,13 @@ fn drive(
                 .context("migrate-set-parameters")?;
         }
     }
+    let mut port = port;
     if !uses_listen {
-        t.qmp
-            .execute(
-                "migrate-incoming",
-                json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-            )
-            .context("migrate-incoming")?;
+        port = listen_on(t, "migrate-incoming", port)?;
     }
     let chans = v.replay_channels().to_vec();
     let invalid = v.synthetic().is_some_and(|s| s["class"] == "invalid");
     let mut notes = Vec::new();
-    let mut port = port;
     for (i, ch) in chans.iter().enumerate() {
         let feed = ch["feed_to_destination"]
             .as_str()
@@ -758,13 +773,7 @@ fn drive(
         if i > 0 {
             // Recovery: the target must be paused; migrate-recover on a new port.
             wait_status(t, "postcopy-paused").context("before recovery")?;
-            port = free_port()?;
-            t.qmp
-                .execute(
-                    "migrate-recover",
-                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-                )
-                .context("migrate-recover")?;
+            port = listen_on(t, "migrate-recover", free_port()?)?;
         }
         let mut conn = Conn::open(port)?;
         // Multifd: the extra connections, opened one after the other after the main one (the
