@@ -89,7 +89,11 @@ fn every_captured_vector_passes_against_qmig_src() {
     assert!(failed.is_empty(), "{failed:#?}");
     // 15 QEMU 7.2 + 16 QEMU 10.0 + 4 qmig-captured vectors + the 9 source-side synthetic cases
     // (the other synthetic vectors have no source).
-    assert_eq!(r.len(), 35 + SOURCE_CASES.len(), "{r:#?}");
+    assert_eq!(
+        r.len(),
+        35 + SOURCE_CASES.len() + RECOVERY_CASES.len(),
+        "{r:#?}"
+    );
     for v in MULTIFD {
         match status(&r, &format!("replay-src[qmig]/{v}")) {
             Status::Pass(m) => assert!(
@@ -114,7 +118,7 @@ fn every_captured_vector_passes_against_qmig_src() {
         .iter()
         .filter(|c| matches!(c.status, Status::Pass(_)))
         .count();
-    assert_eq!(passed, 35 + SOURCE_CASES.len());
+    assert_eq!(passed, 35 + SOURCE_CASES.len() + RECOVERY_CASES.len());
     for v in [
         "qemu-7.2/postcopy-recover",
         "qemu-7.2/postcopy-recover-pause",
@@ -141,6 +145,13 @@ fn every_captured_vector_passes_against_qmig_src() {
         Status::Pass(m) if m.starts_with("precopy: every byte decoded, completed; RAM (64 MiB) equal")
     ));
 }
+
+/// The source-side synthetic recoveries (no bytes injected: the runner's cut and chosen
+/// RECV_BITMAP).
+const RECOVERY_CASES: &[&str] = &[
+    "valid-sm-rebuild-source-recovery-72",
+    "valid-sm-recover-bitmap-all-source-recovery-72",
+];
 
 /// The source-side synthetic cases: (case, rule and return-path offset qmig-src must name in
 /// `error-desc`; `None`: the valid case).
@@ -186,7 +197,19 @@ const SOURCE_CASES: &[(&str, Option<&str>)] = &[
 #[test]
 fn source_side_synthetic_cases_against_qmig_src() {
     let r = run(&["qmig"], &[], "replay-src[qmig]/synthetic/*");
-    assert_eq!(r.len(), SOURCE_CASES.len(), "{r:#?}");
+    assert_eq!(r.len(), SOURCE_CASES.len() + RECOVERY_CASES.len(), "{r:#?}");
+    for case in RECOVERY_CASES {
+        let name = format!("replay-src[qmig]/synthetic/{case}");
+        match status(&r, &name) {
+            Status::Pass(m) => assert!(
+                m.starts_with("postcopy recovery after a cut: every byte decoded, completed")
+                    && m.contains("RECV_BITMAP sent for [ram]")
+                    && m.contains("clear pages resent, once each"),
+                "{name}: {m}"
+            ),
+            s => panic!("{name}: {s:?}"),
+        }
+    }
     for (case, want) in SOURCE_CASES {
         let name = format!("replay-src[qmig]/synthetic/{case}");
         match (status(&r, &name), want) {
@@ -336,13 +359,15 @@ fn every_captured_vector_passes_against_a_qemu_source() {
         }
     }
     if filter == "replay-src[qemu]/*" {
-        assert_eq!(r.len(), 35 + SOURCE_CASES.len());
+        assert_eq!(r.len(), 35 + SOURCE_CASES.len() + RECOVERY_CASES.len());
         // The recovery against real QEMU: the chosen bitmap is honoured exactly.
         for v in [
             "qemu-7.2/postcopy-recover",
             "qemu-7.2/postcopy-recover-pause",
             "qemu-10.0/postcopy-recover",
             "qemu-10.0/postcopy-recover-pause",
+            "synthetic/valid-sm-rebuild-source-recovery-72",
+            "synthetic/valid-sm-recover-bitmap-all-source-recovery-72",
         ] {
             assert!(
                 matches!(

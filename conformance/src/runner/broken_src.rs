@@ -6,13 +6,17 @@
 //! source would — `skip-clear` drops the first page record sent after the recovery (a page the
 //! chosen RECV_BITMAP left clear is then never resent), `resend-all` follows the first one with
 //! a ZERO record for every page of that block the chosen bitmap marks received (a source that
-//! ignores the bitmap). The main connection passes unchanged. Records are cut and re-encoded
+//! ignores the bitmap), `early-page` puts a RAM section with one page record (a ZERO record for
+//! the first page the chosen RECV_BITMAP leaves clear) before POSTCOPY_RESUME (a source that
+//! sends pages before RESUME_ACK). The main connection passes unchanged. Records are cut and re-encoded
 //! with the protocol crate's own decoder and encoder, so the altered stream stays well-formed
 //! and only the resend check can catch the defect.
 
 use qmig_protocol::bitmap::PageBitmap;
 use qmig_protocol::codes::RamFlags;
+use qmig_protocol::command::Command;
 use qmig_protocol::ram::{RamBody, RamRecord};
+use qmig_protocol::section::SectionHeader;
 use qmig_protocol::stream::{Item, StreamDecoder};
 use qmig_protocol::WireError;
 
@@ -26,14 +30,17 @@ pub enum SrcBreakage {
     ResendAll,
     /// Skips one page the RECV_BITMAP left clear.
     SkipClear,
+    /// Sends a page record before POSTCOPY_RESUME.
+    EarlyPage,
 }
 
 impl SrcBreakage {
-    /// Parses `resend-all` / `skip-clear`.
+    /// Parses `resend-all` / `skip-clear` / `early-page`.
     pub fn parse(s: &str) -> Option<SrcBreakage> {
         match s {
             "resend-all" => Some(SrcBreakage::ResendAll),
             "skip-clear" => Some(SrcBreakage::SkipClear),
+            "early-page" => Some(SrcBreakage::EarlyPage),
             _ => None,
         }
     }
@@ -91,6 +98,15 @@ impl Tamper {
                     let whole = &self.buf[pos..pos + n];
                     let mut keep = true;
                     let mut extra = Vec::new();
+                    if let (Item::Command(Command::PostcopyResume), SrcBreakage::EarlyPage) =
+                        (&item, self.kind)
+                    {
+                        if let Some(early) = early_section(dec, chosen, blocks) {
+                            out.extend_from_slice(&early.0);
+                            self.done = true;
+                            self.note = Some(early.1);
+                        }
+                    }
                     if let Item::Ram(r) = &item {
                         if !self.done && r.is_page() && r.name.is_none() {
                             let block = dec.ram().last_block().map(<[u8]>::to_vec);
@@ -160,4 +176,38 @@ impl Tamper {
         self.buf.drain(..pos);
         out
     }
+}
+
+/// A RAM section part holding one ZERO record (naming its block: the first record of the
+/// connection) for the first page of block 0 that `chosen` leaves clear, then EOS and the
+/// footer; `None` when the decoder knows no `ram` section or no page is clear.
+fn early_section(
+    dec: &StreamDecoder,
+    chosen: Option<&[PageBitmap]>,
+    blocks: &[(String, u64)],
+) -> Option<(Vec<u8>, String)> {
+    let section_id = (0..=u8::MAX as u32).find(|&id| dec.section(id).is_some_and(|s| s.is_ram))?;
+    let page = chosen?.first()?.iter_zeros().next()?;
+    let (name, _) = blocks.first()?;
+    let mut out = Vec::new();
+    Item::Section(SectionHeader::Part { section_id }).encode(&mut out);
+    Item::Ram(RamRecord {
+        flags: RamFlags::ZERO,
+        addr: page * TPS,
+        name: Some(name.as_bytes()),
+        body: RamBody::Zero { fill: 0 },
+    })
+    .encode(&mut out);
+    Item::Ram(RamRecord {
+        flags: RamFlags::EOS,
+        addr: 0,
+        name: None,
+        body: RamBody::Eos,
+    })
+    .encode(&mut out);
+    Item::Footer { section_id }.encode(&mut out);
+    Some((
+        out,
+        format!("a RAM section with a ZERO record of {name} page {page} before POSTCOPY_RESUME"),
+    ))
 }

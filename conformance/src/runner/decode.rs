@@ -356,6 +356,12 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
                 }
             ))
         }
+        // No bytes of the case's own: the runner's requests, cut and chosen RECV_BITMAP are
+        // played live against a source (`replay-src`, [`super::replay_src`]).
+        Some("source-recovery") => Ok(format!(
+            "no injected bytes; {} judged by a source in a live recovery (replay-src)",
+            s["rule"].as_str().unwrap_or("?")
+        )),
         Some("source") => {
             let rp = v.read("rp.bin").map_err(|e| e.to_string())?;
             let mut d = RpDecoder::new(v.profile(), Limits::DEFAULT);

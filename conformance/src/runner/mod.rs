@@ -198,7 +198,7 @@ fn src_target(spec: &str, ver: &str) -> Result<replay_src::SrcTarget, String> {
             .split_once(':')
             .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
         let b = broken_src::SrcBreakage::parse(kind)
-            .ok_or_else(|| format!("`{kind}`: not resend-all or skip-clear"))?;
+            .ok_or_else(|| format!("`{kind}`: not resend-all, skip-clear or early-page"))?;
         let mut t = src_target(inner, ver)?;
         t.label = format!("broken-{kind}:{}", t.label);
         t.breakage = Some(b);

@@ -145,6 +145,11 @@ pub struct Player {
     pub chosen: Option<Vec<PageBitmap>>,
     /// RECV_BITMAPs sent (block names, in order).
     pub bitmaps_sent: Vec<String>,
+    /// Blocks named by a MIG_CMD_RECV_BITMAP on the current recovery connection.
+    bitmap_asked: Vec<bool>,
+    /// Whether RESUME_ACK was written on the current connection (a source sends no page
+    /// record on a recovery connection before it: SM-RECOVER-BITMAP-ALL).
+    ack_written: bool,
     /// Page requests sent.
     pub requests: Vec<Request>,
     /// Whether POSTCOPY_RUN was decoded.
@@ -209,6 +214,8 @@ impl Player {
             resent_twice: Vec::new(),
             chosen: None,
             bitmaps_sent: Vec::new(),
+            bitmap_asked: vec![false; blocks.len()],
+            ack_written: false,
             requests: Vec::new(),
             run_seen: false,
             eof_seen: false,
@@ -301,6 +308,8 @@ impl Player {
             t.connection(&self.dec, self.conns);
         }
         self.eof_seen = false;
+        self.bitmap_asked.fill(false);
+        self.ack_written = false;
         self.bytes = 0;
         self.rp_bytes = 0;
         self.rpd = RpDecoder::new(*self.dec.profile(), Limits::DEFAULT);
@@ -439,6 +448,12 @@ impl Player {
                                     self.blocks[b].0
                                 ));
                             }
+                            if recovery && !self.ack_written {
+                                return Err(format!(
+                                    "SM-RECOVER-BITMAP-ALL: page record ({} page {page}) at offset {at} of the recovery connection before the runner's RESUME_ACK",
+                                    self.blocks[b].0
+                                ));
+                            }
                             if recovery {
                                 if self.resent[b].test(page) {
                                     self.resent_twice.push((b, page));
@@ -473,6 +488,19 @@ impl Player {
                             }
                         }
                         Item::Command(Command::PostcopyRun) => self.run_seen = true,
+                        Item::Command(Command::RecvBitmap { name }) if recovery => {
+                            if let Some(b) = self.block_index(name) {
+                                self.bitmap_asked[b] = true;
+                            }
+                        }
+                        Item::Command(Command::PostcopyResume) if recovery => {
+                            if let Some(b) = self.bitmap_asked.iter().position(|&x| !x) {
+                                return Err(format!(
+                                    "SM-RECOVER-BITMAP-ALL: POSTCOPY_RESUME at offset {at} of the recovery connection, but no RECV_BITMAP for block {} before it",
+                                    self.blocks[b].0
+                                ));
+                            }
+                        }
                         Item::Command(Command::RamDiscard(d)) if !recovery => {
                             if let Some(b) = self.block_index(d.name) {
                                 for (start, len) in d.ranges() {
@@ -563,6 +591,10 @@ impl Player {
                     }
                     .encode(&mut wire);
                     self.bitmaps_sent.push(self.blocks[b].0.clone());
+                }
+                RpMessage::ResumeAck(_) => {
+                    self.ack_written = true;
+                    wire.extend_from_slice(&out[pos..pos + n]);
                 }
                 _ => wire.extend_from_slice(&out[pos..pos + n]),
             }

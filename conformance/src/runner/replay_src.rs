@@ -76,13 +76,14 @@ pub struct SrcTarget {
 
 /// How a vector is replayed against a source.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Mode {
+pub(super) enum Mode {
     Precopy,
     Postcopy,
     Recover { pause: bool },
 }
 
 impl Mode {
+    /// The mode of captured vector `v`.
     fn of(v: &Vector) -> Mode {
         if v.replay_channels().len() >= 2 {
             let pause = v.manifest["failure_trigger"] == "migrate-pause"
@@ -229,8 +230,13 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         block_args,
         devices,
     };
+    let plan = Plan {
+        mode: Mode::of(v),
+        caps: source_caps(v),
+        breakage: target.breakage,
+    };
     run_source(v, target, dir, placed, |t, l| {
-        drive(v, t, l, &fill, &blocks, target.breakage)
+        drive(v, t, l, &fill, &blocks, plan)
     })
 }
 
@@ -493,17 +499,32 @@ fn first_page(b: &PageBitmap) -> Option<u64> {
     b.iter_ones().next()
 }
 
-fn drive(
+/// How [`drive`] runs a migration.
+pub(super) struct Plan {
+    /// Precopy, postcopy or a recovery.
+    pub mode: Mode,
+    /// The capabilities the source gets (besides `events`).
+    pub caps: Vec<String>,
+    /// A deliberate defect placed between the source and the checks.
+    pub breakage: Option<SrcBreakage>,
+}
+
+/// Runs the migration of `plan` from source `t` (which starts with guest RAM `fill`, blocks
+/// `blocks`) to the runner's played destination on `listener`, and judges it.
+pub(super) fn drive(
     v: &Vector,
     t: &mut Target,
     listener: TcpListener,
     fill: &[u8],
     blocks: &[(String, u64)],
-    breakage: Option<SrcBreakage>,
+    plan: Plan,
 ) -> anyhow::Result<Verdict> {
-    let mode = Mode::of(v);
+    let Plan {
+        mode,
+        caps,
+        breakage,
+    } = plan;
     let postcopy = mode != Mode::Precopy;
-    let caps = source_caps(v);
     let mut list = vec![json!({"capability": "events", "state": true})];
     list.extend(caps.iter().map(|c| json!({"capability": c, "state": true})));
     if let Err(e) = t
@@ -720,7 +741,7 @@ fn drive(
                 return fail(
                     &p,
                     format!(
-                        "recovery: {} page(s) the RECV_BITMAP left clear were not resent (first: {} page {i})",
+                        "SM-REBUILD: recovery: {} page(s) the RECV_BITMAP left clear were not resent (first: {} page {i})",
                         missing.count_ones(),
                         blocks[b].0
                     ),
@@ -734,7 +755,7 @@ fn drive(
                 return fail(
                     &p,
                     format!(
-                        "recovery: {} page(s) the RECV_BITMAP marked received were resent (first: {} page {i})",
+                        "SM-REBUILD: recovery: {} page(s) the RECV_BITMAP marked received were resent (first: {} page {i})",
                         extra.count_ones(),
                         blocks[b].0
                     ),
@@ -747,7 +768,7 @@ fn drive(
             return fail(
                 &p,
                 format!(
-                    "recovery: {} page record(s) sent twice (first: {} page {i})",
+                    "SM-REBUILD: recovery: {} page record(s) sent twice (first: {} page {i})",
                     p.resent_twice.len(),
                     blocks[*b].0
                 ),

@@ -10,7 +10,12 @@
 //! `postcopy-run` (postcopy: once POSTCOPY_RUN has arrived), before any return-path bytes of
 //! the played machine in that batch (so before its SHUT).
 //!
-//! Expected outcome (`expect`):
+//! A `postcopy-recover` case (base `source-recovery`) injects nothing: it runs the capture
+//! replay's recovery ([`super::replay_src`]: the runner's page requests after POSTCOPY_RUN, the
+//! cut, `migrate resume=true`, each RECV_BITMAP answered with a chosen bitmap, the resend
+//! checked) from the synthetic source RAM.
+//!
+//! Expected outcome of the other cases (`expect`):
 //!
 //! * `completed` (valid): the migration completes, every page of `requested_pages` arrives in
 //!   a page record after the request, every page arrives, and the played destination's RAM
@@ -31,8 +36,8 @@ use serde_json::{json, Value};
 use super::play_dst::{End, Fail, Inject, NoStop, Player, Stop};
 use super::replay_dst::{block_list, Verdict};
 use super::replay_src::{
-    accept, diff_page, in_scratch, pmemsave_differs, run_source, start_migration, status_of,
-    unthrottle, wait_status, Placed, SrcTarget, PHASE,
+    self, accept, diff_page, in_scratch, pmemsave_differs, run_source, start_migration, status_of,
+    unthrottle, wait_status, Mode, Placed, Plan, SrcTarget, PHASE,
 };
 use super::shim::Target;
 use super::vector::Vector;
@@ -65,6 +70,18 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         block_args: vec![],
         devices: vec![],
     };
+    if sr["mode"] == "postcopy-recover" {
+        // The runner's own requests, cut and chosen bitmap: the capture replay's recovery.
+        let plan = Plan {
+            mode: Mode::Recover { pause: false },
+            caps: vec!["return-path".into(), "postcopy-ram".into()],
+            breakage: target.breakage,
+        };
+        let blocks = block_list(v);
+        return run_source(v, target, dir, placed, |t, l| {
+            replay_src::drive(v, t, l, &fill, &blocks, plan)
+        });
+    }
     run_source(v, target, dir, placed, |t, l| drive(v, t, l, &fill, target))
 }
 

@@ -4,7 +4,13 @@
 //! ([`crate::runner::replay_dst::Breakage`]: qmig-dst with its return path altered the way the
 //! rule forbids) must fail every valid synthetic case it names; `tests/synthetic.rs` runs them,
 //! and `index.json` lists them under `broken_targets`.
+//!
+//! Source behaviour rules have the same: a deliberately broken source
+//! ([`crate::runner::broken_src::SrcBreakage`]: qmig-src with what it sends altered between it
+//! and the runner's checks) must fail the valid source-side cases it names
+//! (`tests/runner_src.rs`).
 
+use crate::runner::broken_src::SrcBreakage;
 use crate::runner::replay_dst::Breakage;
 
 /// A broken destination and the valid cases it must fail.
@@ -12,7 +18,9 @@ use crate::runner::replay_dst::Breakage;
 pub struct BrokenTarget {
     /// The behaviour rule the defect breaks.
     pub rule: &'static str,
-    /// The `--dst` target: `broken-KIND:qmig`.
+    /// The runner option that selects it: `--dst` or `--src`.
+    pub option: &'static str,
+    /// The target: `broken-KIND:qmig`.
     pub target: String,
     /// The valid cases it must fail (a glob over case names).
     pub cases: &'static str,
@@ -33,17 +41,35 @@ const TABLE: [(&str, &str, &str); 8] = [
     ("SM-RESUME-STATE", "ack-resume", "valid-sm-resume-state-*"),
 ];
 
-/// Every broken destination with the rule it stands for.
+/// The source rules and the cases: the valid source-side recoveries (the only source cases
+/// with a RECV_BITMAP and a resend).
+const SRC_TABLE: [(&str, &str, &str); 3] = [
+    ("SM-REBUILD", "resend-all", "valid-*-source-recovery-*"),
+    ("SM-REBUILD", "skip-clear", "valid-*-source-recovery-*"),
+    (
+        "SM-RECOVER-BITMAP-ALL",
+        "early-page",
+        "valid-*-source-recovery-*",
+    ),
+];
+
+/// Every broken destination and source with the rule it stands for.
 pub fn all() -> Vec<BrokenTarget> {
+    let entry = |option, (rule, kind, cases): (&'static str, &str, &'static str)| BrokenTarget {
+        rule,
+        option,
+        target: format!("broken-{kind}:qmig"),
+        cases,
+    };
     TABLE
         .iter()
-        .map(|&(rule, kind, cases)| {
-            debug_assert!(Breakage::parse(kind).is_some(), "{kind}");
-            BrokenTarget {
-                rule,
-                target: format!("broken-{kind}:qmig"),
-                cases,
-            }
+        .map(|&t| {
+            debug_assert!(Breakage::parse(t.1).is_some(), "{}", t.1);
+            entry("--dst", t)
         })
+        .chain(SRC_TABLE.iter().map(|&t| {
+            debug_assert!(SrcBreakage::parse(t.1).is_some(), "{}", t.1);
+            entry("--src", t)
+        }))
         .collect()
 }

@@ -31,6 +31,11 @@ pub enum Base {
     /// Return-path bytes the runner writes to a SOURCE in a postcopy migration, once
     /// POSTCOPY_RUN has arrived (judged by the source: `replay-src`).
     SrcPostcopy,
+    /// A postcopy migration from a SOURCE whose main channel the runner cuts after its page
+    /// requests were served; on `migrate resume=true` to a new port the runner answers each
+    /// RECV_BITMAP with a chosen bitmap and checks what the source sends (judged by the source:
+    /// `replay-src`, SM-RECOVER-BITMAP-ALL and SM-REBUILD). No bytes are injected.
+    SrcRecovery,
     /// [`super::multifd::base`]: a precopy migration (7.2 or 10.x) with two multifd connections, judged
     /// by a destination (a patch's offset counts from 0 of the connection
     /// [`super::multifd::violation_conn`] names).
@@ -58,6 +63,7 @@ impl Base {
             Base::Multifd => "multifd",
             Base::SrcPrecopy => "source-precopy",
             Base::SrcPostcopy => "source-postcopy",
+            Base::SrcRecovery => "source-recovery",
             Base::Recovery => "recovery",
             Base::MultifdPrecopy => "multifd-precopy",
             Base::HugePostcopy => "huge-postcopy",
@@ -183,6 +189,15 @@ pub const SRC_EXERCISES: &[&str] = &[
     "RP-REQ-RANGE",
     "RP-PONG-UNKNOWN",
     "RP-SHUT-ERROR",
+];
+
+/// Rules the valid source-side recovery cases exercise (each is about one of the first two).
+pub const SRC_RECOVERY_EXERCISES: &[&str] = &[
+    "SM-REBUILD",
+    "SM-RECOVER-BITMAP-ALL",
+    "SM-PAUSE-AFTER-RUN",
+    "RP-ORDER",
+    "RP-REQ-RANGE",
 ];
 
 /// An XBZRLE|CONTINUE record (encoding 1, be16 length, delta) for the page at `addr`.
@@ -658,6 +673,9 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "SEC-VERSION", "10", Precopy, "globalstate version 2, newer than the destination's 1", |p| { set_be32(p, "gs_hdr", 21, 2); Some(o(p, "gs_hdr") + 21) }),
         // ---- return path judged by a live source (replay-src) ----
         case!(Valid, "RP-REQ-RANGE", "7.2", SrcPostcopy, "after POSTCOPY_RUN, REQ_PAGES_ID for the block's last two pages: both arrive, whole", |p| { p.push("req", src_request(254 * TPS, 2 * TPS)); None }, SRC_EXERCISES),
+        // ---- a source's recovery (replay-src: the runner cuts, answers RECV_BITMAP with a chosen bitmap) ----
+        case!(Valid, "SM-REBUILD", "7.2", SrcRecovery, "postcopy, the main channel cut after the requested pages arrived; on the recovery connection the source sends RECV_BITMAP(ram), gets the pages received so far with the odd ones cleared, sends POSTCOPY_RESUME, and after RESUME_ACK exactly the clear pages, once each", |_| None, SRC_RECOVERY_EXERCISES),
+        case!(Valid, "SM-RECOVER-BITMAP-ALL", "7.2", SrcRecovery, "postcopy, the main channel cut after the requested pages arrived; on the recovery connection a RECV_BITMAP for every block of MEM_SIZE and no page record before the runner's RESUME_ACK; then exactly the pages the chosen bitmap leaves clear, once each", |_| None, SRC_RECOVERY_EXERCISES),
         case!(Invalid, "RP-SHUT-ERROR", "7.2", SrcPrecopy, "SHUT(1) in the middle of a precopy migration", |p| { p.push("shut", base::rp(RpMessage::Shut(1))); Some(4) }),
         case!(Invalid, "RP-SHUT-ERROR", "10", SrcPrecopy, "SHUT(1) in the middle of a precopy migration", |p| { p.push("shut", base::rp(RpMessage::Shut(1))); Some(4) }),
         case!(Invalid, "RP-PONG-UNKNOWN", "7.2", SrcPrecopy, "PONG(0x51ab) for a PING the source never sent", |p| { p.push("pong", base::rp(RpMessage::Pong(0x51ab))); Some(4) }),
@@ -758,8 +776,6 @@ pub fn all() -> Vec<Case> {
 pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-FIRST-REQ-NAMED", "behaviour of a destination, and no synthetic input makes one ask: it requests pages only for guest faults, which a replay does not cause (replay-dst ignores page requests); protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block fails when the first request of a connection is a bare REQ_PAGES; on the source side the runner's played destination writes named requests (play_dst.rs, decoded by its RpDecoder: RP-REQ-NO-BLOCK)"),
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
-    ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),
     ("SM-REREQUEST", "behaviour of a destination with waiting faults (none in a replay): protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block (asserts that the waiting faults are requested again on the recovery connection)"),
     ("SM-URGENT-FIRST", "behaviour of a source: replay-src postcopy cases and valid-rp-req-range-source-postcopy-72 check that requested pages arrive (not their order); protocol/tests/machine_harness.rs postcopy_small_guest_with_faults_ends_identical"),
     ("SM-DISCARD-DIRTY", "behaviour of a source with a running guest: interop postcopy modes (final memory); replay-src applies RAM_DISCARD to its received-page books (play_dst.rs)"),

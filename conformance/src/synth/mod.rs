@@ -53,7 +53,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::HugePostcopy => huge::postcopy(ten),
             Base::HugeRecovery => huge::recovery_channel(),
             Base::MultifdPrecopy => multifd::base(ten),
-            Base::SrcPrecopy | Base::SrcPostcopy => build::Parts::default(),
+            Base::SrcPrecopy | Base::SrcPostcopy | Base::SrcRecovery => build::Parts::default(),
         };
         let offset = (c.patch)(&mut parts);
         assert_eq!(
@@ -84,11 +84,15 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             c.base,
             Base::Postcopy
                 | Base::SrcPostcopy
+                | Base::SrcRecovery
                 | Base::Recovery
                 | Base::HugePostcopy
                 | Base::HugeRecovery
         );
-        let src_side = matches!(c.base, Base::SrcPrecopy | Base::SrcPostcopy);
+        let src_side = matches!(
+            c.base,
+            Base::SrcPrecopy | Base::SrcPostcopy | Base::SrcRecovery
+        );
         let mut caps = json!({"events": true, "return-path": true});
         if postcopy {
             caps["postcopy-ram"] = json!(true);
@@ -107,27 +111,35 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let (channel, checker, input) = match c.base {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
             Base::SrcPrecopy | Base::SrcPostcopy => ("return-path", "source-replay", "rp.bin"),
+            // Nothing injected: the runner's own page requests, cut and chosen bitmap.
+            Base::SrcRecovery => ("recovery", "source-recovery", ""),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
             Base::Recovery | Base::HugeRecovery => {
                 ("recovery", "destination-recovery", "resume-stream.bin")
             }
             _ => ("main", "destination", "stream.bin"),
         };
-        files.insert(
-            input.into(),
-            json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes),
-            "description": match channel {
-                "main" => "the main channel, source to destination",
-                "multifd" => "multifd connection 0, source to destination",
-                "recovery" => "the recovery channel, source to destination (after stream.bin was cut)",
-                _ if src_side => "return-path bytes the runner writes to the source at the injection point",
-                _ => "the return path, destination to source",
-            }}),
-        );
-        out.insert(format!("{dir}{input}"), bytes.clone());
+        if !input.is_empty() {
+            files.insert(
+                input.into(),
+                json!({"bytes": bytes.len(), "sha256": sha256_hex(&bytes),
+                "description": match channel {
+                    "main" => "the main channel, source to destination",
+                    "multifd" => "multifd connection 0, source to destination",
+                    "recovery" => "the recovery channel, source to destination (after stream.bin was cut)",
+                    _ if src_side => "return-path bytes the runner writes to the source at the injection point",
+                    _ => "the return path, destination to source",
+                }}),
+            );
+            out.insert(format!("{dir}{input}"), bytes.clone());
+        }
         let mut replay = json!(null);
         let mut final_ram = json!(null);
-        let mut channels = json!([{"label": channel, "file": input}]);
+        let mut channels = if input.is_empty() {
+            json!([])
+        } else {
+            json!([{"label": channel, "file": input}])
+        };
         if matches!(c.base, Base::Recovery | Base::HugeRecovery) {
             let (r, chans) = recovery_files(&c, ten, &caps, &mut files, &mut out);
             replay = r;
@@ -182,15 +194,29 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         let reaction = offset.and_then(|off| cases::reaction(&c, &parts, off));
         let source_replay = if src_side {
             let ram = base::source_ram(ten);
+            let source_ram = json!({"generator": "source_ram (conformance/src/synth/base.rs)",
+                                    "bytes": ram.len(), "sha256": sha256_hex(&ram)});
             let mut r = json!({
                 "mode": if postcopy { "postcopy" } else { "precopy" },
                 "inject": "rp.bin",
                 "inject_after": if postcopy { "postcopy-run" } else { "first-page" },
-                "source_ram": {"generator": "source_ram (conformance/src/synth/base.rs)",
-                               "bytes": ram.len(), "sha256": sha256_hex(&ram)},
+                "source_ram": source_ram,
                 "expect": if c.class == Class::Valid { "completed" } else { "failed" },
             });
-            if c.class == Class::Valid {
+            if c.base == Base::SrcRecovery {
+                r = json!({
+                    "mode": "postcopy-recover",
+                    "source_ram": source_ram,
+                    "expect": "completed",
+                    "requests": "after POSTCOPY_RUN: up to three pages of `ram` not received yet, non-zero ones from the block's end first",
+                    "cut": "16 KiB of stream after the requested pages arrived and at least two even pages were received",
+                    "recovery": "migrate resume=true to a new port; each RECV_BITMAP answered with the pages received on the first connection, odd page indices cleared",
+                    "checks": ["a RECV_BITMAP for every block of MEM_SIZE before POSTCOPY_RESUME (SM-RECOVER-BITMAP-ALL)",
+                               "no page record before the runner's RESUME_ACK (SM-RECOVER-BITMAP-ALL)",
+                               "after it, a record for exactly the pages the chosen bitmap leaves clear, each once (SM-REBUILD)",
+                               "completed on both sides; the played destination's RAM and the source's pmemsave equal source_ram"],
+                });
+            } else if c.class == Class::Valid {
                 // The pages the injected requests name (block, target page index).
                 r["requested_pages"] = json!([["ram", 254], ["ram", 255]]);
             }
@@ -268,7 +294,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         .collect();
     let broken: Vec<Value> = broken::all()
         .iter()
-        .map(|b| json!({"rule": b.rule, "target": b.target, "fails": b.cases}))
+        .map(|b| json!({"rule": b.rule, "option": b.option, "target": b.target, "fails": b.cases}))
         .collect();
     let mut text = serde_json::to_vec_pretty(&json!({
         "format": "qmig-synthetic-index/1",
