@@ -461,11 +461,14 @@ fn silence_counts_as_channel_loss() {
     let mut cfg = DestinationConfig::new(Profile::QEMU_7_2, "none", blocks(), true);
     cfg.silence_timeout = Some(1_000);
     let mut d = Destination::new(cfg).unwrap();
+    assert_eq!(d.silence_deadline(), None, "no channel yet");
     d.handle_channel_opened(Instant(0)).unwrap();
+    assert_eq!(d.silence_deadline(), Some(Instant(1_001)));
     d.handle_timeout(Instant(1_000));
     assert_eq!(d.status(), S::None);
     d.handle_timeout(Instant(1_001));
     assert_eq!(d.status(), S::Failed);
+    assert_eq!(d.silence_deadline(), None, "ended");
     let ev = events(&mut d);
     assert_eq!(
         ev[0],

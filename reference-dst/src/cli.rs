@@ -62,6 +62,13 @@ pub struct Args {
     /// Bound within which a silently dropped TCP peer is detected (`2s`, `1500ms`).
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     pub drop_timeout: Duration,
+    /// Silence bound (SM-TIMEOUT): a migration channel that delivers no byte for longer than
+    /// this (`5s`, `1500ms`) while the migration is open counts as lost (the migration fails
+    /// before POSTCOPY_RUN, pauses after it). Any received byte restarts it. Off by default, as
+    /// in QEMU; the migration parameter `x-qmig-silence-timeout` (milliseconds, set before
+    /// `migrate-incoming` / `migrate-recover`) overrides it.
+    #[arg(long, value_parser = parse_duration)]
+    pub silence_timeout: Option<Duration>,
     /// Write the received device sections as JSON to this file when the migration completes.
     #[arg(long)]
     pub dump_devices: Option<PathBuf>,

@@ -123,6 +123,7 @@ fn run(args: Args) -> Result<(), String> {
         vmdesc,
         workload: args.workload.clone(),
         dump_devices: args.dump_devices.clone(),
+        silence_timeout: args.silence_timeout,
         faults,
     };
     let mig = {

@@ -68,6 +68,8 @@ const BULK_CHUNK: usize = 256 << 10;
 const RECV_BUFFER: usize = 64 << 10;
 /// Most unconsumed bytes kept: beyond every item the decoder accepts under its limits.
 const MAX_BUFFERED: usize = 64 << 20;
+/// The migration parameter that sets the silence bound, milliseconds.
+pub const SILENCE_PARAM: &str = "x-qmig-silence-timeout";
 /// Bound on one return-path write.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -85,6 +87,9 @@ pub struct Config {
     pub workload: Option<WorkloadSpec>,
     /// Where to write device state at completion.
     pub dump_devices: Option<PathBuf>,
+    /// The silence bound (`--silence-timeout`), unless the `x-qmig-silence-timeout` parameter
+    /// (milliseconds) overrides it.
+    pub silence_timeout: Option<Duration>,
     /// Guest faults, read by this thread.
     pub faults: FaultSource,
 }
@@ -218,7 +223,16 @@ impl Loop {
                 for (_, fd) in &mfd_fds {
                     fds.push(PollFd::from_borrowed_fd(*fd, PollFlags::IN));
                 }
-                match poll(&mut fds, -1) {
+                // Asleep at most until the silence bound would expire (SM-TIMEOUT).
+                let timeout = self
+                    .machine
+                    .as_ref()
+                    .and_then(Destination::silence_deadline)
+                    .map_or(-1, |d| {
+                        let ns = d.since(self.now());
+                        ns.div_ceil(1_000_000).min(i32::MAX as u64) as i32
+                    });
+                match poll(&mut fds, timeout) {
                     Ok(_) => {}
                     Err(rustix::io::Errno::INTR) => continue,
                     Err(e) => {
@@ -260,6 +274,10 @@ impl Loop {
             }
             if !mfd_ready.is_empty() {
                 self.mfd_read(&mfd_ready);
+            }
+            let now = self.now();
+            if let Some(m) = self.machine.as_mut() {
+                m.handle_timeout(now);
             }
             self.settle();
         }
@@ -367,6 +385,22 @@ impl Loop {
         devices::to_json(m.devices(), self.cfg.vmdesc.as_ref(), &m.config().limits)
     }
 
+    /// The silence bound: the `x-qmig-silence-timeout` parameter (milliseconds, 0: none), else
+    /// `--silence-timeout`.
+    fn silence_timeout(&self) -> Option<Duration> {
+        match self
+            .sh
+            .view()
+            .params
+            .get(SILENCE_PARAM)
+            .and_then(Value::as_u64)
+        {
+            Some(0) => None,
+            Some(ms) => Some(Duration::from_millis(ms)),
+            None => self.cfg.silence_timeout,
+        }
+    }
+
     fn new_machine(&self) -> Result<Destination, String> {
         let caps = self.sh.view().caps.clone();
         let postcopy = caps.get("postcopy-ram").copied().unwrap_or(false);
@@ -378,6 +412,7 @@ impl Loop {
             .collect();
         let mut dc = DestinationConfig::new(self.cfg.profile, &self.cfg.machine, blocks, postcopy);
         dc.vmdesc = self.cfg.vmdesc.clone();
+        dc.silence_timeout = self.silence_timeout().map(|d| d.as_nanos() as u64);
         dc.multifd = crate::multifd::channels(&self.sh)
             .map(|n| qmig_protocol::machine::MultifdConfig::new(&self.cfg.profile, n));
         Destination::new(dc).map_err(|e| format!("bad configuration: {e:?}"))

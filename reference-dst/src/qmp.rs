@@ -3,7 +3,9 @@
 //! This module owns [`Handler`], the `qmig_host::qmp_server::QmpHandler` of qmig-dst:
 //! `migrate-incoming`, `migrate-recover` (listeners are bound here, so a bad address is an
 //! error of the command, and handed to the migration thread), `migrate-pause`,
-//! `migrate_cancel`, `migrate-set-capabilities` / `-parameters` and their queries,
+//! `migrate_cancel`, `migrate-set-capabilities` / `-parameters` and their queries (parameters
+//! are kept as given; the migration thread reads `multifd-channels` and
+//! `x-qmig-silence-timeout`),
 //! `query-migrate` (status, RAM figures, `error-desc`, `socket-address`, `x-qmig` with the
 //! fault latency histogram), `query-status`, `pmemsave` (guest-physical 0 is the first RAM
 //! block), `x-qmig-ramsave` (one whole block by name), `x-qmig-dump-devices`, and

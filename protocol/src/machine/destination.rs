@@ -432,6 +432,15 @@ impl Destination {
         self.interrupt(rule);
     }
 
+    /// When [`Destination::handle_timeout`] will find the open channel silent for longer than
+    /// the configured bound, unless bytes arrive first; `None` without a bound, without an
+    /// open channel or once the migration has ended. A driver sleeps at most until then.
+    pub fn silence_deadline(&self) -> Option<Instant> {
+        let limit = self.cfg.silence_timeout?;
+        (self.channel_open && !self.status.is_final())
+            .then(|| Instant(self.last_activity.0.saturating_add(limit).saturating_add(1)))
+    }
+
     /// Checks the silence bound: a channel silent for longer than the configured timeout is
     /// handled as lost (SM-TIMEOUT).
     pub fn handle_timeout(&mut self, now: Instant) {
