@@ -79,7 +79,12 @@ pub struct SrcTarget {
 pub(super) enum Mode {
     Precopy,
     Postcopy,
-    Recover { pause: bool },
+    /// A recovery after a cut (`pause` false) or `migrate-pause`; with `cancel`, the runner
+    /// cancels the paused source instead of resuming it (SM-CANCEL).
+    Recover {
+        pause: bool,
+        cancel: bool,
+    },
 }
 
 impl Mode {
@@ -90,7 +95,10 @@ impl Mode {
                 || v.manifest["scenario"]
                     .as_str()
                     .is_some_and(|s| s.contains("pause"));
-            Mode::Recover { pause }
+            Mode::Recover {
+                pause,
+                cancel: false,
+            }
         } else if v.manifest["sides"]["source"]["capabilities"]["postcopy-ram"] == true {
             Mode::Postcopy
         } else {
@@ -102,8 +110,9 @@ impl Mode {
         match self {
             Mode::Precopy => "precopy",
             Mode::Postcopy => "postcopy",
-            Mode::Recover { pause: false } => "postcopy recovery after a cut",
-            Mode::Recover { pause: true } => "postcopy recovery after migrate-pause",
+            Mode::Recover { cancel: true, .. } => "postcopy cancel while paused",
+            Mode::Recover { pause: false, .. } => "postcopy recovery after a cut",
+            Mode::Recover { pause: true, .. } => "postcopy recovery after migrate-pause",
         }
     }
 }
@@ -467,11 +476,11 @@ impl Stop for Postcopy<'_> {
         }
         self.acted = true;
         match self.mode {
-            Mode::Recover { pause: false } => {
+            Mode::Recover { pause: false, .. } => {
                 self.cut_at = Some(p.bytes + 16384);
                 Ok(false)
             }
-            Mode::Recover { pause: true } => {
+            Mode::Recover { pause: true, .. } => {
                 self.t
                     .qmp
                     .execute("migrate-pause", Value::Null)
@@ -484,6 +493,34 @@ impl Stop for Postcopy<'_> {
             }
         }
     }
+}
+
+/// SM-CANCEL on a paused source: `migrate_cancel` is accepted, the source reaches `cancelled`
+/// (its MIGRATION event; `cancelling` may come first), every wait released (it does not stay
+/// in `cancelling` waiting for a recovery), and it still answers QMP.
+fn cancel_paused(t: &mut Target, p: &Player, notes: &[String]) -> anyhow::Result<Verdict> {
+    if let Err(e) = t.qmp.execute("migrate_cancel", Value::Null) {
+        return Ok(Verdict::Fail(format!(
+            "SM-CANCEL: migrate_cancel refused in postcopy-paused: {e}"
+        )));
+    }
+    if let Err(e) = t.qmp.wait_status("cancelled", PHASE) {
+        return Ok(Verdict::Fail(format!(
+            "SM-CANCEL: no `cancelled` after migrate_cancel in postcopy-paused: {e} (status {})",
+            status_of(t)
+        )));
+    }
+    let status = status_of(t);
+    if status != "cancelled" {
+        return Ok(Verdict::Fail(format!(
+            "SM-CANCEL: query-migrate says {status} after the `cancelled` event"
+        )));
+    }
+    Ok(Verdict::Pass(format!(
+        "postcopy cancel while paused: both sides paused after the cut (played destination {}); migrate_cancel -> cancelled; QMP answers; {}",
+        p.status(),
+        notes.join("; ")
+    )))
 }
 
 /// Pages with an even index received on the first connection, over all blocks (the pages the
@@ -610,7 +647,7 @@ pub(super) fn drive(
     drop(sock);
     let mut notes = vec![format!("{} bytes on the main connection", p.bytes)];
     let first_bytes = p.bytes;
-    if let Mode::Recover { pause } = mode {
+    if let Mode::Recover { pause, cancel } = mode {
         let want = if pause { End::Closed } else { End::Cut };
         if end != want {
             return fail(
@@ -632,6 +669,9 @@ pub(super) fn drive(
             );
         }
         wait_status(t, "postcopy-paused").context("after the first connection")?;
+        if cancel {
+            return cancel_paused(t, &p, &notes);
+        }
         // The chosen bitmap: what arrived, odd pages cleared.
         let chosen: Vec<PageBitmap> = p
             .first

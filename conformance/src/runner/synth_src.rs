@@ -70,10 +70,14 @@ fn replay_in(v: &Vector, target: &SrcTarget, dir: &Path) -> anyhow::Result<Verdi
         block_args: vec![],
         devices: vec![],
     };
-    if sr["mode"] == "postcopy-recover" {
-        // The runner's own requests, cut and chosen bitmap: the capture replay's recovery.
+    if sr["mode"] == "postcopy-recover" || sr["mode"] == "postcopy-cancel" {
+        // The runner's own requests, cut and chosen bitmap: the capture replay's recovery (or,
+        // SM-CANCEL, a cancel of the paused source).
         let plan = Plan {
-            mode: Mode::Recover { pause: false },
+            mode: Mode::Recover {
+                pause: false,
+                cancel: sr["mode"] == "postcopy-cancel",
+            },
             caps: vec!["return-path".into(), "postcopy-ram".into()],
             breakage: target.breakage,
         };

@@ -44,12 +44,12 @@ const TABLE: [(&str, &str, &str); 8] = [
 /// The source rules and the cases: the valid source-side recoveries (the only source cases
 /// with a RECV_BITMAP and a resend).
 const SRC_TABLE: [(&str, &str, &str); 3] = [
-    ("SM-REBUILD", "resend-all", "valid-*-source-recovery-*"),
-    ("SM-REBUILD", "skip-clear", "valid-*-source-recovery-*"),
+    ("SM-REBUILD", "resend-all", "valid-sm-re*-source-recovery-*"),
+    ("SM-REBUILD", "skip-clear", "valid-sm-re*-source-recovery-*"),
     (
         "SM-RECOVER-BITMAP-ALL",
         "early-page",
-        "valid-*-source-recovery-*",
+        "valid-sm-re*-source-recovery-*",
     ),
 ];
 

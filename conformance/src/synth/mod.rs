@@ -203,7 +203,18 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 "source_ram": source_ram,
                 "expect": if c.class == Class::Valid { "completed" } else { "failed" },
             });
-            if c.base == Base::SrcRecovery {
+            if c.base == Base::SrcRecovery && c.rule == "SM-CANCEL" {
+                r = json!({
+                    "mode": "postcopy-cancel",
+                    "source_ram": source_ram,
+                    "expect": "cancelled",
+                    "requests": "after POSTCOPY_RUN: up to three pages of `ram` not received yet, non-zero ones from the block's end first",
+                    "cut": "16 KiB of stream after the requested pages arrived and at least two even pages were received",
+                    "checks": ["both sides postcopy-paused after the cut",
+                               "migrate_cancel on the source is accepted; its MIGRATION events reach `cancelled` and query-migrate says so (SM-CANCEL)",
+                               "the source still answers QMP"],
+                });
+            } else if c.base == Base::SrcRecovery {
                 r = json!({
                     "mode": "postcopy-recover",
                     "source_ram": source_ram,
