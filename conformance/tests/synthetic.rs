@@ -144,7 +144,8 @@ fn an_acceptable_case_passes_completed_or_rejected() {
 }
 
 /// Each broken destination (qmig-dst with its return path altered against one behaviour rule)
-/// fails every valid case it names, with the return-path check (needs `qmig-dst` built next to
+/// fails every valid case it names, with the return-path check (the page-request defects
+/// `bare-first-req` and `no-rerequest`: with a message naming their rule) (needs `qmig-dst` built next to
 /// the test binary: `cargo build -p qmig-dst -p qmig-conformance --bins`).
 #[test]
 fn every_broken_destination_fails_the_cases_it_names() {
@@ -158,13 +159,20 @@ fn every_broken_destination_fails_the_cases_it_names() {
         })
         .unwrap();
         assert!(r.len() >= 2, "{}: {} cases", b.target, r.len());
+        // The page-request defects are judged as the requests come (fault cases,
+        // `replay.faults`): the message names the rule.
+        let by_request = matches!(b.rule, "SM-FIRST-REQ-NAMED" | "SM-REREQUEST");
         for c in &r {
             match &c.status {
                 Status::Fail(m) => assert!(
-                    m.contains("return path")
-                        || m.contains("PONGs")
-                        || m.contains("does not decode")
-                        || m.contains("final RAM: page"),
+                    if by_request {
+                        m.contains(&format!(": {}: ", b.rule))
+                    } else {
+                        m.contains("return path")
+                            || m.contains("PONGs")
+                            || m.contains("does not decode")
+                            || m.contains("final RAM: page")
+                    },
                     "{} ({}): {}: {m}",
                     b.target,
                     b.rule,

@@ -26,6 +26,7 @@ pub mod decode_recovery;
 pub mod play_dst;
 pub mod play_multifd;
 pub mod replay_dst;
+pub mod replay_faults;
 pub mod replay_src;
 pub mod report;
 pub mod shim;

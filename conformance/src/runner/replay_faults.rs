@@ -1,0 +1,761 @@
+//! Replay of the synthetic cases with guest faults (`replay.faults`, `synth::faults`) against a
+//! destination: the runner writes a channel up to a fault's `at`, waits for the moment the
+//! fault names (`run`: the target ran POSTCOPY_RUN; `resume-ack`: it wrote RESUME_ACK on this
+//! connection), makes a guest access to the page (`x-qmig-probe-read`: the target's trigger; a
+//! target without it is skipped as unsupported), reads the return path message by message
+//! until the page request the access causes, checks it (SM-FIRST-REQ-NAMED, SM-REREQUEST), then
+//! writes the rest of the channel. The end is judged as for any replay (`replay_dst`): the
+//! return path per rule, `completed`, the final RAM; and the accesses must have returned.
+//!
+//! The return path is hostile input: a reader thread decodes it with the protocol crate's
+//! [`RpDecoder`] as it arrives and hands over each message; a violation or a message ending
+//! early fails the case with its offset. Waits block on that reader or on QMP events; the
+//! phase guard only bounds a hang. The SM-REREQUEST bound is an event: after RESUME_ACK the
+//! runner makes a second access (a new fault), whose request a conforming destination writes
+//! only after re-requesting the page that still waits, so the first request after RESUME_ACK
+//! decides.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context};
+use qmig_protocol::codes::RpType;
+use qmig_protocol::error::WireError;
+use qmig_protocol::limits::Limits;
+use qmig_protocol::rp::RpDecoder;
+use serde_json::{json, Value};
+
+use super::replay_dst::{
+    block_list, check_channel_rp, connect_migration, final_ram_verdict, listen_on, wait_done,
+    wait_status, Breakage, Verdict, PHASE,
+};
+use super::shim::{free_port, Target, QEMU_DST_TEMPLATE};
+use super::vector::Vector;
+use crate::qemu::pattern::hex;
+
+/// Target page size.
+const TPS: u64 = 4096;
+/// The qtest socket's name in the target's directory (`{QTEST}`).
+pub(super) const QTEST_SOCK: &str = "qtest.sock";
+/// The second QMP socket's name in the target's directory (`{QMP_OOB}`).
+pub(super) const QMP_OOB_SOCK: &str = "qmp-oob.sock";
+/// What a fault case adds to QEMU's destination template: qtest on `{QTEST}` (the guest
+/// accesses) and a second QMP monitor on `{QMP_OOB}` (out-of-band `migrate-recover` while an
+/// access blocks QEMU's main thread).
+const QEMU_FAULT_ARGS: &str = " -qtest unix:{QTEST},server=on,wait=off -qtest-log /dev/null -qmp unix:{QMP_OOB},server=on,wait=off";
+
+/// The template to start for vector `v`: QEMU's destination template ([`QEMU_DST_TEMPLATE`])
+/// gets [`QEMU_FAULT_ARGS`] for a fault case; any other template is used as it is.
+pub(super) fn template_for(v: &Vector, template: &str) -> String {
+    if v.manifest["replay"]["faults"].is_array() && template == QEMU_DST_TEMPLATE {
+        format!("{template}{QEMU_FAULT_ARGS}")
+    } else {
+        template.to_string()
+    }
+}
+
+/// A QMP session with out-of-band execution on (`{QMP_OOB}`): `exec-oob` commands run in the
+/// monitor's own thread, while QEMU's main thread is blocked by a guest access.
+struct OobQmp {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+    id: u64,
+}
+
+impl OobQmp {
+    fn connect(path: &std::path::Path) -> anyhow::Result<OobQmp> {
+        let w = UnixStream::connect(path)
+            .with_context(|| format!("QMP (out-of-band) socket {}", path.display()))?;
+        w.set_read_timeout(Some(PHASE))?;
+        let mut q = OobQmp {
+            r: BufReader::new(w.try_clone()?),
+            w,
+            id: 0,
+        };
+        let greeting = q.read()?;
+        if !greeting["QMP"]["capabilities"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|x| x == "oob"))
+        {
+            bail!("the QMP monitor does not offer out-of-band execution: {greeting}");
+        }
+        q.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}))?;
+        q.reply(None)?;
+        Ok(q)
+    }
+
+    fn send(&mut self, x: &Value) -> anyhow::Result<()> {
+        self.w.write_all(format!("{x}\n").as_bytes())?;
+        Ok(())
+    }
+
+    fn read(&mut self) -> anyhow::Result<Value> {
+        let mut line = String::new();
+        self.r.read_line(&mut line).context("QMP (out-of-band)")?;
+        if line.is_empty() {
+            bail!("QMP (out-of-band) closed");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    /// The reply to the command with `id` (events skipped: the main session has them too).
+    fn reply(&mut self, id: Option<&str>) -> anyhow::Result<Value> {
+        loop {
+            let x = self.read()?;
+            if x.get("event").is_some() || (id.is_some() && x["id"].as_str() != id) {
+                continue;
+            }
+            if let Some(e) = x.get("error") {
+                bail!("{}: {}", e["class"], e["desc"]);
+            }
+            return Ok(x["return"].clone());
+        }
+    }
+
+    /// `exec-oob command arguments`.
+    fn exec(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
+        self.id += 1;
+        let id = format!("oob-{}", self.id);
+        self.send(&json!({"exec-oob": command, "arguments": arguments, "id": id}))?;
+        self.reply(Some(&id))
+            .with_context(|| format!("exec-oob {command}"))
+    }
+}
+
+/// When the runner makes a fault's guest access.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum After {
+    /// Once the target ran POSTCOPY_RUN (its run state left `inmigrate`).
+    Run,
+    /// Once RESUME_ACK was read on this connection.
+    ResumeAck,
+}
+
+/// A page request: block, byte offset, byte count.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Req {
+    block: String,
+    start: u64,
+    len: u64,
+}
+
+impl std::fmt::Display for Req {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} page {} ({} bytes at {})",
+            self.block,
+            self.start / TPS,
+            self.len,
+            self.start
+        )
+    }
+}
+
+/// What the destination must write after the access.
+#[derive(Clone, Debug)]
+enum Expect {
+    /// The first page request on the connection: REQ_PAGES_ID for exactly this page.
+    FirstRequest(Req),
+    /// The first message after RESUME_ACK: a request, REQ_PAGES_ID, for this page (requested
+    /// on the lost connection and still waited for).
+    RerequestFirst(Req),
+}
+
+/// One entry of `replay.faults`.
+#[derive(Clone, Debug)]
+struct Fault {
+    channel: String,
+    at: usize,
+    after: After,
+    block: String,
+    page: u64,
+    expect: Expect,
+}
+
+fn req_of(x: &Value) -> anyhow::Result<Req> {
+    Ok(Req {
+        block: x["block"].as_str().context("block")?.to_string(),
+        start: x["start"].as_u64().context("start")?,
+        len: x["len"].as_u64().context("len")?,
+    })
+}
+
+fn parse_faults(v: &Vector) -> anyhow::Result<Vec<Fault>> {
+    let mut out = Vec::new();
+    for f in v.manifest["replay"]["faults"]
+        .as_array()
+        .context("replay.faults")?
+    {
+        let expect = if let Some(r) = f["expect"].get("first_request") {
+            Expect::FirstRequest(req_of(r)?)
+        } else if let Some(r) = f["expect"].get("rerequest_first") {
+            Expect::RerequestFirst(req_of(r)?)
+        } else {
+            bail!("replay.faults: unknown expect {}", f["expect"]);
+        };
+        out.push(Fault {
+            channel: f["channel"].as_str().context("channel")?.to_string(),
+            at: usize::try_from(f["at"].as_u64().context("at")?)?,
+            after: match f["after"].as_str() {
+                Some("run") => After::Run,
+                Some("resume-ack") => After::ResumeAck,
+                other => bail!("replay.faults: unknown after {other:?}"),
+            },
+            block: f["block"].as_str().context("block")?.to_string(),
+            page: f["page"].as_u64().context("page")?,
+            expect,
+        });
+    }
+    Ok(out)
+}
+
+/// Message types the checks look at.
+const REQ_ID: u16 = RpType::REQ_PAGES_ID.0;
+const REQ_BARE: u16 = RpType::REQ_PAGES.0;
+const ACK: u16 = RpType::RESUME_ACK.0;
+
+/// Pages requested: (block, byte offset).
+type Pages = BTreeSet<(String, u64)>;
+
+/// One decoded return-path message: its type and whole bytes.
+type Msg = (u16, Vec<u8>);
+
+/// The request a REQ_PAGES_ID (3) or REQ_PAGES (4) message makes; a bare one in the block of
+/// the connection's last named request (`last`).
+fn request_of(m: &Msg, last: Option<&str>) -> Option<(Req, bool)> {
+    let b = &m.1;
+    let start = u64::from_be_bytes(b.get(4..12)?.try_into().ok()?);
+    let len = u64::from(u32::from_be_bytes(b.get(12..16)?.try_into().ok()?));
+    match m.0 {
+        REQ_BARE => Some((
+            Req {
+                block: last.unwrap_or("(no block named yet)").to_string(),
+                start,
+                len,
+            },
+            false,
+        )),
+        REQ_ID => {
+            let n = *b.get(16)? as usize;
+            let name = String::from_utf8_lossy(b.get(17..17 + n)?).into_owned();
+            Some((
+                Req {
+                    block: name,
+                    start,
+                    len,
+                },
+                true,
+            ))
+        }
+        _ => None,
+    }
+}
+
+/// A migration connection whose return path is decoded as it arrives; the self-test defects
+/// of page requests (`bare-first-req`, `no-rerequest`) are applied here, between the target
+/// and the checks.
+struct LiveConn {
+    sock: TcpStream,
+    rx: Receiver<Result<Msg, String>>,
+    /// The messages kept, in order (after the defects): the connection's return path.
+    kept: Vec<u8>,
+    /// The block of the last REQ_PAGES_ID kept.
+    last_block: Option<String>,
+    /// Whether a REQ_PAGES_ID was seen on this connection (before the defects).
+    named_seen: bool,
+    /// Whether RESUME_ACK was seen.
+    acked: bool,
+    /// The requests kept on this connection.
+    requested: Pages,
+    /// Pages requested on the earlier connections.
+    earlier: Pages,
+    breakage: Option<Breakage>,
+    /// Whether the reader ended (the target closed, or a decode error was reported).
+    ended: bool,
+}
+
+impl LiveConn {
+    fn open(
+        v: &Vector,
+        port: u16,
+        earlier: Pages,
+        breakage: Option<Breakage>,
+    ) -> anyhow::Result<LiveConn> {
+        let sock = connect_migration(port)?;
+        let mut r = sock.try_clone()?;
+        r.set_read_timeout(Some(PHASE))?;
+        let blocks = block_list(v);
+        let mut d = RpDecoder::new(v.profile(), Limits::DEFAULT);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let expect = |name: &[u8]| {
+                blocks
+                    .iter()
+                    .find(|(n, _)| n.as_bytes() == name)
+                    .map(|(_, l)| qmig_protocol::bitmap::PageBitmap::wire_size(l / TPS))
+            };
+            let mut buf = Vec::new();
+            let mut tmp = [0u8; 65536];
+            loop {
+                let n = match r.read(&mut tmp) {
+                    Ok(0) | Err(_) => 0,
+                    Ok(n) => n,
+                };
+                if n == 0 {
+                    if !buf.is_empty() {
+                        let _ = tx.send(Err(format!(
+                            "the return path ends inside a message at offset {}: {}",
+                            d.offset(),
+                            hex(&buf)
+                        )));
+                    }
+                    return;
+                }
+                buf.extend_from_slice(&tmp[..n]);
+                let mut pos = 0;
+                loop {
+                    match d.decode(&buf[pos..], &expect) {
+                        Ok((m, used)) => {
+                            let _ = tx.send(Ok((m.ty().0, buf[pos..pos + used].to_vec())));
+                            pos += used;
+                        }
+                        Err(WireError::Incomplete { .. }) => break,
+                        Err(e) => {
+                            let _ = tx.send(Err(format!(
+                                "the return path from the target does not decode: {e:?}"
+                            )));
+                            return;
+                        }
+                    }
+                }
+                buf.drain(..pos);
+            }
+        });
+        Ok(LiveConn {
+            sock,
+            rx,
+            kept: Vec::new(),
+            last_block: None,
+            named_seen: false,
+            acked: false,
+            requested: BTreeSet::new(),
+            earlier,
+            breakage,
+            ended: false,
+        })
+    }
+
+    /// Writes `bytes`; a write error (the target closed) is returned as a note.
+    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+        self.sock
+            .write_all(bytes)
+            .err()
+            .map(|e| format!("write failed after the target closed: {e}"))
+    }
+
+    /// The next message the checks see (`None`: the target closed the return path), waiting
+    /// at most `guard`.
+    fn next(&mut self, guard: Duration) -> anyhow::Result<Option<Msg>> {
+        loop {
+            if self.ended {
+                return Ok(None);
+            }
+            let m = match self.rx.recv_timeout(guard) {
+                Ok(Ok(m)) => m,
+                Ok(Err(e)) => {
+                    self.ended = true;
+                    bail!(e);
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    self.ended = true;
+                    return Ok(None);
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    bail!("no return-path message within {guard:?}")
+                }
+            };
+            if let Some(m) = self.alter(m) {
+                if let Some((r, named)) = request_of(&m, self.last_block.as_deref()) {
+                    if named {
+                        self.last_block = Some(r.block.clone());
+                    }
+                    self.requested.insert((r.block.clone(), r.start));
+                }
+                if m.0 == ACK {
+                    self.acked = true;
+                }
+                self.kept.extend_from_slice(&m.1);
+                return Ok(Some(m));
+            }
+        }
+    }
+
+    /// The self-test defects on page requests: `bare-first-req` writes the connection's first
+    /// REQ_PAGES_ID as a bare REQ_PAGES; `no-rerequest` drops, after RESUME_ACK, the requests
+    /// for pages requested on an earlier connection (a destination that forgot its waiting
+    /// faults).
+    fn alter(&mut self, m: Msg) -> Option<Msg> {
+        let first_named = m.0 == REQ_ID && !self.named_seen;
+        if m.0 == REQ_ID {
+            self.named_seen = true;
+        }
+        match self.breakage {
+            Some(Breakage::BareFirstReq) if first_named => {
+                let mut b = [REQ_BARE.to_be_bytes(), 12u16.to_be_bytes()].concat();
+                b.extend_from_slice(&m.1[4..16]);
+                Some((REQ_BARE, b))
+            }
+            Some(Breakage::NoRerequest) if self.acked => {
+                match request_of(&m, self.last_block.as_deref()) {
+                    Some((r, _)) if self.earlier.contains(&(r.block.clone(), r.start)) => None,
+                    _ => Some(m),
+                }
+            }
+            _ => Some(m),
+        }
+    }
+
+    /// Reads until a message `want` accepts; the messages before it are kept (PONGs, ...).
+    fn until(&mut self, what: &str, want: impl Fn(&Msg) -> bool) -> anyhow::Result<Msg> {
+        loop {
+            match self.next(PHASE)? {
+                Some(m) if want(&m) => return Ok(m),
+                Some(_) => {}
+                None => bail!("the target closed the return path before {what}"),
+            }
+        }
+    }
+
+    /// Ends our sending side (the cut, or the end of a complete channel) and collects the rest
+    /// of the return path until the target closes it (at most `guard`).
+    fn close(mut self, guard: Duration) -> anyhow::Result<(Vec<u8>, Pages)> {
+        let _ = self.sock.shutdown(Shutdown::Write);
+        let end = Instant::now() + guard;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.next(left) {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) if e.to_string().starts_with("no return-path message") => {
+                    // A target that keeps its side open: torn down after the guard.
+                    let _ = self.sock.shutdown(Shutdown::Both);
+                    while self.next(PHASE).ok().flatten().is_some() {}
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok((self.kept, self.requested))
+    }
+}
+
+/// How the runner makes guest accesses on the target.
+enum Trigger {
+    /// QMP `x-qmig-probe-read` (qmig-dst): the access runs on a thread of the target's own;
+    /// `x-qmig-probe-result` reports its return.
+    Probe,
+    /// qtest `readq` on the socket `{QTEST}` (a template that serves qtest there: QEMU). The
+    /// access runs in QEMU's main thread, which it blocks until the page is placed: the reply
+    /// is read only at the end (`pending` replies owed).
+    Qtest {
+        path: PathBuf,
+        conn: Option<(UnixStream, BufReader<UnixStream>)>,
+        pending: usize,
+        /// The out-of-band QMP session, when the target serves `{QMP_OOB}`.
+        oob: Option<OobQmp>,
+    },
+}
+
+impl Trigger {
+    /// The trigger of target `t`: qtest when its command line serves `{QTEST}`, else the
+    /// probe.
+    fn of(t: &Target) -> anyhow::Result<Trigger> {
+        let serves = |name: &str| {
+            let path = t.dir.join(name);
+            let sock = path.display().to_string();
+            t.argv.iter().any(|a| a.contains(&sock)).then_some(path)
+        };
+        Ok(match serves(QTEST_SOCK) {
+            Some(path) => Trigger::Qtest {
+                path,
+                conn: None,
+                pending: 0,
+                oob: serves(QMP_OOB_SOCK)
+                    .map(|p| OobQmp::connect(&p))
+                    .transpose()?,
+            },
+            None => Trigger::Probe,
+        })
+    }
+
+    /// `migrate-recover` on a free port: out of band while an access blocks the main thread
+    /// (an error if the target serves no `{QMP_OOB}`), else as usual. The port listened on.
+    fn recover(&mut self, t: &mut Target) -> anyhow::Result<u16> {
+        if let Trigger::Qtest {
+            pending, oob: q, ..
+        } = self
+        {
+            if *pending > 0 {
+                let q = q.as_mut().context(
+                    "a guest access blocks the target's main thread and it serves no out-of-band QMP monitor ({QMP_OOB}) for migrate-recover",
+                )?;
+                let port = free_port()?;
+                q.exec(
+                    "migrate-recover",
+                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
+                )?;
+                return Ok(port);
+            }
+        }
+        listen_on(t, "migrate-recover", free_port()?)
+    }
+
+    /// Makes the guest access of fault `f`: 8 bytes read at the page's guest-physical address.
+    /// `Ok(Some(reason))`: the target has no trigger (the case is unsupported).
+    fn access(&mut self, v: &Vector, t: &mut Target, f: &Fault) -> anyhow::Result<Option<String>> {
+        let base = v.manifest["machine"]["ram_guest_physical_base"]
+            .as_u64()
+            .unwrap_or(0);
+        let addr = base + f.page * TPS;
+        match self {
+            Trigger::Probe => match t
+                .qmp
+                .execute("x-qmig-probe-read", json!({ "offset": addr }))
+            {
+                Ok(_) => Ok(None),
+                Err(qmig_host::qmp_client::QmpError::Command { class, desc, .. })
+                    if class == "CommandNotFound" =>
+                {
+                    Ok(Some(format!(
+                        "unsupported: a fault case needs a guest-access trigger, and the target \
+                         has no x-qmig-probe-read ({class}: {desc}) and serves no qtest ({{QTEST}})"
+                    )))
+                }
+                Err(e) => Err(anyhow!(e).context("x-qmig-probe-read")),
+            },
+            Trigger::Qtest {
+                path,
+                conn,
+                pending,
+                ..
+            } => {
+                if conn.is_none() {
+                    let s = UnixStream::connect(&*path)
+                        .with_context(|| format!("qtest socket {}", path.display()))?;
+                    s.set_read_timeout(Some(PHASE))?;
+                    let r = BufReader::new(s.try_clone()?);
+                    *conn = Some((s, r));
+                }
+                let (s, _) = conn.as_mut().context("qtest")?;
+                // Written, not answered yet: the reply comes once the page is placed.
+                s.write_all(format!("readq 0x{addr:x}\n").as_bytes())
+                    .context("qtest readq")?;
+                *pending += 1;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Waits (bounded by the phase guard) until the accesses returned.
+    fn wait_done(&mut self, t: &mut Target) -> anyhow::Result<()> {
+        match self {
+            Trigger::Probe => wait_probe(t),
+            Trigger::Qtest { conn, pending, .. } => {
+                let Some((_, r)) = conn.as_mut() else {
+                    return Ok(());
+                };
+                while *pending > 0 {
+                    let mut line = String::new();
+                    r.read_line(&mut line).context("qtest reply")?;
+                    if line.is_empty() {
+                        bail!("qtest closed before the access returned");
+                    }
+                    if line.starts_with("IRQ") {
+                        continue;
+                    }
+                    if !line.starts_with("OK") {
+                        bail!("qtest readq: {}", line.trim());
+                    }
+                    *pending -= 1;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Checks the request the access of `f` caused (`m`, the first request read after it, or for
+/// `RerequestFirst` the first message after RESUME_ACK). `Err(message)` names the rule.
+fn judge(f: &Fault, m: &Msg, last: Option<&str>) -> Result<String, String> {
+    let (want, rule, what) = match &f.expect {
+        Expect::FirstRequest(r) => (
+            r,
+            "SM-FIRST-REQ-NAMED",
+            "the first page request on the connection",
+        ),
+        Expect::RerequestFirst(r) => (r, "SM-REREQUEST", "the first message after RESUME_ACK"),
+    };
+    let Some((got, named)) = request_of(m, last) else {
+        return Err(format!(
+            "{rule}: {what} is not a page request but {} (type {}), while the access to {} page {} waits{}",
+            hex(&m.1),
+            m.0,
+            f.block,
+            f.page,
+            match &f.expect {
+                Expect::RerequestFirst(r) => format!(" and {r} still waits from before the cut"),
+                Expect::FirstRequest(_) => String::new(),
+            }
+        ));
+    };
+    if let Expect::RerequestFirst(r) = &f.expect {
+        if (got.start, got.len) != (r.start, r.len) || (named && got.block != r.block) {
+            return Err(format!(
+                "SM-REREQUEST: {what} requests {got}, not {r}, which a guest access has waited for since before the cut: a destination must request every waiting page again before any new request"
+            ));
+        }
+    }
+    if !named {
+        return Err(format!(
+            "SM-FIRST-REQ-NAMED: {what} is a bare REQ_PAGES ({}), which names no block: the first request on every connection must be REQ_PAGES_ID",
+            hex(&m.1)
+        ));
+    }
+    if got != *want {
+        return Err(format!("{rule}: {what} requests {got}, want {want}"));
+    }
+    Ok(format!("{what}: REQ_PAGES_ID {got}"))
+}
+
+/// Waits (bounded by the phase guard) until qmig-dst reports the last probe returned.
+fn wait_probe(t: &mut Target) -> anyhow::Result<()> {
+    let end = Instant::now() + PHASE;
+    loop {
+        let r = t
+            .qmp
+            .execute("x-qmig-probe-result", json!({}))
+            .map_err(|e| anyhow!(e).context("x-qmig-probe-result"))?;
+        if r["done"] == true {
+            return Ok(());
+        }
+        if Instant::now() > end {
+            bail!("the guest access never returned ({r})");
+        }
+        // No event announces the access's return: polled (the page is placed by then).
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Replays fault case `v` on a target that listens on `port` (capabilities set,
+/// `migrate-incoming` sent).
+pub(super) fn drive(
+    v: &Vector,
+    t: &mut Target,
+    port: u16,
+    breakage: Option<Breakage>,
+) -> anyhow::Result<Verdict> {
+    let faults = parse_faults(v)?;
+    let chans = v.replay_channels().to_vec();
+    let mut port = port;
+    let mut notes = Vec::new();
+    let mut earlier = BTreeSet::new();
+    let mut trigger = Trigger::of(t)?;
+    for (i, ch) in chans.iter().enumerate() {
+        let label = ch["label"].as_str().unwrap_or("?").to_string();
+        let bytes = v.read(ch["feed_to_destination"].as_str().context("feed")?)?;
+        if i > 0 {
+            // The pause was seen after the cut (below).
+            port = trigger.recover(t)?;
+        }
+        let mut conn = LiveConn::open(v, port, earlier.clone(), breakage)?;
+        let fault = faults.iter().find(|f| f.channel == label);
+        let at = fault.map_or(bytes.len(), |f| f.at.min(bytes.len()));
+        if let Some(w) = conn.feed(&bytes[..at]) {
+            notes.push(w);
+        }
+        if let Some(f) = fault {
+            match f.after {
+                After::Run => {
+                    wait_status(t, "postcopy-active").context("before the guest access")?;
+                    crate::interop::cell::wait_destination_ran(&mut t.qmp, PHASE)
+                        .context("before the guest access")?;
+                }
+                After::ResumeAck => {
+                    conn.until("RESUME_ACK", |m| m.0 == ACK)?;
+                }
+            }
+            if let Some(why) = trigger.access(v, t, f)? {
+                return Ok(Verdict::Skip(why));
+            }
+            let last_before = conn.last_block.clone();
+            let m = match f.expect {
+                Expect::FirstRequest(_) => conn
+                    .until("the page request of the guest access", |m| {
+                        m.0 == REQ_ID || m.0 == REQ_BARE
+                    })?,
+                Expect::RerequestFirst(_) => match conn.next(PHASE) {
+                    Ok(Some(m)) => m,
+                    Ok(None) => bail!("the target closed the return path after RESUME_ACK"),
+                    // The event bound is the new access's request; a target whose accesses are
+                    // serialised (QEMU's qtest queues the second behind the first) has only the
+                    // phase guard.
+                    Err(e) => {
+                        return Ok(Verdict::Fail(format!(
+                            "{label}: SM-REREQUEST: nothing after RESUME_ACK ({e}) while a guest access has waited for {} page {} since before the cut",
+                            f.block, f.page
+                        )))
+                    }
+                },
+            };
+            let last = if m.0 == REQ_BARE {
+                last_before.as_deref()
+            } else {
+                None
+            };
+            match judge(f, &m, last) {
+                Ok(d) => notes.push(format!(
+                    "{label}: access to {} page {}; {d}",
+                    f.block, f.page
+                )),
+                Err(e) => return Ok(Verdict::Fail(format!("{label}: {e}"))),
+            }
+        }
+        if let Some(w) = conn.feed(&bytes[at..]) {
+            notes.push(w);
+        }
+        let cut = ch["ends_mid_stream"].as_bool() == Some(true);
+        let (rp, requested) = if cut {
+            let r = conn.close(PHASE)?;
+            // By the MIGRATION event: a query would wait for a main thread a guest access may
+            // block (qtest).
+            t.qmp
+                .wait_status("postcopy-paused", PHASE)
+                .map_err(|e| anyhow!("after the cut: {e}"))?;
+            r
+        } else {
+            let s = wait_done(t);
+            let r = conn.close(Duration::from_secs(5))?;
+            if s != "completed" {
+                return Ok(Verdict::Fail(format!(
+                    "{label}: the target ended in {s}, not completed; log: {}",
+                    t.log_tail()
+                )));
+            }
+            r
+        };
+        earlier.extend(requested);
+        if let Some(fail) = check_channel_rp(v, ch, rp, breakage, cut)? {
+            return Ok(Verdict::Fail(fail));
+        }
+    }
+    wait_status(t, "completed").context("at the end")?;
+    trigger.wait_done(t)?;
+    notes.push("the guest accesses returned".into());
+    final_ram_verdict(v, t, breakage, chans.len(), notes)
+}
