@@ -23,6 +23,7 @@ pub mod broken_src;
 pub mod decode;
 pub mod decode_multifd;
 pub mod decode_recovery;
+pub mod fault_trigger;
 pub mod play_dst;
 pub mod play_multifd;
 pub mod replay_dst;

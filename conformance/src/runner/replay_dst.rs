@@ -236,13 +236,13 @@ pub fn values_for(
     // (`replay_faults`).
     vals.set(
         "QTEST",
-        dir.join(super::replay_faults::QTEST_SOCK)
+        dir.join(super::fault_trigger::QTEST_SOCK)
             .display()
             .to_string(),
     );
     vals.set(
         "QMP_OOB",
-        dir.join(super::replay_faults::QMP_OOB_SOCK)
+        dir.join(super::fault_trigger::QMP_OOB_SOCK)
             .display()
             .to_string(),
     );
@@ -706,7 +706,7 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
         let uses_listen = target.template.contains("{LISTEN}");
         vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
         vals.set("CONNECT", format!("tcp:127.0.0.1:{port}"));
-        let template = super::replay_faults::template_for(v, &target.template);
+        let template = super::fault_trigger::template_for(v, &target.template);
         let argv = shim::expand(&template, &vals)?;
         let mut t = match Target::start(argv, &dir, &dir.join("qmp.sock")) {
             Ok(t) => t,

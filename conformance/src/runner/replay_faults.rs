@@ -1,8 +1,8 @@
 //! Replay of the synthetic cases with guest faults (`replay.faults`, `synth::faults`) against a
 //! destination: the runner writes a channel up to a fault's `at`, waits for the moment the
 //! fault names (`run`: the target ran POSTCOPY_RUN; `resume-ack`: it wrote RESUME_ACK on this
-//! connection), makes a guest access to the page (`x-qmig-probe-read`: the target's trigger; a
-//! target without it is skipped as unsupported), reads the return path message by message
+//! connection), makes a guest access to the page (`fault_trigger`: qmig-dst's
+//! `x-qmig-probe-read`, QEMU's qtest; a target with neither is skipped as unsupported), reads the return path message by message
 //! until the page request the access causes, checks it (SM-FIRST-REQ-NAMED, SM-REREQUEST), then
 //! writes the rest of the channel. The end is judged as for any replay (`replay_dst`): the
 //! return path per rule, `completed`, the final RAM; and the accesses must have returned.
@@ -16,10 +16,8 @@
 //! decides.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
@@ -28,104 +26,19 @@ use qmig_protocol::codes::RpType;
 use qmig_protocol::error::WireError;
 use qmig_protocol::limits::Limits;
 use qmig_protocol::rp::RpDecoder;
-use serde_json::{json, Value};
+use serde_json::Value;
 
+use super::fault_trigger::Trigger;
 use super::replay_dst::{
-    block_list, check_channel_rp, connect_migration, final_ram_verdict, listen_on, wait_done,
-    wait_status, Breakage, Verdict, PHASE,
+    block_list, check_channel_rp, connect_migration, final_ram_verdict, wait_done, wait_status,
+    Breakage, Verdict, PHASE,
 };
-use super::shim::{free_port, Target, QEMU_DST_TEMPLATE};
+use super::shim::Target;
 use super::vector::Vector;
 use crate::qemu::pattern::hex;
 
 /// Target page size.
 const TPS: u64 = 4096;
-/// The qtest socket's name in the target's directory (`{QTEST}`).
-pub(super) const QTEST_SOCK: &str = "qtest.sock";
-/// The second QMP socket's name in the target's directory (`{QMP_OOB}`).
-pub(super) const QMP_OOB_SOCK: &str = "qmp-oob.sock";
-/// What a fault case adds to QEMU's destination template: qtest on `{QTEST}` (the guest
-/// accesses) and a second QMP monitor on `{QMP_OOB}` (out-of-band `migrate-recover` while an
-/// access blocks QEMU's main thread).
-const QEMU_FAULT_ARGS: &str = " -qtest unix:{QTEST},server=on,wait=off -qtest-log /dev/null -qmp unix:{QMP_OOB},server=on,wait=off";
-
-/// The template to start for vector `v`: QEMU's destination template ([`QEMU_DST_TEMPLATE`])
-/// gets [`QEMU_FAULT_ARGS`] for a fault case; any other template is used as it is.
-pub(super) fn template_for(v: &Vector, template: &str) -> String {
-    if v.manifest["replay"]["faults"].is_array() && template == QEMU_DST_TEMPLATE {
-        format!("{template}{QEMU_FAULT_ARGS}")
-    } else {
-        template.to_string()
-    }
-}
-
-/// A QMP session with out-of-band execution on (`{QMP_OOB}`): `exec-oob` commands run in the
-/// monitor's own thread, while QEMU's main thread is blocked by a guest access.
-struct OobQmp {
-    w: UnixStream,
-    r: BufReader<UnixStream>,
-    id: u64,
-}
-
-impl OobQmp {
-    fn connect(path: &std::path::Path) -> anyhow::Result<OobQmp> {
-        let w = UnixStream::connect(path)
-            .with_context(|| format!("QMP (out-of-band) socket {}", path.display()))?;
-        w.set_read_timeout(Some(PHASE))?;
-        let mut q = OobQmp {
-            r: BufReader::new(w.try_clone()?),
-            w,
-            id: 0,
-        };
-        let greeting = q.read()?;
-        if !greeting["QMP"]["capabilities"]
-            .as_array()
-            .is_some_and(|c| c.iter().any(|x| x == "oob"))
-        {
-            bail!("the QMP monitor does not offer out-of-band execution: {greeting}");
-        }
-        q.send(&json!({"execute": "qmp_capabilities", "arguments": {"enable": ["oob"]}}))?;
-        q.reply(None)?;
-        Ok(q)
-    }
-
-    fn send(&mut self, x: &Value) -> anyhow::Result<()> {
-        self.w.write_all(format!("{x}\n").as_bytes())?;
-        Ok(())
-    }
-
-    fn read(&mut self) -> anyhow::Result<Value> {
-        let mut line = String::new();
-        self.r.read_line(&mut line).context("QMP (out-of-band)")?;
-        if line.is_empty() {
-            bail!("QMP (out-of-band) closed");
-        }
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    /// The reply to the command with `id` (events skipped: the main session has them too).
-    fn reply(&mut self, id: Option<&str>) -> anyhow::Result<Value> {
-        loop {
-            let x = self.read()?;
-            if x.get("event").is_some() || (id.is_some() && x["id"].as_str() != id) {
-                continue;
-            }
-            if let Some(e) = x.get("error") {
-                bail!("{}: {}", e["class"], e["desc"]);
-            }
-            return Ok(x["return"].clone());
-        }
-    }
-
-    /// `exec-oob command arguments`.
-    fn exec(&mut self, command: &str, arguments: Value) -> anyhow::Result<Value> {
-        self.id += 1;
-        let id = format!("oob-{}", self.id);
-        self.send(&json!({"exec-oob": command, "arguments": arguments, "id": id}))?;
-        self.reply(Some(&id))
-            .with_context(|| format!("exec-oob {command}"))
-    }
-}
 
 /// When the runner makes a fault's guest access.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -455,141 +368,6 @@ impl LiveConn {
     }
 }
 
-/// How the runner makes guest accesses on the target.
-enum Trigger {
-    /// QMP `x-qmig-probe-read` (qmig-dst): the access runs on a thread of the target's own;
-    /// `x-qmig-probe-result` reports its return.
-    Probe,
-    /// qtest `readq` on the socket `{QTEST}` (a template that serves qtest there: QEMU). The
-    /// access runs in QEMU's main thread, which it blocks until the page is placed: the reply
-    /// is read only at the end (`pending` replies owed).
-    Qtest {
-        path: PathBuf,
-        conn: Option<(UnixStream, BufReader<UnixStream>)>,
-        pending: usize,
-        /// The out-of-band QMP session, when the target serves `{QMP_OOB}`.
-        oob: Option<OobQmp>,
-    },
-}
-
-impl Trigger {
-    /// The trigger of target `t`: qtest when its command line serves `{QTEST}`, else the
-    /// probe.
-    fn of(t: &Target) -> anyhow::Result<Trigger> {
-        let serves = |name: &str| {
-            let path = t.dir.join(name);
-            let sock = path.display().to_string();
-            t.argv.iter().any(|a| a.contains(&sock)).then_some(path)
-        };
-        Ok(match serves(QTEST_SOCK) {
-            Some(path) => Trigger::Qtest {
-                path,
-                conn: None,
-                pending: 0,
-                oob: serves(QMP_OOB_SOCK)
-                    .map(|p| OobQmp::connect(&p))
-                    .transpose()?,
-            },
-            None => Trigger::Probe,
-        })
-    }
-
-    /// `migrate-recover` on a free port: out of band while an access blocks the main thread
-    /// (an error if the target serves no `{QMP_OOB}`), else as usual. The port listened on.
-    fn recover(&mut self, t: &mut Target) -> anyhow::Result<u16> {
-        if let Trigger::Qtest {
-            pending, oob: q, ..
-        } = self
-        {
-            if *pending > 0 {
-                let q = q.as_mut().context(
-                    "a guest access blocks the target's main thread and it serves no out-of-band QMP monitor ({QMP_OOB}) for migrate-recover",
-                )?;
-                let port = free_port()?;
-                q.exec(
-                    "migrate-recover",
-                    json!({"uri": format!("tcp:127.0.0.1:{port}")}),
-                )?;
-                return Ok(port);
-            }
-        }
-        listen_on(t, "migrate-recover", free_port()?)
-    }
-
-    /// Makes the guest access of fault `f`: 8 bytes read at the page's guest-physical address.
-    /// `Ok(Some(reason))`: the target has no trigger (the case is unsupported).
-    fn access(&mut self, v: &Vector, t: &mut Target, f: &Fault) -> anyhow::Result<Option<String>> {
-        let base = v.manifest["machine"]["ram_guest_physical_base"]
-            .as_u64()
-            .unwrap_or(0);
-        let addr = base + f.page * TPS;
-        match self {
-            Trigger::Probe => match t
-                .qmp
-                .execute("x-qmig-probe-read", json!({ "offset": addr }))
-            {
-                Ok(_) => Ok(None),
-                Err(qmig_host::qmp_client::QmpError::Command { class, desc, .. })
-                    if class == "CommandNotFound" =>
-                {
-                    Ok(Some(format!(
-                        "unsupported: a fault case needs a guest-access trigger, and the target \
-                         has no x-qmig-probe-read ({class}: {desc}) and serves no qtest ({{QTEST}})"
-                    )))
-                }
-                Err(e) => Err(anyhow!(e).context("x-qmig-probe-read")),
-            },
-            Trigger::Qtest {
-                path,
-                conn,
-                pending,
-                ..
-            } => {
-                if conn.is_none() {
-                    let s = UnixStream::connect(&*path)
-                        .with_context(|| format!("qtest socket {}", path.display()))?;
-                    s.set_read_timeout(Some(PHASE))?;
-                    let r = BufReader::new(s.try_clone()?);
-                    *conn = Some((s, r));
-                }
-                let (s, _) = conn.as_mut().context("qtest")?;
-                // Written, not answered yet: the reply comes once the page is placed.
-                s.write_all(format!("readq 0x{addr:x}\n").as_bytes())
-                    .context("qtest readq")?;
-                *pending += 1;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Waits (bounded by the phase guard) until the accesses returned.
-    fn wait_done(&mut self, t: &mut Target) -> anyhow::Result<()> {
-        match self {
-            Trigger::Probe => wait_probe(t),
-            Trigger::Qtest { conn, pending, .. } => {
-                let Some((_, r)) = conn.as_mut() else {
-                    return Ok(());
-                };
-                while *pending > 0 {
-                    let mut line = String::new();
-                    r.read_line(&mut line).context("qtest reply")?;
-                    if line.is_empty() {
-                        bail!("qtest closed before the access returned");
-                    }
-                    if line.starts_with("IRQ") {
-                        continue;
-                    }
-                    if !line.starts_with("OK") {
-                        bail!("qtest readq: {}", line.trim());
-                    }
-                    *pending -= 1;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
 /// Checks the request the access of `f` caused (`m`, the first request read after it, or for
 /// `RerequestFirst` the first message after RESUME_ACK). `Err(message)` names the rule.
 fn judge(f: &Fault, m: &Msg, last: Option<&str>) -> Result<String, String> {
@@ -633,25 +411,6 @@ fn judge(f: &Fault, m: &Msg, last: Option<&str>) -> Result<String, String> {
     Ok(format!("{what}: REQ_PAGES_ID {got}"))
 }
 
-/// Waits (bounded by the phase guard) until qmig-dst reports the last probe returned.
-fn wait_probe(t: &mut Target) -> anyhow::Result<()> {
-    let end = Instant::now() + PHASE;
-    loop {
-        let r = t
-            .qmp
-            .execute("x-qmig-probe-result", json!({}))
-            .map_err(|e| anyhow!(e).context("x-qmig-probe-result"))?;
-        if r["done"] == true {
-            return Ok(());
-        }
-        if Instant::now() > end {
-            bail!("the guest access never returned ({r})");
-        }
-        // No event announces the access's return: polled (the page is placed by then).
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 /// Replays fault case `v` on a target that listens on `port` (capabilities set,
 /// `migrate-incoming` sent).
 pub(super) fn drive(
@@ -690,7 +449,10 @@ pub(super) fn drive(
                     conn.until("RESUME_ACK", |m| m.0 == ACK)?;
                 }
             }
-            if let Some(why) = trigger.access(v, t, f)? {
+            let base = v.manifest["machine"]["ram_guest_physical_base"]
+                .as_u64()
+                .unwrap_or(0);
+            if let Some(why) = trigger.access(t, base + f.page * TPS)? {
                 return Ok(Verdict::Skip(why));
             }
             let last_before = conn.last_block.clone();
