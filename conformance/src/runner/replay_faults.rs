@@ -521,3 +521,173 @@ pub(super) fn drive(
     notes.push("the guest accesses returned".into());
     final_ram_verdict(v, t, breakage, chans.len(), notes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::TcpListener;
+
+    fn fault(expect: Expect) -> Fault {
+        Fault {
+            channel: "main".into(),
+            at: 0,
+            after: After::Run,
+            block: "ram".into(),
+            page: 3,
+            expect,
+        }
+    }
+
+    fn page2() -> Req {
+        Req {
+            block: "ram".into(),
+            start: 8192,
+            len: 4096,
+        }
+    }
+
+    /// REQ_PAGES_ID(`ram`, `start`, one page) / REQ_PAGES(`start`, one page) as a target writes
+    /// them.
+    fn named(start: u64) -> Msg {
+        let mut b = vec![0, 3, 0, 16];
+        b.extend_from_slice(&start.to_be_bytes());
+        b.extend_from_slice(&4096u32.to_be_bytes());
+        b.extend_from_slice(b"\x03ram");
+        (REQ_ID, b)
+    }
+
+    fn bare(start: u64) -> Msg {
+        let mut b = vec![0, 4, 0, 12];
+        b.extend_from_slice(&start.to_be_bytes());
+        b.extend_from_slice(&4096u32.to_be_bytes());
+        (REQ_BARE, b)
+    }
+
+    #[test]
+    fn judge_names_the_rule_each_wrong_request_breaks() {
+        let first = fault(Expect::FirstRequest(page2()));
+        assert!(judge(&first, &named(8192), None).is_ok());
+        let e = judge(&first, &bare(8192), Some("ram")).unwrap_err();
+        assert!(e.starts_with("SM-FIRST-REQ-NAMED: "), "{e}");
+        let e = judge(&first, &named(4096), None).unwrap_err();
+        assert!(e.starts_with("SM-FIRST-REQ-NAMED: "), "{e}");
+        let again = fault(Expect::RerequestFirst(page2()));
+        assert!(judge(&again, &named(8192), None).is_ok());
+        // The new access's page first: the waiting one was not requested again first.
+        let e = judge(&again, &named(12288), None).unwrap_err();
+        assert!(e.starts_with("SM-REREQUEST: "), "{e}");
+        // The right page, bare: the first request of the connection must name its block.
+        let e = judge(&again, &bare(8192), Some("ram")).unwrap_err();
+        assert!(e.starts_with("SM-FIRST-REQ-NAMED: "), "{e}");
+        // Anything else first (a PONG).
+        let e = judge(&again, &(2, vec![0, 2, 0, 4, 0, 0, 0, 7]), None).unwrap_err();
+        assert!(
+            e.starts_with("SM-REREQUEST: the first message after RESUME_ACK is not a page request but 0002000400000007"),
+            "{e}"
+        );
+    }
+
+    fn vector() -> Vector {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("vectors/synthetic/valid-sm-first-req-named-postcopy-72");
+        let manifest =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        Vector {
+            id: "synthetic/valid-sm-first-req-named-postcopy-72".into(),
+            dir,
+            manifest,
+        }
+    }
+
+    /// A "destination" on a local socket writing `bytes` on its return path, then closing.
+    fn peer(bytes: &'static [u8]) -> (u16, std::thread::JoinHandle<()>) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let h = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            s.write_all(bytes).unwrap();
+        });
+        (port, h)
+    }
+
+    #[test]
+    fn hostile_return_path_bytes_fail_with_their_offset() {
+        // A PONG, then type 0xffff: RP-TYPE at offset 8.
+        let (port, h) = peer(b"\x00\x02\x00\x04\x00\x00\x00\x01\xff\xff\x00\x00");
+        let mut c = LiveConn::open(&vector(), port, Pages::new(), None).unwrap();
+        assert_eq!(c.next(PHASE).unwrap().unwrap().0, 2);
+        let e = c.next(PHASE).unwrap_err().to_string();
+        assert!(
+            e.contains("does not decode") && e.contains("offset: 8"),
+            "{e}"
+        );
+        assert!(c.next(PHASE).unwrap().is_none());
+        h.join().unwrap();
+        // A REQ_PAGES_ID cut short by the end of the connection.
+        let (port, h) = peer(b"\x00\x03\x00\x10\x00\x00");
+        let mut c = LiveConn::open(&vector(), port, Pages::new(), None).unwrap();
+        let e = c.next(PHASE).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "the return path ends inside a message at offset 0: 000300100000"
+        );
+        h.join().unwrap();
+    }
+
+    #[test]
+    fn page_request_defects_alter_what_the_checks_see() {
+        let all: &'static [u8] = Box::leak(
+            [
+                named(8192).1,
+                bare(12288).1,
+                vec![0, 6, 0, 4, 0, 0, 0, 1],
+                named(8192).1,
+                bare(16384).1,
+            ]
+            .concat()
+            .into_boxed_slice(),
+        );
+        let seen = |b: Option<Breakage>| {
+            let (port, h) = peer(all);
+            let earlier: Pages = [("ram".to_string(), 8192)].into_iter().collect();
+            let mut c = LiveConn::open(&vector(), port, earlier, b).unwrap();
+            let mut out = Vec::new();
+            while let Some(m) = c.next(PHASE).unwrap() {
+                out.push(m.1);
+            }
+            h.join().unwrap();
+            out
+        };
+        let ack = vec![0, 6, 0, 4, 0, 0, 0, 1];
+        for (b, want) in [
+            (
+                None,
+                vec![
+                    named(8192).1,
+                    bare(12288).1,
+                    ack.clone(),
+                    named(8192).1,
+                    bare(16384).1,
+                ],
+            ),
+            // bare-first-req: only the connection's first REQ_PAGES_ID loses its name.
+            (
+                Some(Breakage::BareFirstReq),
+                vec![
+                    bare(8192).1,
+                    bare(12288).1,
+                    ack.clone(),
+                    named(8192).1,
+                    bare(16384).1,
+                ],
+            ),
+            // no-rerequest: after RESUME_ACK the request for page 2 (asked before) is gone.
+            (
+                Some(Breakage::NoRerequest),
+                vec![named(8192).1, bare(12288).1, ack.clone(), bare(16384).1],
+            ),
+        ] {
+            assert_eq!(seen(b), want, "{b:?}");
+        }
+    }
+}
