@@ -144,9 +144,10 @@ fn an_acceptable_case_passes_completed_or_rejected() {
 }
 
 /// Each broken destination (qmig-dst with its return path altered against one behaviour rule)
-/// fails every valid case it names, with the return-path check; each broken source (qmig-src
-/// with what it sends altered) fails every case it names with a message naming its rule
-/// (needs `qmig-dst` and `qmig-src` built next to the test binary:
+/// fails every valid case it names, with the return-path check (the page-request defects
+/// `bare-first-req` and `no-rerequest`: with a message naming their rule); each broken source
+/// (qmig-src with what it sends altered) fails every case it names with a message naming its
+/// rule (needs `qmig-dst` and `qmig-src` built next to the test binary:
 /// `cargo build -p qmig-dst -p qmig-src -p qmig-conformance --bins`).
 #[test]
 fn every_broken_target_fails_the_cases_it_names() {
@@ -166,6 +167,9 @@ fn every_broken_target_fails_the_cases_it_names() {
         })
         .unwrap();
         assert!(r.len() >= 2, "{}: {} cases", b.target, r.len());
+        // The page-request defects are judged as the requests come (fault cases,
+        // `replay.faults`): the message names the rule.
+        let by_request = matches!(b.rule, "SM-FIRST-REQ-NAMED" | "SM-REREQUEST");
         for c in &r {
             match &c.status {
                 // A broken source's failure names the rule it breaks.
@@ -177,10 +181,14 @@ fn every_broken_target_fails_the_cases_it_names() {
                     c.name
                 ),
                 Status::Fail(m) => assert!(
-                    m.contains("return path")
-                        || m.contains("PONGs")
-                        || m.contains("does not decode")
-                        || m.contains("final RAM: page"),
+                    if by_request {
+                        m.contains(&format!(": {}: ", b.rule))
+                    } else {
+                        m.contains("return path")
+                            || m.contains("PONGs")
+                            || m.contains("does not decode")
+                            || m.contains("final RAM: page")
+                    },
                     "{} ({}): {}: {m}",
                     b.target,
                     b.rule,

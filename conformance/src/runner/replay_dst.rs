@@ -34,7 +34,7 @@ use crate::qemu::firmware::test_firmware;
 use crate::qemu::pattern::{hex, sha256_hex};
 
 /// Failure guard for one migration phase.
-const PHASE: Duration = Duration::from_secs(120);
+pub(super) const PHASE: Duration = Duration::from_secs(120);
 /// Target page size.
 const TPS: usize = 4096;
 
@@ -75,11 +75,17 @@ pub enum Breakage {
     /// RESUME_ACK(1) written before SHUT when the main channel carries a POSTCOPY_RESUME: a
     /// destination acting on it outside postcopy-recover [SM-RESUME-STATE].
     AckResume,
+    /// The first REQ_PAGES_ID of every connection written as a bare REQ_PAGES (its block name
+    /// dropped) [SM-FIRST-REQ-NAMED]; fault cases only (`replay_faults`).
+    BareFirstReq,
+    /// After RESUME_ACK, the requests for pages requested on an earlier connection dropped: a
+    /// destination that forgot the faults still waiting [SM-REREQUEST]; fault cases only.
+    NoRerequest,
 }
 
 impl Breakage {
     /// Every kind with its name (the rules each breaks: `synth::broken`).
-    pub const ALL: [(Breakage, &'static str); 7] = [
+    pub const ALL: [(Breakage, &'static str); 9] = [
         (Breakage::BitmapBe, "bitmap-be"),
         (Breakage::DropPong, "drop-pong"),
         (Breakage::ShutFirst, "shut-first"),
@@ -87,16 +93,19 @@ impl Breakage {
         (Breakage::Interleave, "interleave"),
         (Breakage::DropPage, "drop-page"),
         (Breakage::AckResume, "ack-resume"),
+        (Breakage::BareFirstReq, "bare-first-req"),
+        (Breakage::NoRerequest, "no-rerequest"),
     ];
 
     /// Parses a kind name (`bitmap-be`, `drop-pong`, `shut-first`, `mark-all`, `interleave`,
-    /// `drop-page`, `ack-resume`).
+    /// `drop-page`, `ack-resume`, `bare-first-req`, `no-rerequest`).
     pub fn parse(s: &str) -> Option<Breakage> {
         Self::ALL.iter().find(|(_, n)| *n == s).map(|(b, _)| *b)
     }
 
-    /// Applies the defect to a return path the target wrote.
-    fn apply(self, v: &Vector, rp: Vec<u8>) -> Vec<u8> {
+    /// Applies the defect to a return path the target wrote (the page-request defects are
+    /// applied as the messages arrive, by `replay_faults`).
+    pub(super) fn apply(self, v: &Vector, rp: Vec<u8>) -> Vec<u8> {
         let Ok(mut msgs) = messages(v, &rp) else {
             return rp;
         };
@@ -223,6 +232,20 @@ pub fn values_for(
     let ram_bytes = m["ram_bytes"].as_u64().context("machine.ram_bytes")?;
     vals.set("QMP", dir.join("qmp.sock").display().to_string());
     vals.set("DIR", dir.display().to_string());
+    // A destination template may serve qtest there: the guest-access trigger of the fault cases
+    // (`replay_faults`).
+    vals.set(
+        "QTEST",
+        dir.join(super::fault_trigger::QTEST_SOCK)
+            .display()
+            .to_string(),
+    );
+    vals.set(
+        "QMP_OOB",
+        dir.join(super::fault_trigger::QMP_OOB_SOCK)
+            .display()
+            .to_string(),
+    );
     vals.set("RAM", format!("{}M", ram_bytes >> 20));
     vals.set("RAM_BYTES", ram_bytes.to_string());
     let machine = m["type"].as_str().unwrap_or("none");
@@ -305,6 +328,23 @@ pub fn values_for(
     Ok(vals)
 }
 
+/// Connects to the target's migration port (retried for up to 30 s while the target's
+/// listener comes up), without Nagle.
+pub(super) fn connect_migration(port: u16) -> anyhow::Result<TcpStream> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let sock = loop {
+        match TcpStream::connect(("127.0.0.1", port)) {
+            Ok(s) => break s,
+            Err(_) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => bail!("cannot connect to the target's migration port {port}: {e}"),
+        }
+    };
+    sock.set_nodelay(true)?;
+    Ok(sock)
+}
+
 /// A connection to the target's migration port with a return-path reader thread.
 struct Conn {
     sock: TcpStream,
@@ -313,17 +353,7 @@ struct Conn {
 
 impl Conn {
     fn open(port: u16) -> anyhow::Result<Conn> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let sock = loop {
-            match TcpStream::connect(("127.0.0.1", port)) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Err(e) => bail!("cannot connect to the target's migration port {port}: {e}"),
-            }
-        };
-        sock.set_nodelay(true)?;
+        let sock = connect_migration(port)?;
         let mut r = sock.try_clone()?;
         r.set_read_timeout(Some(PHASE))?;
         let (tx, done) = std::sync::mpsc::channel();
@@ -593,7 +623,7 @@ fn status_of(t: &mut Target) -> String {
         .unwrap_or_else(|e| format!("(query-migrate failed: {e})"))
 }
 
-fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
+pub(super) fn wait_status(t: &mut Target, want: &str) -> anyhow::Result<()> {
     if status_of(t) == want {
         return Ok(());
     }
@@ -621,7 +651,7 @@ fn wait_end(t: &mut Target) -> String {
 }
 
 /// Waits for `completed` or `failed` (a recovery starts from `postcopy-paused`); the status.
-fn wait_done(t: &mut Target) -> String {
+pub(super) fn wait_done(t: &mut Target) -> String {
     let s = status_of(t);
     if s == "failed" || s == "completed" || s.starts_with("(query-migrate failed") {
         return s;
@@ -676,7 +706,8 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
         let uses_listen = target.template.contains("{LISTEN}");
         vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
         vals.set("CONNECT", format!("tcp:127.0.0.1:{port}"));
-        let argv = shim::expand(&target.template, &vals)?;
+        let template = super::fault_trigger::template_for(v, &target.template);
+        let argv = shim::expand(&template, &vals)?;
         let mut t = match Target::start(argv, &dir, &dir.join("qmp.sock")) {
             Ok(t) => t,
             Err(StartError::Unsupported(m)) => {
@@ -710,7 +741,7 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
 /// ("Address already in use": seen in CI, on ports chosen free a moment before), again on
 /// another free port, at most 5 times. A failed listen changes nothing on the target (QEMU and
 /// qmig-dst bind before they change state). Returns the port the target listens on.
-fn listen_on(t: &mut Target, command: &str, mut port: u16) -> anyhow::Result<u16> {
+pub(super) fn listen_on(t: &mut Target, command: &str, mut port: u16) -> anyhow::Result<u16> {
     let mut attempts = 1;
     loop {
         let uri = format!("tcp:127.0.0.1:{port}");
@@ -759,6 +790,10 @@ fn drive(
     let mut port = port;
     if !uses_listen {
         port = listen_on(t, "migrate-incoming", port)?;
+    }
+    if v.manifest["replay"]["faults"].is_array() {
+        // A case with guest faults: the runner makes the accesses (`replay_faults`).
+        return super::replay_faults::drive(v, t, port, target_breakage);
     }
     let chans = v.replay_channels().to_vec();
     let invalid = v.synthetic().is_some_and(|s| s["class"] == "invalid");
@@ -1008,52 +1043,79 @@ fn drive(
             }
             rp
         };
-        let rp = match breakage {
-            Some(b) => b.apply(v, rp),
-            None => rp,
-        };
-        if let (Some(want), Some(rule)) = (
-            ch["expected_return_path"].as_str(),
-            ch["return_path_rule"].as_str(),
-        ) {
-            let want = v.read(want)?;
-            let rule = if cut { "postcopy-cut" } else { rule };
-            match rule {
-                "postcopy-cut" => {
-                    // The first connection of a recovery vector: PONGs as captured (a prefix,
-                    // page requests aside), no SHUT.
-                    let g = messages(v, &rp).map_err(|e| anyhow!(e))?;
-                    let w = messages(v, &want).map_err(|e| anyhow!("vector: {e}"))?;
-                    let pongs = |m: &[(u16, Vec<u8>)]| {
-                        let mut p: Vec<Vec<u8>> = m
-                            .iter()
-                            .filter(|(t, _)| *t == 2)
-                            .map(|(_, b)| b.clone())
-                            .collect();
-                        p.sort();
-                        p
-                    };
-                    if pongs(&g) != pongs(&w) {
-                        return Ok(Verdict::Fail(format!(
-                            "first connection: PONGs {:?} differ from the capture's {:?}",
-                            pongs(&g).iter().map(|b| hex(b)).collect::<Vec<_>>(),
-                            pongs(&w).iter().map(|b| hex(b)).collect::<Vec<_>>()
-                        )));
-                    }
+        if let Some(fail) = check_channel_rp(v, ch, rp, breakage, cut)? {
+            return Ok(Verdict::Fail(fail));
+        }
+    }
+    wait_status(t, "completed").context("at the end")?;
+    final_ram_verdict(v, t, target_breakage, chans.len(), notes)
+}
+
+/// Checks the return path `rp` a target wrote on channel `ch` (the defect `breakage` applied
+/// first) against the channel's `expected_return_path` under its `return_path_rule` (a `cut`
+/// channel: its PONGs only). `Ok(Some(message))`: the check failed.
+pub(super) fn check_channel_rp(
+    v: &Vector,
+    ch: &Value,
+    rp: Vec<u8>,
+    breakage: Option<Breakage>,
+    cut: bool,
+) -> anyhow::Result<Option<String>> {
+    let rp = match breakage {
+        Some(b) => b.apply(v, rp),
+        None => rp,
+    };
+    if let (Some(want), Some(rule)) = (
+        ch["expected_return_path"].as_str(),
+        ch["return_path_rule"].as_str(),
+    ) {
+        let want = v.read(want)?;
+        let rule = if cut { "postcopy-cut" } else { rule };
+        match rule {
+            "postcopy-cut" => {
+                // The first connection of a recovery vector: PONGs as captured (a prefix,
+                // page requests aside), no SHUT.
+                let g = messages(v, &rp).map_err(|e| anyhow!(e))?;
+                let w = messages(v, &want).map_err(|e| anyhow!("vector: {e}"))?;
+                let pongs = |m: &[(u16, Vec<u8>)]| {
+                    let mut p: Vec<Vec<u8>> = m
+                        .iter()
+                        .filter(|(t, _)| *t == 2)
+                        .map(|(_, b)| b.clone())
+                        .collect();
+                    p.sort();
+                    p
+                };
+                if pongs(&g) != pongs(&w) {
+                    return Ok(Some(format!(
+                        "first connection: PONGs {:?} differ from the capture's {:?}",
+                        pongs(&g).iter().map(|b| hex(b)).collect::<Vec<_>>(),
+                        pongs(&w).iter().map(|b| hex(b)).collect::<Vec<_>>()
+                    )));
                 }
-                rule => {
-                    if let Err(e) = compare_rp(v, rule, &rp, &want) {
-                        return Ok(Verdict::Fail(format!(
-                            "{}: {e}",
-                            ch["label"].as_str().unwrap_or("?")
-                        )));
-                    }
+            }
+            rule => {
+                if let Err(e) = compare_rp(v, rule, &rp, &want) {
+                    return Ok(Some(format!(
+                        "{}: {e}",
+                        ch["label"].as_str().unwrap_or("?")
+                    )));
                 }
             }
         }
     }
-    wait_status(t, "completed").context("at the end")?;
-    // Final RAM.
+    Ok(None)
+}
+
+/// The end of a replay that completed: the guest RAM read back (`pmemsave`) against
+/// `final_ram` (the `drop-page` defect applied), and the pass message with `notes`.
+pub(super) fn final_ram_verdict(
+    v: &Vector,
+    t: &mut Target,
+    target_breakage: Option<Breakage>,
+    n_channels: usize,
+    mut notes: Vec<String>,
+) -> anyhow::Result<Verdict> {
     let fr = &v.manifest["final_ram"];
     let bytes = fr["bytes"].as_u64().context("final_ram.bytes")?;
     let base = v.manifest["machine"]["ram_guest_physical_base"]
@@ -1109,7 +1171,7 @@ fn drive(
     }
     let mut s = format!(
         "{} channel(s) replayed, return path per rule, completed, final RAM ({} MiB) equal",
-        chans.len(),
+        n_channels,
         bytes >> 20
     );
     for n in notes {

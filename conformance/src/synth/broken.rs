@@ -29,8 +29,9 @@ pub struct BrokenTarget {
 /// The rules and the cases: the bitmap defects fail the valid recovery cases (the only ones
 /// with a RECV_BITMAP; the huge-page recoveries, whose cut falls inside a host page, for
 /// SM-PARTIAL-HOSTPAGE), the others every valid case (`drop-page` alters the RAM read back,
-/// the others the return path).
-const TABLE: [(&str, &str, &str); 8] = [
+/// the others the return path). The page-request defects fail the cases with guest faults
+/// (`replay.faults`, [`super::faults`]): the only ones where a destination requests pages.
+const TABLE: [(&str, &str, &str); 11] = [
     ("BITMAP-LE", "bitmap-be", "valid-*-recover*"),
     ("BITMAP-MARK", "mark-all", "valid-*-recovery-*"),
     ("SM-PARTIAL-HOSTPAGE", "mark-all", "valid-*-huge-recover-*"),
@@ -39,6 +40,17 @@ const TABLE: [(&str, &str, &str); 8] = [
     ("RP-ATOMIC", "interleave", "valid-*"),
     ("RAM-APPLY", "drop-page", "valid-*"),
     ("SM-RESUME-STATE", "ack-resume", "valid-sm-resume-state-*"),
+    (
+        "SM-FIRST-REQ-NAMED",
+        "bare-first-req",
+        "valid-sm-first-req-named-*",
+    ),
+    (
+        "SM-FIRST-REQ-NAMED",
+        "bare-first-req",
+        "valid-sm-rerequest-*",
+    ),
+    ("SM-REREQUEST", "no-rerequest", "valid-sm-rerequest-*"),
 ];
 
 /// The source rules and the cases: the valid source-side recoveries (the only source cases

@@ -51,6 +51,10 @@ pub enum Base {
     /// [`super::huge::recovery_main`] was cut inside host page 1 (offsets count from 0 of that
     /// connection).
     HugeRecovery,
+    /// [`super::faults::recovery_channel`]: the recovery channel after
+    /// [`super::faults::recovery_main`] was cut with a guest access waiting for page 2 (a fault
+    /// case: `replay.faults`).
+    FaultRecover,
 }
 
 impl Base {
@@ -68,6 +72,7 @@ impl Base {
             Base::MultifdPrecopy => "multifd-precopy",
             Base::HugePostcopy => "huge-postcopy",
             Base::HugeRecovery => "huge-recover",
+            Base::FaultRecover => "fault-recover",
         }
     }
 
@@ -722,6 +727,11 @@ pub fn all() -> Vec<Case> {
         case!(Invalid, "RAM-HOSTPAGE", "10", HugePostcopy, "after POSTCOPY_RUN, a target page of host page 0 between the first two target pages of host page 1 (incomplete): the destination pauses", host_page_interleaved),
         case!(Valid, "SM-PARTIAL-HOSTPAGE", "7.2", HugeRecovery, "a 7.2 recovery with 2 MiB pages: the main channel is cut after POSTCOPY_RUN with 101 of host page 1's 512 target pages received; RECV_BITMAP(ram) shows pages 0-4 only (host page 1 dropped), host page 1 resent whole, completed", |_| None, HUGE_RECOVERY_EXERCISES),
         case!(Valid, "SM-PARTIAL-HOSTPAGE", "10", HugeRecovery, "a 10.x recovery with 2 MiB pages: the main channel is cut after POSTCOPY_RUN with 101 of host page 1's 512 target pages received; RECV_BITMAP(ram) shows pages 0-4 only (host page 1 dropped), host page 1 resent whole, completed", |_| None, HUGE_RECOVERY_EXERCISES),
+        // ---- guest faults: the runner makes a guest access (super::faults, replay.faults) ----
+        case!(Valid, "SM-FIRST-REQ-NAMED", "7.2", Postcopy, "the postcopy base with a guest access to page 2 once POSTCOPY_RUN took effect, before page 2 is written: the first page request on the connection is REQ_PAGES_ID(ram, 8192, 4096); then page 2 arrives, completed", |_| None, POSTCOPY_EXERCISES),
+        case!(Valid, "SM-FIRST-REQ-NAMED", "10", Postcopy, "the postcopy base with a guest access to page 2 once POSTCOPY_RUN took effect, before page 2 is written: the first page request on the connection is REQ_PAGES_ID(ram, 8192, 4096); then page 2 arrives, completed", |_| None, POSTCOPY_EXERCISES),
+        case!(Valid, "SM-REREQUEST", "7.2", FaultRecover, "a guest access to page 2 after POSTCOPY_RUN, requested, then the main channel cut before page 2: after RESUME_ACK on the recovery channel (and a new access to page 3) the first request is page 2 again, naming ram; pages 2 and 3 resent, completed", |_| None, RECOVERY_EXERCISES),
+        case!(Valid, "SM-REREQUEST", "10", FaultRecover, "a guest access to page 2 after POSTCOPY_RUN, requested, then the main channel cut before page 2: after RESUME_ACK on the recovery channel (and a new access to page 3) the first request is page 2 again, naming ram; pages 2 and 3 resent, completed", |_| None, RECOVERY_EXERCISES),
         // ---- a multifd migration (main channel and two multifd connections) ----
         case!(Valid, "MFD-SYNC", "7.2", MultifdPrecopy, "a 7.2 multifd migration: pages 0 and 4 on two multifd connections (ids 0 and 1), zero pages on the main channel, one SYNC per connection for each of the three EOS, completed", |_| None, &["MFD-CHANNEL", "MFD-FLAGS", "MFD-MAGIC", "MFD-VERSION", "MFD-PAGES"]),
         case!(Invalid, "MFD-CHANNEL", "7.2", MultifdPrecopy, "both multifd connections' init packets name channel id 0 (the second one opened is rejected at its id byte)", |p| {
@@ -775,9 +785,7 @@ pub fn all() -> Vec<Case> {
 
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
-    ("SM-FIRST-REQ-NAMED", "behaviour of a destination, and no synthetic input makes one ask: it requests pages only for guest faults, which a replay does not cause (replay-dst ignores page requests); protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block fails when the first request of a connection is a bare REQ_PAGES; on the source side the runner's played destination writes named requests (play_dst.rs, decoded by its RpDecoder: RP-REQ-NO-BLOCK)"),
     ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("SM-REREQUEST", "behaviour of a destination with waiting faults (none in a replay): protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block (asserts that the waiting faults are requested again on the recovery connection)"),
     ("SM-URGENT-FIRST", "behaviour of a source: replay-src postcopy cases and valid-rp-req-range-source-postcopy-72 check that requested pages arrive (not their order); protocol/tests/machine_harness.rs postcopy_small_guest_with_faults_ends_identical"),
     ("SM-DISCARD-DIRTY", "behaviour of a source with a running guest: interop postcopy modes (final memory); replay-src applies RAM_DISCARD to its received-page books (play_dst.rs)"),
     ("SM-CANCEL", "a control, no wire input, so no invalid case: valid-sm-cancel-source-recovery-72 cancels a paused source (QEMU 7.2 stays in `cancelling`: skip list, D-10; qmig-src reaches `cancelled`); protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),

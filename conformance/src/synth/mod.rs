@@ -13,6 +13,7 @@
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
 //! | [`huge`] | the huge-page base (one 4 MiB block of 2 MiB pages, postcopy) and its recovery cut mid host page |
+//! | [`faults`] | the cases with guest faults (`replay.faults`): the cut and recovery channel of the rerequest case |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -22,6 +23,7 @@ pub mod broken;
 pub mod build;
 pub mod cases;
 pub mod devices;
+pub mod faults;
 pub mod huge;
 pub mod multifd;
 pub mod recovery;
@@ -52,6 +54,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::Recovery => recovery::channel(),
             Base::HugePostcopy => huge::postcopy(ten),
             Base::HugeRecovery => huge::recovery_channel(),
+            Base::FaultRecover => faults::recovery_channel(),
             Base::MultifdPrecopy => multifd::base(ten),
             Base::SrcPrecopy | Base::SrcPostcopy | Base::SrcRecovery => build::Parts::default(),
         };
@@ -88,6 +91,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 | Base::Recovery
                 | Base::HugePostcopy
                 | Base::HugeRecovery
+                | Base::FaultRecover
         );
         let src_side = matches!(
             c.base,
@@ -114,7 +118,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             // Nothing injected: the runner's own page requests, cut and chosen bitmap.
             Base::SrcRecovery => ("recovery", "source-recovery", ""),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
-            Base::Recovery | Base::HugeRecovery => {
+            Base::Recovery | Base::HugeRecovery | Base::FaultRecover => {
                 ("recovery", "destination-recovery", "resume-stream.bin")
             }
             _ => ("main", "destination", "stream.bin"),
@@ -140,7 +144,10 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
         } else {
             json!([{"label": channel, "file": input}])
         };
-        if matches!(c.base, Base::Recovery | Base::HugeRecovery) {
+        if matches!(
+            c.base,
+            Base::Recovery | Base::HugeRecovery | Base::FaultRecover
+        ) {
             let (r, chans) = recovery_files(&c, ten, &caps, &mut files, &mut out);
             replay = r;
             channels = chans;
@@ -281,6 +288,12 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             manifest["synthetic"]["checker"] = json!("destination-devices");
             manifest["synthetic"]["known_devices"] = json!([["globalstate", 0, 1], ["ram", 0, 4]]);
         }
+        if faults::is_fault_case(&c) {
+            // The guest accesses the runner makes and the requests they must cause; a CPU, for
+            // QEMU's qtest accesses (the trigger where there is no x-qmig-probe-read).
+            manifest["replay"]["faults"] = faults::faults(&c, ten);
+            manifest["machine"]["cpu"] = json!(faults::QEMU_CPU);
+        }
         if src_side {
             manifest["source_replay"] = source_replay;
             // A QEMU 7.2 source's RAM is written through qtest, which needs a CPU there (the
@@ -350,8 +363,11 @@ fn recovery_files(
         out.insert(format!("{}/{name}", c.name), bytes);
     };
     let huge = c.base.is_huge();
+    let fault = c.base == Base::FaultRecover;
     let main = if huge {
         huge::recovery_main(ten)
+    } else if fault {
+        faults::recovery_main(ten)
     } else {
         recovery::main(ten)
     };
@@ -361,6 +377,8 @@ fn recovery_files(
         main.bytes(),
         if huge {
             "the main channel, source to destination, cut after POSTCOPY_RUN inside host page 1 (its first 101 target pages sent, the 102nd cut inside its record)"
+        } else if fault {
+            "the main channel, source to destination, cut after POSTCOPY_RUN before pages 2 and 3 (a guest access waits for page 2)"
         } else {
             "the main channel, source to destination, cut inside page 3's record after POSTCOPY_RUN"
         },
@@ -385,6 +403,8 @@ fn recovery_files(
             huge::recovery_channel().bytes(),
             huge::recovery_channel_rp(),
         )
+    } else if fault {
+        (faults::recovery_channel().bytes(), faults::recovery_rp())
     } else {
         (recovery::channel().bytes(), recovery::channel_rp())
     };
