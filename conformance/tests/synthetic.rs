@@ -75,6 +75,10 @@ fn every_rule_has_a_valid_and_an_invalid_case_or_a_stated_check() {
     for b in synth::broken::all() {
         invalid.insert(b.rule);
     }
+    // A source behaviour rule's invalid side: a broken source (tests/runner_src_rules.rs).
+    for b in synth::broken::sources() {
+        invalid.insert(b.rule);
+    }
     let elsewhere: BTreeSet<&str> = cases::ELSEWHERE.iter().map(|(r, _)| *r).collect();
     let mut missing = Vec::new();
     for id in qmig_protocol::rule::Rule::ALL.iter().map(|r| r.id()) {

@@ -45,7 +45,9 @@ out += [
     'place where this state rule decides how the destination must end (its `reaction`: fail before',
     'POSTCOPY_RUN, pause after it or in postcopy-recover), which the replay and the decode check require.',
     'For a destination behaviour rule no input can break, the invalid column names the broken destination',
-    '(`--dst broken-KIND:qmig`: its return path altered against that rule) that must fail the cases given.', '',
+    '(`--dst broken-KIND:qmig`: its return path altered against that rule) that must fail the cases given;',
+    'for a source behaviour rule, the broken source (`--src broken-KIND:qmig`: the stream the runner checks',
+    'altered against that rule).', '',
     '| rule | valid cases | invalid cases | checked elsewhere |', '|---|---|---|---|',
 ]
 elsewhere = {e['rule']: e['checked_by'] for e in index['not_generated']}
@@ -67,7 +69,8 @@ for _, rid, _ in rules:
         icell += (' ' if icell else '') + '(' + ', '.join(f'`{n}`' for n in shown) + more + ')'
     for b in index.get('broken_targets', []):
         if b['rule'] == rid:
-            icell += (' ' if icell else '') + f"`--dst {b['target']}` fails `{b['fails']}`"
+            flag = '--src' if b.get('side') == 'source' else '--dst'
+            icell += (' ' if icell else '') + f"`{flag} {b['target']}` fails `{b['fails']}`"
     els = elsewhere.get(rid, '').replace('|', '\\|')
     out.append(f"| {rid} | {cell or '-'} | {icell or '-'} | {els or '-'} |")
 open(os.path.join(ROOT, 'spec/rules.md'), 'w').write('\n'.join(out) + '\n')

@@ -47,3 +47,43 @@ pub fn all() -> Vec<BrokenTarget> {
         })
         .collect()
 }
+
+/// The source behaviour rules no return-path input can break: a broken source
+/// ([`crate::runner::broken_src::SrcBreakage`]: qmig-src with the stream the checks see
+/// altered the way the rule forbids) must fail every valid source-side case it names
+/// (`--src broken-KIND:qmig`; `tests/runner_src_rules.rs` runs them).
+const SRC_TABLE: [(&str, &str, &str); 3] = [
+    (
+        "SM-SWITCHOVER-START",
+        "switchover-start-72",
+        "valid-*-source-*-72",
+    ),
+    (
+        "SM-DISCARD-DIRTY",
+        "no-discard",
+        "valid-sm-discard-dirty-source-postcopy-*",
+    ),
+    (
+        "SM-URGENT-FIRST",
+        "urgent-late",
+        "valid-sm-urgent-first-source-postcopy-*",
+    ),
+];
+
+/// Every broken source with the rule it stands for.
+pub fn sources() -> Vec<BrokenTarget> {
+    SRC_TABLE
+        .iter()
+        .map(|&(rule, kind, cases)| {
+            debug_assert!(
+                crate::runner::broken_src::SrcBreakage::parse(kind).is_some(),
+                "{kind}"
+            );
+            BrokenTarget {
+                rule,
+                target: format!("broken-{kind}:qmig"),
+                cases,
+            }
+        })
+        .collect()
+}

@@ -732,6 +732,7 @@ pub fn all() -> Vec<Case> {
         }),
     ];
     v.extend(super::devices::cases());
+    v.extend(super::source::cases());
     for c in &mut v {
         let kind = c.class.name();
         c.name = format!(
@@ -757,12 +758,9 @@ pub fn all() -> Vec<Case> {
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
     ("SM-FIRST-REQ-NAMED", "behaviour of a destination, and no synthetic input makes one ask: it requests pages only for guest faults, which a replay does not cause (replay-dst ignores page requests); protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block fails when the first request of a connection is a bare REQ_PAGES; on the source side the runner's played destination writes named requests (play_dst.rs, decoded by its RpDecoder: RP-REQ-NO-BLOCK)"),
-    ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
     ("SM-RECOVER-BITMAP-ALL", "behaviour of a source: replay-src of the postcopy-recover captures answers each RECV_BITMAP and checks the resend (10.0: five blocks); protocol/tests/machine_replay.rs replay_source_resends_exactly_the_clear_pages"),
     ("SM-REBUILD", "behaviour of a source: replay-src of the postcopy-recover captures with a chosen bitmap (odd pages cleared: exactly those resent); the self-tests `--src broken-resend-all:qmig` / `broken-skip-clear:qmig` fail them (conformance/tests/runner_src.rs broken_sources_fail_exactly_the_recovery_vectors)"),
     ("SM-REREQUEST", "behaviour of a destination with waiting faults (none in a replay): protocol/tests/machine_harness.rs first_request_on_every_connection_names_its_block (asserts that the waiting faults are requested again on the recovery connection)"),
-    ("SM-URGENT-FIRST", "behaviour of a source: replay-src postcopy cases and valid-rp-req-range-source-postcopy-72 check that requested pages arrive (not their order); protocol/tests/machine_harness.rs postcopy_small_guest_with_faults_ends_identical"),
-    ("SM-DISCARD-DIRTY", "behaviour of a source with a running guest: interop postcopy modes (final memory); replay-src applies RAM_DISCARD to its received-page books (play_dst.rs)"),
     ("SM-CANCEL", "behaviour (a control, no wire input): protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),
     ("SM-TIMEOUT", "behaviour (silence, no wire input): protocol/tests/machine_harness.rs silence_counts_as_channel_loss; reference-src/tests/bad_return_path.rs (SM-TIMEOUT in error-desc)"),
 ];

@@ -7,12 +7,13 @@
 //! |---|---|
 //! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
-//! | [`broken`] | the broken destinations that stand for the invalid side of behaviour rules |
+//! | [`broken`] | the broken destinations and sources that stand for the invalid side of behaviour rules |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
 //! | [`devices`] | the device-payload cases (`timer` and its subsection, decoded by description) |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
 //! | [`huge`] | the huge-page base (one 4 MiB block of 2 MiB pages, postcopy) and its recovery cut mid host page |
+//! | [`source`] | the valid source behaviour cases (SWITCHOVER_START, DISCARD-DIRTY, URGENT-FIRST) and their `source_replay` fields |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -25,6 +26,7 @@ pub mod devices;
 pub mod huge;
 pub mod multifd;
 pub mod recovery;
+pub mod source;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -194,6 +196,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 // The pages the injected requests name (block, target page index).
                 r["requested_pages"] = json!([["ram", 254], ["ram", 255]]);
             }
+            source::extend(&c, &mut r);
             r
         } else {
             json!(null)
@@ -269,6 +272,12 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
     let broken: Vec<Value> = broken::all()
         .iter()
         .map(|b| json!({"rule": b.rule, "target": b.target, "fails": b.cases}))
+        .collect();
+    let broken: Vec<Value> = broken
+        .into_iter()
+        .chain(broken::sources().iter().map(
+            |b| json!({"rule": b.rule, "target": b.target, "side": "source", "fails": b.cases}),
+        ))
         .collect();
     let mut text = serde_json::to_vec_pretty(&json!({
         "format": "qmig-synthetic-index/1",
