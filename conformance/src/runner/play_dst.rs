@@ -581,13 +581,8 @@ impl Player {
                 // A record not complete yet (or cut: the rest never comes).
                 Err(WireError::Incomplete { .. }) => break,
                 Err(WireError::Invalid(v)) => {
-                    if let Some(m) = switchover_to_72(&v, *self.dec.profile()) {
-                        return Err(m);
-                    }
-                    return Err(violation(
-                        &format!("source stream (connection {})", self.conns),
-                        &v,
-                    ));
+                    let m = violation(&format!("source stream (connection {})", self.conns), &v);
+                    return Err(switchover_to_72(&v, *self.dec.profile(), &m).unwrap_or(m));
                 }
             }
         }

@@ -32,14 +32,13 @@ use super::play_dst::{Fail, Request, TPS};
 /// SWITCHOVER_START command code.
 const SWITCHOVER_START: u64 = 11;
 
-/// The 7.2 decoder's rejection of command 11 as SM-SWITCHOVER-START (`None`: another
-/// violation).
-pub fn switchover_to_72(v: &Violation, profile: Profile) -> Option<Fail> {
+/// The 7.2 decoder's rejection of command 11 as SM-SWITCHOVER-START, with the decoder's own
+/// message `detail` (`None`: another violation).
+pub fn switchover_to_72(v: &Violation, profile: Profile, detail: &str) -> Option<Fail> {
     (profile == Profile::QEMU_7_2 && v.rule == Rule::CmdUnknown && v.value == SWITCHOVER_START)
         .then(|| {
             format!(
-                "SM-SWITCHOVER-START: the source sent SWITCHOVER_START (command 11) to a 7.2 destination, at offset {} (CMD-UNKNOWN for the 7.2 profile)",
-                v.offset
+                "SM-SWITCHOVER-START: the source sent SWITCHOVER_START (command 11) to a 7.2 destination ({detail})"
             )
         })
 }
