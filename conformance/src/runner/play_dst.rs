@@ -177,7 +177,8 @@ pub struct Player {
     /// Pages the runner wrote on the source after they arrived (SM-DISCARD-DIRTY), checked
     /// against [`Player::at_run`] as soon as it is taken.
     pub dirtied: Option<Dirtied>,
-    /// What the machine held once it had processed POSTCOPY_RUN (main connection).
+    /// What the machine held once it had processed POSTCOPY_RUN (main connection; taken when
+    /// [`Player::dirtied`] was set by then).
     pub at_run: Option<AtRun>,
     /// [`Player::first`] when POSTCOPY_RUN was decoded, until [`Player::at_run`] is taken.
     held_at_run: Option<Vec<PageBitmap>>,
@@ -559,7 +560,9 @@ impl Player {
                         }
                         Item::Command(Command::PostcopyRun) => {
                             self.run_seen = true;
-                            if !recovery && self.run_end.is_none() {
+                            // Snapshotted only when the runner dirtied pages (the RAM of
+                            // a capture's replay is large and static).
+                            if !recovery && self.run_end.is_none() && self.dirtied.is_some() {
                                 self.run_end = Some(self.dec.offset());
                                 self.held_at_run = Some(self.first.clone());
                             }
