@@ -88,10 +88,11 @@ fn every_captured_vector_passes_against_qmig_src() {
         .collect();
     assert!(failed.is_empty(), "{failed:#?}");
     // 15 QEMU 7.2 + 16 QEMU 10.0 + 4 qmig-captured vectors + the 9 source-side synthetic cases
-    // (the other synthetic vectors have no source).
+    // the source-side recoveries and the source behaviour cases (the other synthetic vectors
+    // have no source).
     assert_eq!(
         r.len(),
-        35 + SOURCE_CASES.len() + RECOVERY_CASES.len(),
+        35 + SOURCE_CASES.len() + RECOVERY_CASES.len() + SOURCE_RULE_CASES,
         "{r:#?}"
     );
     for v in MULTIFD {
@@ -118,7 +119,10 @@ fn every_captured_vector_passes_against_qmig_src() {
         .iter()
         .filter(|c| matches!(c.status, Status::Pass(_)))
         .count();
-    assert_eq!(passed, 35 + SOURCE_CASES.len() + RECOVERY_CASES.len());
+    assert_eq!(
+        passed,
+        35 + SOURCE_CASES.len() + RECOVERY_CASES.len() + SOURCE_RULE_CASES
+    );
     for v in [
         "qemu-7.2/postcopy-recover",
         "qemu-7.2/postcopy-recover-pause",
@@ -150,18 +154,20 @@ fn every_captured_vector_passes_against_qmig_src() {
 /// RECV_BITMAP, or its cancel of the paused source), with how their verdict starts.
 const RECOVERY_CASES: &[(&str, &str)] = &[
     (
-        "valid-sm-rebuild-source-recovery-72",
+        "valid-sm-rebuild-source-recover-72",
         "postcopy recovery after a cut: every byte decoded, completed",
     ),
     (
-        "valid-sm-recover-bitmap-all-source-recovery-72",
+        "valid-sm-recover-bitmap-all-source-recover-72",
         "postcopy recovery after a cut: every byte decoded, completed",
     ),
     (
-        "valid-sm-cancel-source-recovery-72",
+        "valid-sm-cancel-source-recover-72",
         "postcopy cancel while paused: both sides paused after the cut (played destination postcopy-paused); migrate_cancel -> cancelled; QMP answers",
     ),
 ];
+/// The source behaviour cases (`valid-sm-*-source-*`, tests/runner_src_rules.rs).
+const SOURCE_RULE_CASES: usize = 4;
 
 /// The source-side synthetic cases: (case, rule and return-path offset qmig-src must name in
 /// `error-desc`; `None`: the valid case).
@@ -206,14 +212,18 @@ const SOURCE_CASES: &[(&str, Option<&str>)] = &[
 /// QMP and its RAM is untouched; the valid page request is served whole.
 #[test]
 fn source_side_synthetic_cases_against_qmig_src() {
-    let r = run(&["qmig"], &[], "replay-src[qmig]/synthetic/*");
-    assert_eq!(r.len(), SOURCE_CASES.len() + RECOVERY_CASES.len(), "{r:#?}");
+    let all = run(&["qmig"], &[], "replay-src[qmig]/synthetic/*");
+    assert_eq!(
+        all.len(),
+        SOURCE_CASES.len() + RECOVERY_CASES.len() + SOURCE_RULE_CASES,
+        "{all:#?}"
+    );
     for (case, want) in RECOVERY_CASES {
         let name = format!("replay-src[qmig]/synthetic/{case}");
         let resent = |m: &str| {
             m.contains("RECV_BITMAP sent for [ram]") && m.contains("clear pages resent, once each")
         };
-        match status(&r, &name) {
+        match status(&all, &name) {
             Status::Pass(m) => assert!(
                 m.starts_with(want) && (case.contains("-cancel-") || resent(m)),
                 "{name}: {m}"
@@ -221,6 +231,12 @@ fn source_side_synthetic_cases_against_qmig_src() {
             s => panic!("{name}: {s:?}"),
         }
     }
+    // The source behaviour cases: tests/runner_src_rules.rs.
+    let r: Vec<CaseResult> = all
+        .into_iter()
+        .filter(|c| c.name.contains("/synthetic/invalid-") || c.name.contains("-rp-req-range-"))
+        .collect();
+    assert_eq!(r.len(), SOURCE_CASES.len(), "{r:#?}");
     for (case, want) in SOURCE_CASES {
         let name = format!("replay-src[qmig]/synthetic/{case}");
         match (status(&r, &name), want) {
@@ -371,15 +387,18 @@ fn every_captured_vector_passes_against_a_qemu_source() {
         }
     }
     if filter == "replay-src[qemu]/*" {
-        assert_eq!(r.len(), 35 + SOURCE_CASES.len() + RECOVERY_CASES.len());
+        assert_eq!(
+            r.len(),
+            35 + SOURCE_CASES.len() + RECOVERY_CASES.len() + SOURCE_RULE_CASES
+        );
         // The recovery against real QEMU: the chosen bitmap is honoured exactly.
         for v in [
             "qemu-7.2/postcopy-recover",
             "qemu-7.2/postcopy-recover-pause",
             "qemu-10.0/postcopy-recover",
             "qemu-10.0/postcopy-recover-pause",
-            "synthetic/valid-sm-rebuild-source-recovery-72",
-            "synthetic/valid-sm-recover-bitmap-all-source-recovery-72",
+            "synthetic/valid-sm-rebuild-source-recover-72",
+            "synthetic/valid-sm-recover-bitmap-all-source-recover-72",
         ] {
             assert!(
                 matches!(

@@ -97,6 +97,21 @@ impl Guest {
         std::mem::replace(&mut r.running, false)
     }
 
+    /// Stores `data` at guest-physical `addr` (blocks laid out back to back from 0), as a vCPU
+    /// would: the dirty tracking sees the write. The range must lie in one block.
+    pub fn write(&self, addr: u64, data: &[u8]) -> Result<(), String> {
+        let mut base = 0u64;
+        for b in self.ram.blocks() {
+            if addr >= base && addr - base < b.len() {
+                return b.write(addr - base, data).map_err(|e| e.to_string());
+            }
+            base += b.len();
+        }
+        Err(format!(
+            "Invalid parameter 'addr': {addr:#x} beyond RAM of {base:#x} bytes"
+        ))
+    }
+
     /// Writes `size` bytes of guest-physical memory from `addr` to `file` (blocks laid out
     /// back to back from 0).
     pub fn pmemsave(&self, addr: u64, size: u64, file: &Path) -> Result<(), String> {

@@ -4,7 +4,10 @@
 //! `migrate` (`uri`, `resume`), `migrate-start-postcopy`, `migrate-pause`, `migrate_cancel`,
 //! `migrate-set-capabilities`, `query-migrate-capabilities`, `migrate-set-parameters`,
 //! `query-migrate-parameters`, `query-migrate`, `query-status`, `stop`, `cont`, `pmemsave`
-//! (`quit` and `query-version` are the server's). Each command checks the request against the
+//! (`quit` and `query-version` are the server's), and one extension, `x-qmig-write`
+//! (`addr`, `data` in hex): a guest store into RAM while the guest is still on the source,
+//! which the dirty tracking sees (what a QEMU source gets through qtest; the conformance
+//! runner's SM-DISCARD-DIRTY case uses it). Each command checks the request against the
 //! current status, then hands the work to the migration thread; none waits for the migration.
 
 use std::sync::atomic::Ordering;
@@ -57,6 +60,17 @@ pub struct SourceQmp {
 
 fn err(s: impl Into<String>) -> QmpError {
     QmpError::generic(s)
+}
+
+/// Bytes from hex digits, two per byte (`None`: an odd count or another character).
+fn from_hex(s: &str) -> Option<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return None;
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 impl SourceQmp {
@@ -249,6 +263,24 @@ impl SourceQmp {
         to_return(&info)
     }
 
+    /// Refuses a command that acts on the guest once it has moved to the destination.
+    fn guest_here(&self) -> Result<(), QmpError> {
+        let st = self.shared.status();
+        if matches!(
+            st,
+            MigrationStatus::PostcopyActive
+                | MigrationStatus::PostcopyPaused
+                | MigrationStatus::PostcopyRecover
+                | MigrationStatus::PostcopyRecoverSetup
+                | MigrationStatus::Completed
+        ) {
+            return Err(err(format!(
+                "the guest has moved to the destination (status {st})"
+            )));
+        }
+        Ok(())
+    }
+
     fn query_status(&self) -> Result<Value, QmpError> {
         let running = self.shared.guest.running();
         let status = match (running, self.shared.status()) {
@@ -326,24 +358,24 @@ impl QmpHandler for SourceQmp {
                 Ok(json!({}))
             }
             "cont" => {
-                let st = self.shared.status();
-                if matches!(
-                    st,
-                    MigrationStatus::PostcopyActive
-                        | MigrationStatus::PostcopyPaused
-                        | MigrationStatus::PostcopyRecover
-                        | MigrationStatus::PostcopyRecoverSetup
-                        | MigrationStatus::Completed
-                ) {
-                    return Err(err(format!(
-                        "the guest has moved to the destination (status {st})"
-                    )));
-                }
+                self.guest_here()?;
                 match self.shared.guest.start() {
                     Ok(true) => self.shared.events.resume(),
                     Ok(false) => {}
                     Err(e) => return Err(err(e.to_string())),
                 }
+                Ok(json!({}))
+            }
+            "x-qmig-write" => {
+                self.guest_here()?;
+                let addr = args["addr"]
+                    .as_u64()
+                    .ok_or_else(|| err("Parameter 'addr' expects an integer"))?;
+                let data = args["data"]
+                    .as_str()
+                    .and_then(from_hex)
+                    .ok_or_else(|| err("Parameter 'data' expects hex digits, two per byte"))?;
+                self.shared.guest.write(addr, &data).map_err(err)?;
                 Ok(json!({}))
             }
             "pmemsave" => {

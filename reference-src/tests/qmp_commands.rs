@@ -167,3 +167,36 @@ fn migrate_cancel_during_precopy() {
     assert_eq!(src.cmd("query-status", Value::Null)["running"], true);
     assert_eq!(src.cmd("query-migrate", Value::Null)["status"], "cancelled");
 }
+
+/// `x-qmig-write`: a store at a guest-physical address (blocks back to back), seen by
+/// `pmemsave`; a range past RAM, odd or non-hex data are refused.
+#[test]
+fn x_qmig_write_stores_guest_bytes() {
+    let mut src = Src::spawn(&["--ram", "1M", "--block", "extra:64K", "--fill", "zero"]);
+    src.cmd(
+        "x-qmig-write",
+        json!({"addr": 5 * 4096 + 3, "data": "00a1b2ff"}),
+    );
+    src.cmd(
+        "x-qmig-write",
+        json!({"addr": (1 << 20) + 4096, "data": "7e"}),
+    );
+    let all = src.dump((1 << 20) + (64 << 10));
+    assert_eq!(
+        &all[5 * 4096..5 * 4096 + 8],
+        &[0, 0, 0, 0, 0xa1, 0xb2, 0xff, 0]
+    );
+    assert_eq!(all[(1 << 20) + 4096], 0x7e);
+    let nonzero = all.iter().filter(|&&b| b != 0).count();
+    assert_eq!(nonzero, 4);
+    let e = err(
+        &mut src,
+        "x-qmig-write",
+        json!({"addr": (1 << 20) + (64 << 10), "data": "00"}),
+    );
+    assert!(e.contains("beyond RAM"), "{e}");
+    for bad in ["abc", "zz"] {
+        let e = err(&mut src, "x-qmig-write", json!({"addr": 0, "data": bad}));
+        assert!(e.contains("hex digits"), "{bad}: {e}");
+    }
+}

@@ -358,7 +358,7 @@ fn check_synthetic(v: &Vector, s: &Value) -> Result<String, String> {
         }
         // No bytes of the case's own: the runner's requests, cut and chosen RECV_BITMAP are
         // played live against a source (`replay-src`, [`super::replay_src`]).
-        Some("source-recovery") => Ok(format!(
+        Some("source-recover") => Ok(format!(
             "no injected bytes; {} judged by a source in a live postcopy cut (replay-src)",
             s["rule"].as_str().unwrap_or("?")
         )),

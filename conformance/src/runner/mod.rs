@@ -13,7 +13,8 @@
 //! | [`play_multifd`] | the played destination's multifd connections |
 //! | [`synth_dst`] | the Destination machine of the synthetic decode checks: setup, return path, final RAM |
 //! | [`synth_src`] | source-side synthetic cases: return-path bytes written to a live source |
-//! | [`broken_src`] | deliberately broken sources (tamper stage on the recovery channel) |
+//! | [`broken_src`] | deliberately broken sources (tamper stage between the source and the checks) |
+//! | [`src_rules`] | the checks of source behaviour rules (SWITCHOVER_START, discards, urgent pages) |
 //! | [`skip`] | skip lists with a reason per entry |
 //! | [`report`] | results, text lines, JUnit and JSON |
 //!
@@ -32,6 +33,7 @@ pub mod replay_src;
 pub mod report;
 pub mod shim;
 pub mod skip;
+pub mod src_rules;
 pub mod synth_dst;
 pub mod synth_src;
 pub mod vector;
@@ -64,7 +66,8 @@ pub struct Args {
     /// `qemu` (QEMU 7.2 or 10.0, matching each vector; RAM written through qtest), `none` (no
     /// replay against a source), a command-line template with placeholders (see
     /// conformance/README.md), or `broken-KIND:TARGET` (KIND `resend-all` or `skip-clear`:
-    /// TARGET with its recovery channel deliberately altered, the suite's self-test).
+    /// TARGET with its recovery channel deliberately altered; `switchover-start-72`,
+    /// `no-discard` or `urgent-late`: its main channel altered; the suite's self-test).
     #[arg(long = "src", value_name = "CMD")]
     pub src: Vec<String>,
     /// Skip list: `PATTERN REASON` per line.
@@ -199,8 +202,10 @@ fn src_target(spec: &str, ver: &str) -> Result<replay_src::SrcTarget, String> {
         let (kind, inner) = rest
             .split_once(':')
             .ok_or_else(|| format!("`{spec}`: expected broken-KIND:TARGET"))?;
-        let b = broken_src::SrcBreakage::parse(kind)
-            .ok_or_else(|| format!("`{kind}`: not resend-all, skip-clear or early-page"))?;
+        let b = broken_src::SrcBreakage::parse(kind).ok_or_else(|| {
+            let names: Vec<&str> = broken_src::KINDS.iter().map(|k| k.0).collect();
+            format!("`{kind}`: not one of {}", names.join(", "))
+        })?;
         let mut t = src_target(inner, ver)?;
         t.label = format!("broken-{kind}:{}", t.label);
         t.breakage = Some(b);

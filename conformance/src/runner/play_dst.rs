@@ -8,7 +8,10 @@
 //! RESUME_ACK). The runner's own books — which page records arrived on which connection, the
 //! pages it requested and where each arrived, the RECV_BITMAP it chose — are kept here from
 //! the runner's decoder, never from the machine. The RECV_BITMAP the machine would send is
-//! replaced by the chosen one.
+//! replaced by the chosen one. The source behaviour books of [`super::src_rules`] are fed
+//! here too: every decoded item (SM-SWITCHOVER-START), the records of other pages after each
+//! request (SM-URGENT-FIRST), and what the machine holds once it has processed POSTCOPY_RUN
+//! (SM-DISCARD-DIRTY: the machine is fed up to the end of that command, then snapshotted).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
@@ -27,6 +30,7 @@ use qmig_protocol::stream::{Channel, Item, StreamDecoder};
 use qmig_protocol::{Profile, WireError};
 
 use super::broken_src::Tamper;
+use super::src_rules::{switchover_to_72, AtRun, Dirtied, Switchover};
 
 /// Target page size.
 pub const TPS: u64 = 4096;
@@ -80,6 +84,8 @@ pub struct Request {
     pub asked_at: u64,
     /// Stream offset of the record that brought it, once arrived.
     pub arrived_at: Option<u64>,
+    /// Records of pages nobody requested decoded after the request, until it arrived.
+    pub others: u64,
 }
 
 /// Return-path bytes the runner writes to the source once (a source-side synthetic case).
@@ -171,6 +177,20 @@ pub struct Player {
     /// block and follows the last REQ_PAGES_ID).
     rpd: RpDecoder,
     now: u64,
+    /// SM-SWITCHOVER-START books (every connection).
+    pub switchover: Switchover,
+    /// Pages the runner wrote on the source after they arrived (SM-DISCARD-DIRTY), checked
+    /// against [`Player::at_run`] as soon as it is taken.
+    pub dirtied: Option<Dirtied>,
+    /// What the machine held once it had processed POSTCOPY_RUN (main connection; taken when
+    /// [`Player::dirtied`] was set by then).
+    pub at_run: Option<AtRun>,
+    /// [`Player::first`] when POSTCOPY_RUN was decoded, until [`Player::at_run`] is taken.
+    held_at_run: Option<Vec<PageBitmap>>,
+    /// Stream offset of the end of POSTCOPY_RUN (main connection).
+    run_end: Option<u64>,
+    /// Bytes of the current connection the machine has consumed.
+    fed: u64,
 }
 
 fn violation(what: &str, v: &qmig_protocol::Violation) -> Fail {
@@ -226,12 +246,27 @@ impl Player {
             inject: None,
             rpd: RpDecoder::new(profile, Limits::DEFAULT),
             now: 0,
+            switchover: Switchover::default(),
+            dirtied: None,
+            at_run: None,
+            held_at_run: None,
+            run_end: None,
+            fed: 0,
         })
     }
 
     fn tick(&mut self) -> Instant {
         self.now += 1;
         Instant(self.now)
+    }
+
+    /// ` (broken source: what the tamper stage altered)`, or empty.
+    pub fn broken_note(&self) -> String {
+        self.tamper
+            .as_ref()
+            .and_then(|t| t.note.as_ref())
+            .map(|n| format!(" (broken source: {n})"))
+            .unwrap_or_default()
     }
 
     /// The status of the machine.
@@ -258,6 +293,7 @@ impl Player {
             page,
             asked_at: self.dec.offset(),
             arrived_at: None,
+            others: 0,
         });
         self.flush_rp(sock)
     }
@@ -312,6 +348,7 @@ impl Player {
         self.ack_written = false;
         self.bytes = 0;
         self.rp_bytes = 0;
+        self.fed = 0;
         self.rpd = RpDecoder::new(*self.dec.profile(), Limits::DEFAULT);
         let _ = sock.set_read_timeout(Some(Duration::from_secs(120)));
         let mut vbuf: Vec<u8> = Vec::new();
@@ -344,18 +381,37 @@ impl Player {
             let at_end = n == 0;
             let mut data = buf[..n].to_vec();
             if let Some(t) = self.tamper.as_mut() {
-                data = t.push(&data, at_end, self.chosen.as_deref(), &self.blocks);
+                let pending: Vec<(usize, u64)> = self
+                    .requests
+                    .iter()
+                    .filter(|q| q.arrived_at.is_none())
+                    .map(|q| (q.block, q.page))
+                    .collect();
+                data = t.push(
+                    &data,
+                    at_end,
+                    self.chosen.as_deref(),
+                    &self.blocks,
+                    &pending,
+                );
             }
             self.bytes += data.len() as u64;
             vbuf.extend_from_slice(&data);
             dbuf.extend_from_slice(&data);
             self.validate(&mut vbuf, at_end)?;
             self.inject_now(sock)?;
-            let now = self.tick();
-            let used = self
-                .dest
-                .handle_stream(now, &dbuf, &mut self.mem)
-                .map_err(|v| violation("the played destination stopped", &v))?;
+            // Up to the end of POSTCOPY_RUN first (the snapshot of SM-DISCARD-DIRTY), then the
+            // rest.
+            let cap = match self.run_end {
+                Some(e) if self.held_at_run.is_some() && e > self.fed => {
+                    ((e - self.fed) as usize).min(dbuf.len())
+                }
+                _ => dbuf.len(),
+            };
+            let mut used = self.feed(&dbuf[..cap])?;
+            if cap < dbuf.len() {
+                used += self.feed(&dbuf[used..])?;
+            }
             dbuf.drain(..used);
             self.events()?;
             self.flush_rp(sock)?;
@@ -387,6 +443,30 @@ impl Player {
         }
     }
 
+    /// Hands `bytes` to the machine; takes [`Player::at_run`] once it has consumed the end of
+    /// POSTCOPY_RUN (and checks the dirtied pages against it).
+    fn feed(&mut self, bytes: &[u8]) -> Result<usize, Fail> {
+        let now = self.tick();
+        let used = self
+            .dest
+            .handle_stream(now, bytes, &mut self.mem)
+            .map_err(|v| violation("the played destination stopped", &v))?;
+        self.fed += used as u64;
+        if self.run_end.is_some_and(|e| self.fed >= e) {
+            if let Some(held) = self.held_at_run.take() {
+                let snap = AtRun {
+                    held,
+                    ram: self.mem.blocks.clone(),
+                };
+                if let Some(d) = &self.dirtied {
+                    snap.dirtied_discarded(d, &self.blocks[d.block].0)?;
+                }
+                self.at_run = Some(snap);
+            }
+        }
+        Ok(used)
+    }
+
     /// Writes [`Player::inject`]'s bytes once its point has come.
     fn inject_now(&mut self, sock: &mut TcpStream) -> Result<(), Fail> {
         let due = match &self.inject {
@@ -413,6 +493,7 @@ impl Player {
                 page,
                 asked_at,
                 arrived_at: None,
+                others: 0,
             });
         }
         self.rp_bytes += bytes.len() as u64;
@@ -432,6 +513,7 @@ impl Player {
             match self.dec.decode(&vbuf[pos..]) {
                 Ok((item, n)) => {
                     pos += n;
+                    self.switchover.item(&item, at)?;
                     match &item {
                         Item::Ram(r) if r.is_page() => {
                             let name = r.block(self.dec.ram()).map(<[u8]>::to_vec);
@@ -462,9 +544,13 @@ impl Player {
                             } else {
                                 self.first[b].set(page);
                             }
+                            let asked =
+                                self.requests.iter().any(|q| q.block == b && q.page == page);
                             for q in self.requests.iter_mut() {
                                 if q.block == b && q.page == page && q.arrived_at.is_none() {
                                     q.arrived_at = Some(at);
+                                } else if !asked && q.arrived_at.is_none() {
+                                    q.others += 1;
                                 }
                             }
                         }
@@ -487,7 +573,15 @@ impl Player {
                                 }
                             }
                         }
-                        Item::Command(Command::PostcopyRun) => self.run_seen = true,
+                        Item::Command(Command::PostcopyRun) => {
+                            self.run_seen = true;
+                            // Snapshotted only when the runner dirtied pages (the RAM of
+                            // a capture's replay is large and static).
+                            if !recovery && self.run_end.is_none() && self.dirtied.is_some() {
+                                self.run_end = Some(self.dec.offset());
+                                self.held_at_run = Some(self.first.clone());
+                            }
+                        }
                         Item::Command(Command::RecvBitmap { name }) if recovery => {
                             if let Some(b) = self.block_index(name) {
                                 self.bitmap_asked[b] = true;
@@ -518,10 +612,8 @@ impl Player {
                 // A record not complete yet (or cut: the rest never comes).
                 Err(WireError::Incomplete { .. }) => break,
                 Err(WireError::Invalid(v)) => {
-                    return Err(violation(
-                        &format!("source stream (connection {})", self.conns),
-                        &v,
-                    ))
+                    let m = violation(&format!("source stream (connection {})", self.conns), &v);
+                    return Err(switchover_to_72(&v, *self.dec.profile(), &m).unwrap_or(m));
                 }
             }
         }

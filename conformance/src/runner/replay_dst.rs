@@ -398,6 +398,19 @@ impl Conn {
         self.close(PHASE)
     }
 
+    /// A cut by silence (SM-TIMEOUT): the sending side stays open and says nothing more; the
+    /// return path is collected until the target gives the channel up and closes it (at most
+    /// `guard`, then the connection is torn down).
+    fn silence(self, guard: Duration) -> Vec<u8> {
+        match self.done.recv_timeout(guard) {
+            Ok(v) => v,
+            Err(_) => {
+                let _ = self.sock.shutdown(Shutdown::Both);
+                self.done.recv().unwrap_or_default()
+            }
+        }
+    }
+
     /// After the migration ended on the target: the return path until it closes (a target that
     /// keeps the channel open gets 5 s after our side closed).
     fn finish(self) -> Vec<u8> {
@@ -780,11 +793,22 @@ fn drive(
         }
         return Err(anyhow!(e).context("migrate-set-capabilities"));
     }
+    let silent_cut = v.replay_channels().iter().any(|c| c["cut_by"] == "silence");
     if let Some(p) = v.manifest["replay"]["destination_parameters"].as_object() {
         if !p.is_empty() {
-            t.qmp
+            if let Err(e) = t
+                .qmp
                 .execute("migrate-set-parameters", Value::Object(p.clone()))
-                .context("migrate-set-parameters")?;
+            {
+                if silent_cut {
+                    // SM-TIMEOUT is a MAY: a target without a configurable silence bound
+                    // cannot run the case (QEMU has none: spec deviation D-12).
+                    return Ok(Verdict::Skip(format!(
+                        "unsupported: the target takes no silence bound ({e})"
+                    )));
+                }
+                return Err(anyhow!(e).context("migrate-set-parameters"));
+            }
         }
     }
     let mut port = port;
@@ -923,9 +947,29 @@ fn drive(
             wait_status(t, "postcopy-active").context("before the cut")?;
             crate::interop::cell::wait_destination_ran(&mut t.qmp, PHASE)
                 .context("before the cut")?;
-            let rp = conn.cut();
-            wait_status(t, "postcopy-paused").context("after the cut")?;
-            rp
+            if ch["cut_by"] == "silence" {
+                // The target must give the silent channel up by itself (SM-TIMEOUT) and
+                // pause; qmig-dst names the rule in `error-desc`.
+                let rp = conn.silence(PHASE);
+                wait_status(t, "postcopy-paused").context("after the silence")?;
+                if names_rules {
+                    let info = t.qmp.execute("query-migrate", json!({}))?;
+                    let desc = info["error-desc"].as_str().unwrap_or("");
+                    if !desc.contains("SM-TIMEOUT") {
+                        return Ok(Verdict::Fail(format!(
+                            "main channel: paused after the silence, but error-desc `{desc}` does not name SM-TIMEOUT"
+                        )));
+                    }
+                    notes.push(format!("main channel: silent, given up: `{desc}`"));
+                } else {
+                    notes.push("main channel: silent, given up by the target".to_string());
+                }
+                rp
+            } else {
+                let rp = conn.cut();
+                wait_status(t, "postcopy-paused").context("after the cut")?;
+                rp
+            }
         } else if ch_invalid {
             // End the channel after the bytes (a target waiting for more sees EOF), then the
             // migration must fail: `failed`, the process exiting non-zero (QEMU exits when an

@@ -611,15 +611,7 @@ pub(super) fn drive(
         breakage.map(Tamper::new),
     )
     .map_err(|e| anyhow!(e))?;
-    let fail = |p: &Player, m: String| {
-        let note = p
-            .tamper
-            .as_ref()
-            .and_then(|t| t.note.clone())
-            .map(|n| format!(" (broken source: {n})"))
-            .unwrap_or_default();
-        Ok(Verdict::Fail(format!("{m}{note}")))
-    };
+    let fail = |p: &Player, m: String| Ok(Verdict::Fail(format!("{m}{}", p.broken_note())));
     if postcopy {
         wait_status(t, "active")?;
         t.qmp

@@ -10,7 +10,7 @@
 //! `postcopy-run` (postcopy: once POSTCOPY_RUN has arrived), before any return-path bytes of
 //! the played machine in that batch (so before its SHUT).
 //!
-//! A `postcopy-recover` case (base `source-recovery`) injects nothing: it runs the capture
+//! A `postcopy-recover` case (base `source-recover`) injects nothing: it runs the capture
 //! replay's recovery ([`super::replay_src`]: the runner's page requests after POSTCOPY_RUN, the
 //! cut, `migrate resume=true`, each RECV_BITMAP answered with a chosen bitmap, the resend
 //! checked) from the synthetic source RAM.
@@ -20,6 +20,16 @@
 //! * `completed` (valid): the migration completes, every page of `requested_pages` arrives in
 //!   a page record after the request, every page arrives, and the played destination's RAM
 //!   equals the source's initial RAM and the source's `pmemsave`;
+//!   the source behaviour cases ([`crate::synth::source`]) add, with [`super::src_rules`]:
+//!   `switchover_start` (the number of SWITCHOVER_START commands the stream must carry, each
+//!   placed as SM-SWITCHOVER-START says), `dirty_pages` (once those pages arrived, the runner
+//!   writes [`crate::synth::source::dirty_page`] into each on the source — through qtest for
+//!   a `{QTEST}` template, else with qmig-src's `x-qmig-write` — and only then sends
+//!   `migrate-start-postcopy`; every page the played destination holds undiscarded at
+//!   POSTCOPY_RUN must equal the source's `pmemsave` at the end, and the final RAM is the
+//!   initial RAM with those pages rewritten) and `urgent` (`slack`: the requested pages arrive
+//!   in request order, each with at most `slack` records of pages not requested after its
+//!   request);
 //! * `failed` (invalid): the source ends the migration as `failed` (QMP `query-migrate`), still
 //!   answers QMP, and its RAM (`pmemsave`) is the initial RAM. A qmig-src target must also
 //!   name the case's rule and its return-path offset in `error-desc`
@@ -33,13 +43,15 @@ use anyhow::{anyhow, Context};
 use qmig_protocol::profile::Profile;
 use serde_json::{json, Value};
 
-use super::play_dst::{End, Fail, Inject, NoStop, Player, Stop};
+use super::broken_src::Tamper;
+use super::play_dst::{End, Fail, Inject, NoStop, Player, Stop, TPS};
 use super::replay_dst::{block_list, Verdict};
 use super::replay_src::{
     self, accept, diff_page, in_scratch, pmemsave_differs, run_source, start_migration, status_of,
     unthrottle, wait_status, Mode, Placed, Plan, SrcTarget, PHASE,
 };
 use super::shim::Target;
+use super::src_rules::{urgent_first, Dirtied};
 use super::vector::Vector;
 use crate::qemu::pattern::sha256_hex;
 
@@ -119,8 +131,14 @@ fn drive(
     start_migration(t, postcopy, &listener)?;
     let mut sock = accept(&listener, t)?;
     let blocks = block_list(v);
-    let mut p =
-        Player::new(v.profile(), "none", &blocks, postcopy, None).map_err(|e| anyhow!(e))?;
+    let mut p = Player::new(
+        v.profile(),
+        "none",
+        &blocks,
+        postcopy,
+        target.breakage.map(Tamper::new),
+    )
+    .map_err(|e| anyhow!(e))?;
     let pages = sr["requested_pages"]
         .as_array()
         .into_iter()
@@ -138,25 +156,35 @@ fn drive(
         at: None,
         pages,
     });
-    if postcopy {
+    let dirty = dirty_pages(sr, &blocks);
+    if postcopy && dirty.is_none() {
         wait_status(t, "active")?;
         t.qmp
             .execute("migrate-start-postcopy", Value::Null)
             .context("migrate-start-postcopy")?;
     }
     let served = if postcopy {
-        p.serve(&mut sock, &mut Unthrottle { t, done: false })
+        p.serve(
+            &mut sock,
+            &mut Unthrottle {
+                t,
+                done: false,
+                dirty: dirty.clone(),
+                qtest: target.template.contains("{QTEST}"),
+            },
+        )
     } else {
         p.serve(&mut sock, &mut NoStop)
     };
     drop(sock);
+    let broken = p.broken_note();
     let at = p.inject.as_ref().and_then(|i| i.at);
     if want_fail {
         return judge_failure(t, &p, served, at, expected, target, fill);
     }
     let end = match served {
         Ok(e) => e,
-        Err(m) => return Ok(Verdict::Fail(m)),
+        Err(m) => return Ok(Verdict::Fail(format!("{m}{broken}"))),
     };
     let Some(at) = at else {
         return Ok(Verdict::Fail(format!(
@@ -171,6 +199,10 @@ fn drive(
         )));
     }
     wait_status(t, "completed").context("at the end")?;
+    let rules = match check_rules(v, t, &p, &blocks, dirty.as_ref()) {
+        Ok(notes) => notes,
+        Err(m) => return Ok(Verdict::Fail(format!("{m}{broken}"))),
+    };
     let mut arr = Vec::new();
     for q in &p.requests {
         match q.arrived_at {
@@ -192,6 +224,11 @@ fn drive(
         }
     }
     let ram = p.mem.blocks[0].clone();
+    let want = match &dirty {
+        Some(d) => with_dirty(fill, d),
+        None => fill.to_vec(),
+    };
+    let fill = &want[..];
     if let Some(i) = diff_page(&ram, fill, false) {
         return Ok(Verdict::Fail(format!(
             "final RAM: page {i} differs from the source's initial RAM"
@@ -200,12 +237,102 @@ fn drive(
     if let Some(m) = pmemsave_differs(t, 0, fill, false)? {
         return Ok(Verdict::Fail(m));
     }
+    let injected = match p.inject.as_ref().map_or(0, |i| i.bytes.len()) {
+        0 => "nothing injected: completed".to_string(),
+        n => format!(
+            "{n} bytes written at return-path offset {at}: completed; requested pages arrived whole (page@+bytes after the request): {}",
+            arr.join(" ")
+        ),
+    };
     Ok(Verdict::Pass(format!(
-        "{} bytes written at return-path offset {at}: completed; requested pages arrived whole (page@+bytes after the request): {}; RAM ({} KiB) equal to the source's",
-        p.inject.as_ref().map_or(0, |i| i.bytes.len()),
-        arr.join(" "),
-        ram.len() >> 10
+        "{injected}; RAM ({} KiB) equal to the source's{}{broken}",
+        ram.len() >> 10,
+        rules.iter().map(|n| format!("; {n}")).collect::<String>()
     )))
+}
+
+/// The pages of `dirty_pages` (block index, the bytes the runner writes into each).
+fn dirty_pages(sr: &Value, blocks: &[(String, u64)]) -> Option<Dirtied> {
+    let d = &sr["dirty_pages"];
+    let block = blocks
+        .iter()
+        .position(|(n, _)| Some(n.as_str()) == d["block"].as_str())?;
+    let pages = d["pages"]
+        .as_array()?
+        .iter()
+        .filter_map(|p| p.as_u64())
+        .map(|p| (p, crate::synth::source::dirty_page(p)))
+        .collect();
+    Some(Dirtied { block, pages })
+}
+
+/// `fill` with the dirty pages rewritten (the source's RAM at the end).
+fn with_dirty(fill: &[u8], d: &Dirtied) -> Vec<u8> {
+    let mut ram = fill.to_vec();
+    for (p, bytes) in &d.pages {
+        let o = (p * TPS) as usize;
+        ram[o..o + bytes.len()].copy_from_slice(bytes);
+    }
+    ram
+}
+
+/// The source behaviour rules a case asks for (`switchover_start`, `dirty_pages`, `urgent`):
+/// a note per rule checked.
+fn check_rules(
+    v: &Vector,
+    t: &mut Target,
+    p: &Player,
+    blocks: &[(String, u64)],
+    dirty: Option<&Dirtied>,
+) -> Result<Vec<String>, Fail> {
+    let sr = &v.manifest["source_replay"];
+    let mut notes = Vec::new();
+    if let Some(n) = sr["switchover_start"].as_u64() {
+        notes.push(p.switchover.expect(n)?);
+    }
+    if let Some(d) = dirty {
+        if p.dirtied.is_none() {
+            return Err("the dirty pages were never written (their records never arrived)".into());
+        }
+        let at_run = p
+            .at_run
+            .as_ref()
+            .ok_or("SM-DISCARD-DIRTY: POSTCOPY_RUN never came")?;
+        let len = blocks[d.block].1;
+        let fin = pmemsave(t, len).map_err(|e| format!("{e:#}"))?;
+        let held = at_run.equal_to_final(d.block, &fin, &blocks[d.block].0)?;
+        let gone: Vec<String> = d
+            .pages
+            .iter()
+            .filter(|(q, _)| !at_run.held[d.block].test(*q))
+            .map(|(q, _)| q.to_string())
+            .collect();
+        notes.push(format!(
+            "{held} pages held undiscarded at POSTCOPY_RUN equal the source's final copy; dirtied pages discarded: [{}]",
+            gone.join(", ")
+        ));
+    }
+    if let Some(slack) = sr["urgent"]["slack"].as_u64() {
+        let order = urgent_first(&p.requests, slack, blocks)?;
+        notes.push(format!(
+            "requested pages in request order, within {slack} other records (page@+records): {order}"
+        ));
+    }
+    Ok(notes)
+}
+
+/// The source's `pmemsave` of `len` bytes from guest-physical 0.
+fn pmemsave(t: &mut Target, len: u64) -> anyhow::Result<Vec<u8>> {
+    let file = t.dir.join("src-final.bin");
+    t.qmp
+        .execute(
+            "pmemsave",
+            json!({"val": 0, "size": len, "filename": file.display().to_string()}),
+        )
+        .context("pmemsave on the source")?;
+    let bytes = std::fs::read(&file).context("pmemsave output")?;
+    let _ = std::fs::remove_file(&file);
+    Ok(bytes)
 }
 
 /// The invalid outcome: `failed`, QMP still answering, RAM untouched, and (qmig-src) the rule
@@ -270,15 +397,56 @@ fn judge_failure(
     )))
 }
 
-/// Postcopy: once the injected requests were served, the bandwidth cap is lifted so the rest
-/// of the block follows quickly.
+/// Postcopy: with `dirty` pages, once their records arrived they are written on the source,
+/// then `migrate-start-postcopy`; once the injected requests were served, the bandwidth cap
+/// is lifted so the rest of the block follows quickly.
 struct Unthrottle<'t> {
     t: &'t mut Target,
     done: bool,
+    dirty: Option<Dirtied>,
+    qtest: bool,
+}
+
+impl Unthrottle<'_> {
+    /// Writes the dirty pages on the source (qtest or `x-qmig-write`).
+    fn write_dirty(&mut self, d: &Dirtied) -> Result<(), Fail> {
+        if self.qtest {
+            let sock = self.t.dir.join("qtest.sock");
+            let mut q =
+                crate::qemu::qtest::Qtest::connect(&sock, std::time::Duration::from_secs(30))
+                    .map_err(|e| format!("qtest: {e}"))?;
+            for (page, bytes) in &d.pages {
+                q.write(page * TPS, bytes)
+                    .map_err(|e| format!("qtest write of page {page}: {e}"))?;
+            }
+            return Ok(());
+        }
+        for (page, bytes) in &d.pages {
+            let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+            self.t
+                .qmp
+                .execute("x-qmig-write", json!({"addr": page * TPS, "data": hex}))
+                .map_err(|e| format!("x-qmig-write of page {page}: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 impl Stop for Unthrottle<'_> {
     fn cut_now(&mut self, p: &mut Player, _: &mut std::net::TcpStream) -> Result<bool, Fail> {
+        if let Some(d) = self.dirty.take() {
+            if !d.pages.iter().all(|(q, _)| p.first[d.block].test(*q)) {
+                self.dirty = Some(d);
+                return Ok(false);
+            }
+            self.write_dirty(&d)?;
+            p.dirtied = Some(d);
+            self.t
+                .qmp
+                .execute("migrate-start-postcopy", Value::Null)
+                .map_err(|e| format!("migrate-start-postcopy: {e}"))?;
+            return Ok(false);
+        }
         let injected = p.inject.as_ref().is_some_and(|i| i.at.is_some());
         if !self.done && injected && p.requests.iter().all(|q| q.arrived_at.is_some()) {
             self.done = true;

@@ -53,15 +53,34 @@ const TABLE: [(&str, &str, &str); 11] = [
     ("SM-REREQUEST", "no-rerequest", "valid-sm-rerequest-*"),
 ];
 
-/// The source rules and the cases: the valid source-side recoveries (the only source cases
-/// with a RECV_BITMAP and a resend).
-const SRC_TABLE: [(&str, &str, &str); 3] = [
-    ("SM-REBUILD", "resend-all", "valid-sm-re*-source-recovery-*"),
-    ("SM-REBUILD", "skip-clear", "valid-sm-re*-source-recovery-*"),
+/// The source behaviour rules no return-path input can break, and the valid source-side
+/// cases each broken source must fail: the recovery defects the two recoveries (the only
+/// source cases with a RECV_BITMAP and a resend), `switchover-start-72` every 7.2 precopy
+/// and postcopy source case, the others the case of their rule. `tests/runner_src_rules.rs`
+/// runs each against every valid source-side case: the named ones must fail with the rule
+/// in the message, the others pass.
+const SRC_TABLE: [(&str, &str, &str); 6] = [
+    ("SM-REBUILD", "resend-all", "valid-sm-re*-source-recover-*"),
+    ("SM-REBUILD", "skip-clear", "valid-sm-re*-source-recover-*"),
     (
         "SM-RECOVER-BITMAP-ALL",
         "early-page",
-        "valid-sm-re*-source-recovery-*",
+        "valid-sm-re*-source-recover-*",
+    ),
+    (
+        "SM-SWITCHOVER-START",
+        "switchover-start-72",
+        "valid-*-source-p*-72",
+    ),
+    (
+        "SM-DISCARD-DIRTY",
+        "no-discard",
+        "valid-sm-discard-dirty-source-postcopy-*",
+    ),
+    (
+        "SM-URGENT-FIRST",
+        "urgent-late",
+        "valid-sm-urgent-first-source-postcopy-*",
     ),
 ];
 
@@ -84,4 +103,9 @@ pub fn all() -> Vec<BrokenTarget> {
             entry("--src", t)
         }))
         .collect()
+}
+
+/// Every broken source ([`all`]'s `--src` entries).
+pub fn sources() -> Vec<BrokenTarget> {
+    all().into_iter().filter(|b| b.option == "--src").collect()
 }

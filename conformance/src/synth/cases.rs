@@ -67,7 +67,7 @@ impl Base {
             Base::Multifd => "multifd",
             Base::SrcPrecopy => "source-precopy",
             Base::SrcPostcopy => "source-postcopy",
-            Base::SrcRecovery => "source-recovery",
+            Base::SrcRecovery => "source-recover",
             Base::Recovery => "recovery",
             Base::MultifdPrecopy => "multifd-precopy",
             Base::HugePostcopy => "huge-postcopy",
@@ -693,6 +693,8 @@ pub fn all() -> Vec<Case> {
         // ---- postcopy recovery (main channel cut after POSTCOPY_RUN, then a recovery channel) ----
         case!(Valid, "CMD-RECV-BITMAP-LEN", "7.2", Recovery, "a 7.2 recovery: RECV_BITMAP(ram) answered with pages 0, 1, 2, 4 received, POSTCOPY_RESUME answered RESUME_ACK(1), page 3 resent, completed", |_| None, RECOVERY_EXERCISES),
         case!(Valid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a 10.x recovery: RECV_BITMAP(ram) answered with pages 0, 1, 2, 4 received, POSTCOPY_RESUME answered RESUME_ACK(1), page 3 resent, completed", |_| None, RECOVERY_EXERCISES),
+        case!(Valid, "SM-TIMEOUT", "7.2", Recovery, "a 7.2 recovery where the main channel is cut by silence, not closed: the runner stops inside page 3's record and keeps the connection open; a destination with a 1 s silence bound (`x-qmig-silence-timeout`) gives it up and pauses, then recovers", |_| None, RECOVERY_EXERCISES),
+        case!(Valid, "SM-TIMEOUT", "10", Recovery, "a 10.x recovery where the main channel is cut by silence, not closed: the runner stops inside page 3's record and keeps the connection open; a destination with a 1 s silence bound (`x-qmig-silence-timeout`) gives it up and pauses, then recovers", |_| None, RECOVERY_EXERCISES),
         case!(Valid, "SM-RESUME-STATE", "7.2", Postcopy, "POSTCOPY_RESUME on the main channel after POSTCOPY_RUN (postcopy-active, not postcopy-recover): ignored, no RESUME_ACK, the migration completes", |p| {
             p.insert_after("ping4", "stray_resume", cmd(Command::PostcopyResume)); None
         }),
@@ -761,6 +763,7 @@ pub fn all() -> Vec<Case> {
         }),
     ];
     v.extend(super::devices::cases());
+    v.extend(super::source::cases());
     for c in &mut v {
         let kind = c.class.name();
         c.name = format!(
@@ -785,9 +788,6 @@ pub fn all() -> Vec<Case> {
 
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
-    ("SM-SWITCHOVER-START", "behaviour of a source (SWITCHOVER_START sent only to 10.x): valid 10.x synthetic base (valid-sm-switchover-start-precopy-10); protocol/tests/machine_harness.rs switchover_start_only_to_10x; interop 10.0->7.2 runs with send-switchover-start=off"),
-    ("SM-URGENT-FIRST", "behaviour of a source: replay-src postcopy cases and valid-rp-req-range-source-postcopy-72 check that requested pages arrive (not their order); protocol/tests/machine_harness.rs postcopy_small_guest_with_faults_ends_identical"),
-    ("SM-DISCARD-DIRTY", "behaviour of a source with a running guest: interop postcopy modes (final memory); replay-src applies RAM_DISCARD to its received-page books (play_dst.rs)"),
-    ("SM-CANCEL", "a control, no wire input, so no invalid case: valid-sm-cancel-source-recovery-72 cancels a paused source (QEMU 7.2 stays in `cancelling`: skip list, D-10; qmig-src reaches `cancelled`); protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),
-    ("SM-TIMEOUT", "behaviour (silence, no wire input): protocol/tests/machine_harness.rs silence_counts_as_channel_loss; reference-src/tests/bad_return_path.rs (SM-TIMEOUT in error-desc)"),
+    ("SM-CANCEL", "a control, no wire input, so no invalid case: valid-sm-cancel-source-recover-72 cancels a paused source (QEMU 7.2 stays in `cancelling`: skip list, D-10; qmig-src reaches `cancelled`); protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),
+    ("SM-TIMEOUT", "a MAY with no wire input, so no invalid case: valid-sm-timeout-recovery-{72,10} cut the main channel by silence and require a destination with a silence bound (qmig-dst: x-qmig-silence-timeout) to pause (QEMU has none, D-12: unsupported); reference-dst/tests/silence.rs (bytes that keep coming never trip the bound); protocol/tests/machine_harness.rs silence_counts_as_channel_loss"),
 ];

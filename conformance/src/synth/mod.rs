@@ -7,13 +7,14 @@
 //! |---|---|
 //! | [`build`] | [`build::Parts`]: a channel as named parts, offsets by construction |
 //! | [`base`] | the precopy, postcopy and return-path base channels (protocol encoders) |
-//! | [`broken`] | the broken destinations that stand for the invalid side of behaviour rules |
+//! | [`broken`] | the broken destinations and sources that stand for the invalid side of behaviour rules |
 //! | [`cases`] | every case: rule, class, profile, patch and expected offset |
 //! | [`devices`] | the device-payload cases (`timer` and its subsection, decoded by description) |
 //! | [`recovery`] | the postcopy recovery base: cut main channel, recovery channel, return paths |
 //! | [`multifd`] | the multifd migration base (main channel, two multifd connections), split per connection |
 //! | [`huge`] | the huge-page base (one 4 MiB block of 2 MiB pages, postcopy) and its recovery cut mid host page |
 //! | [`faults`] | the cases with guest faults (`replay.faults`): the cut and recovery channel of the rerequest case |
+//! | [`source`] | the valid source behaviour cases (SWITCHOVER_START, DISCARD-DIRTY, URGENT-FIRST) and their `source_replay` fields |
 //!
 //! [`render`] produces every file in memory (deterministic), [`generate`] writes them, and
 //! `tests/synthetic.rs` checks the committed `conformance/vectors/synthetic/` is up to date.
@@ -27,6 +28,7 @@ pub mod faults;
 pub mod huge;
 pub mod multifd;
 pub mod recovery;
+pub mod source;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -116,7 +118,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
             Base::ReturnPath => ("return-path", "source", "rp.bin"),
             Base::SrcPrecopy | Base::SrcPostcopy => ("return-path", "source-replay", "rp.bin"),
             // Nothing injected: the runner's own page requests, cut and chosen bitmap.
-            Base::SrcRecovery => ("recovery", "source-recovery", ""),
+            Base::SrcRecovery => ("recovery", "source-recover", ""),
             Base::Multifd => ("multifd", "multifd", "multifd-conn0.bin"),
             Base::Recovery | Base::HugeRecovery | Base::FaultRecover => {
                 ("recovery", "destination-recovery", "resume-stream.bin")
@@ -238,6 +240,7 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 // The pages the injected requests name (block, target page index).
                 r["requested_pages"] = json!([["ram", 254], ["ram", 255]]);
             }
+            source::extend(&c, &mut r);
             r
         } else {
             json!(null)
@@ -332,6 +335,11 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
     out
 }
 
+/// The migration parameter of a silence bound (qmig-dst's; a target without one skips the
+/// SM-TIMEOUT cases as unsupported), and the bound the cases set, milliseconds.
+const SILENCE_PARAM: &str = "x-qmig-silence-timeout";
+const SILENCE_MS: u64 = 1000;
+
 /// The `final_ram` object of a manifest for block `ram` holding `ram`.
 fn final_ram_json(ram: &[u8]) -> Value {
     let nonzero: Vec<Value> = ram
@@ -388,8 +396,15 @@ fn recovery_files(
         recovery::main_rp(),
         "the return path of the main channel up to the cut",
     );
-    let initial = json!({"label": "initial", "feed_to_destination": "stream.bin",
+    let mut initial = json!({"label": "initial", "feed_to_destination": "stream.bin",
         "expected_return_path": "rp.bin", "return_path_rule": "postcopy", "ends_mid_stream": true});
+    let mut params = json!({});
+    if c.rule == "SM-TIMEOUT" {
+        // The cut is silence: the runner keeps the connection open and writes nothing more; a
+        // destination with a silence bound of 1 s gives the channel up and pauses.
+        initial["cut_by"] = json!("silence");
+        params = json!({ SILENCE_PARAM: SILENCE_MS });
+    }
     let mut recovery = json!({"label": "recovery", "feed_to_destination": "resume-stream.bin"});
     let mut chans = vec![
         json!({"label": "initial", "file": "stream.bin", "rp_file": "rp.bin", "truncated_at": cut}),
@@ -456,7 +471,7 @@ fn recovery_files(
             json!({"label": "recovery-2", "file": "resume2-stream.bin", "rp_file": "resume2-rp.bin"}),
         );
     }
-    let replay = json!({"destination_capabilities": caps, "destination_parameters": {},
+    let replay = json!({"destination_capabilities": caps, "destination_parameters": params,
         "channels": replay_chans});
     (replay, Value::Array(chans))
 }
