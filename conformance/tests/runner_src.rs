@@ -8,30 +8,12 @@
 //! `qmig-src` / `qmig-dst` are built first into this test's target directory (cargo does not
 //! build other packages' binaries for a test), so the binaries are never stale.
 
+mod build_util;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
 use qmig_conformance::runner::{self, report::CaseResult, report::Status, Options};
-
-/// Builds qmig-src and qmig-dst next to this test's target directory.
-fn build_reference_binaries() {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/<test>
-    let profile_dir: PathBuf = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let target = profile_dir.parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "qmig-src", "-p", "qmig-dst"])
-        .env("CARGO_TARGET_DIR", target);
-    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().unwrap().success(),
-        "cargo build of qmig-src/qmig-dst failed"
-    );
-}
 
 fn run(src: &[&str], dst: &[&str], filter: &str) -> Vec<CaseResult> {
     run_with(src, dst, filter, vec![])
@@ -43,7 +25,7 @@ fn run_with(
     filter: &str,
     skips: Vec<runner::skip::Skip>,
 ) -> Vec<CaseResult> {
-    build_reference_binaries();
+    build_util::build_packages(&["qmig-src", "qmig-dst"]);
     runner::run_suite(&Options {
         vectors: vec![],
         dst: dst.iter().map(|s| s.to_string()).collect(),

@@ -8,34 +8,16 @@
 //! `qmig-src` is built first into this test's target directory (cargo does not build other
 //! packages' binaries for a test), so the binary is never stale.
 
+mod build_util;
+
 use std::path::PathBuf;
-use std::process::Command;
 
 use qmig_conformance::qemu::{find_qemu, QemuVersion};
 use qmig_conformance::runner::{self, report::CaseResult, report::Status, skip::glob, Options};
 use qmig_conformance::synth;
 
-/// Builds qmig-src next to this test's target directory.
-fn build_qmig_src() {
-    let exe = std::env::current_exe().unwrap();
-    // <target>/<profile>/deps/<test>
-    let profile_dir: PathBuf = exe.parent().unwrap().parent().unwrap().to_path_buf();
-    let target = profile_dir.parent().unwrap();
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.args(["build", "-p", "qmig-src"])
-        .env("CARGO_TARGET_DIR", target);
-    if profile_dir.file_name().and_then(|n| n.to_str()) == Some("release") {
-        cmd.arg("--release");
-    }
-    assert!(
-        cmd.status().unwrap().success(),
-        "cargo build of qmig-src failed"
-    );
-}
-
 fn run(src: &str, filter: &str) -> Vec<CaseResult> {
-    build_qmig_src();
+    build_util::build_packages(&["qmig-src"]);
     runner::run_suite(&Options {
         vectors: vec![PathBuf::from(concat!(
             env!("CARGO_MANIFEST_DIR"),
