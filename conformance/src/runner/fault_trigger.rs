@@ -1,7 +1,7 @@
 //! The guest-access trigger of the fault cases (`replay_faults`): how the runner makes a
 //! destination touch a page. qmig-dst answers QMP `x-qmig-probe-read` (a read on a thread of
 //! its own; `x-qmig-probe-result` reports its return). A template serving qtest on `{QTEST}`
-//! (QEMU: `--dst qemu` gets [`template_for`]'s arguments for a fault case) gets qtest `readq`,
+//! (QEMU: its template's `{FAULT_TRIGGER}`, [`qemu_trigger_args`], for a fault case) gets qtest `readq`,
 //! which QEMU runs in its main thread and which blocks it until the page is placed: the reply is
 //! read at the end, and `migrate-recover` goes out of band (`exec-oob`) on the second QMP
 //! monitor `{QMP_OOB}` ([`OobQmp`]) meanwhile. A target with neither is unsupported.
@@ -15,26 +15,31 @@ use anyhow::{anyhow, bail, Context};
 use serde_json::{json, Value};
 
 use super::replay_dst::{listen_on, PHASE};
-use super::shim::{free_port, Target, QEMU_DST_TEMPLATE};
+use super::shim::{free_port, Target};
 use super::vector::Vector;
 
 /// The qtest socket's name in the target's directory (`{QTEST}`).
 pub(super) const QTEST_SOCK: &str = "qtest.sock";
 /// The second QMP socket's name in the target's directory (`{QMP_OOB}`).
 pub(super) const QMP_OOB_SOCK: &str = "qmp-oob.sock";
-/// What a fault case adds to QEMU's destination template: qtest on `{QTEST}` (the guest
-/// accesses) and a second QMP monitor on `{QMP_OOB}` (out-of-band `migrate-recover` while an
-/// access blocks QEMU's main thread).
-const QEMU_FAULT_ARGS: &str = " -qtest unix:{QTEST},server=on,wait=off -qtest-log /dev/null -qmp unix:{QMP_OOB},server=on,wait=off";
 
-/// The template to start for vector `v`: QEMU's destination template ([`QEMU_DST_TEMPLATE`])
-/// gets [`QEMU_FAULT_ARGS`] for a fault case; any other template is used as it is.
-pub(super) fn template_for(v: &Vector, template: &str) -> String {
-    if v.manifest["replay"]["faults"].is_array() && template == QEMU_DST_TEMPLATE {
-        format!("{template}{QEMU_FAULT_ARGS}")
-    } else {
-        template.to_string()
+/// `{FAULT_TRIGGER}` (QEMU syntax; the last placeholder of [`super::shim::QEMU_DST_TEMPLATE`]): for a fault
+/// case a qtest socket on `{QTEST}` (the guest accesses) and a second QMP monitor on
+/// `{QMP_OOB}` (out-of-band `migrate-recover` while an access blocks QEMU's main thread);
+/// nothing for any other vector.
+pub(super) fn qemu_trigger_args(v: &Vector, dir: &Path) -> Vec<String> {
+    if !v.manifest["replay"]["faults"].is_array() {
+        return vec![];
     }
+    let sock = |name: &str| format!("unix:{},server=on,wait=off", dir.join(name).display());
+    vec![
+        "-qtest".into(),
+        sock(QTEST_SOCK),
+        "-qtest-log".into(),
+        "/dev/null".into(),
+        "-qmp".into(),
+        sock(QMP_OOB_SOCK),
+    ]
 }
 
 /// A QMP session with out-of-band execution on (`{QMP_OOB}`): `exec-oob` commands run in the

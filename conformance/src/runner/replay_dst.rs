@@ -246,6 +246,10 @@ pub fn values_for(
             .display()
             .to_string(),
     );
+    vals.list(
+        "FAULT_TRIGGER",
+        super::fault_trigger::qemu_trigger_args(v, dir),
+    );
     vals.set("RAM", format!("{}M", ram_bytes >> 20));
     vals.set("RAM_BYTES", ram_bytes.to_string());
     let machine = m["type"].as_str().unwrap_or("none");
@@ -719,7 +723,7 @@ fn replay_inner(v: &Vector, target: &DstTarget) -> anyhow::Result<Verdict> {
         let uses_listen = target.template.contains("{LISTEN}");
         vals.set("LISTEN", format!("tcp:127.0.0.1:{port}"));
         vals.set("CONNECT", format!("tcp:127.0.0.1:{port}"));
-        let template = super::fault_trigger::template_for(v, &target.template);
+        let template = target.template.clone();
         let argv = shim::expand(&template, &vals)?;
         let mut t = match Target::start(argv, &dir, &dir.join("qmp.sock")) {
             Ok(t) => t,

@@ -43,7 +43,7 @@ use qmig_host::qmp_client::QmpClient;
 pub const EXIT_UNSUPPORTED: i32 = 89;
 
 /// The QEMU 7.2 destination template (proves the contract: QEMU itself is a valid target).
-pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} {MEM_BACKEND} -nodefaults -nographic -display none {BIOS} -incoming defer -qmp unix:{QMP},server=on,wait=off";
+pub const QEMU_DST_TEMPLATE: &str = "{QEMU} -M {MACHINE} {CPU} -m {RAM} {MEM_BACKEND} -nodefaults -nographic -display none {BIOS} -incoming defer -qmp unix:{QMP},server=on,wait=off {FAULT_TRIGGER}";
 
 /// The qmig-dst destination template.
 pub const QMIG_DST_TEMPLATE: &str =
