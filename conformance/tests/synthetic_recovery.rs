@@ -30,7 +30,7 @@ const INVALID: [(&str, &str); 7] = [
     ),
     (
         "invalid-cmd-block-unknown-recovery-10",
-        "offset 6: CMD-BLOCK-UNKNOWN:",
+        "offset 5: CMD-BLOCK-UNKNOWN:",
     ),
     // After POSTCOPY_RESUME: RECV_BITMAP (9) + POSTCOPY_RESUME (5) + PART header (5).
     ("invalid-ram-offset-recovery-72", "offset 19: RAM-OFFSET:"),

@@ -716,7 +716,7 @@ pub fn all() -> Vec<Case> {
             set_be64(p, "zero3", 0, RAM_BYTES | RamFlags::ZERO.0); Some(o(p, "zero3"))
         }),
         case!(Invalid, "CMD-BLOCK-UNKNOWN", "10", Recovery, "the recovery channel's RECV_BITMAP names block `rom`", |p| {
-            p.get("recv_bitmap")[6..9].copy_from_slice(b"rom"); Some(o(p, "recv_bitmap") + 6)
+            p.get("recv_bitmap")[6..9].copy_from_slice(b"rom"); Some(o(p, "recv_bitmap") + 5)
         }),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "7.2", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),
         case!(Invalid, "SM-RECOVER-NO-HEADER", "10", Recovery, "a recovery channel starting with the QEVM header and configuration", header_before_recv_bitmap),

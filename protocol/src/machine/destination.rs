@@ -1192,8 +1192,9 @@ impl Destination {
                 Ok(())
             }
             Command::RecvBitmap { name } => {
+                // The name's length byte opens RECV_BITMAP's payload.
                 let Some(b) = self.block_index(name) else {
-                    return Err(Violation::new(payload + 1, Rule::CmdBlockUnknown, 0).into());
+                    return Err(Violation::new(payload, Rule::CmdBlockUnknown, 0).into());
                 };
                 if self.status != MigrationStatus::PostcopyRecover {
                     // QEMU only logs this and answers nothing.

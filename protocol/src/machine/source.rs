@@ -574,7 +574,8 @@ impl Source {
             }
             RpMessage::ReqPagesId { start, len, name } => {
                 let Some(b) = self.block_index(name) else {
-                    return Err(Violation::new(at + 17, Rule::CmdBlockUnknown, 0));
+                    // The name's length byte: after type, len, be64 start and be32 length.
+                    return Err(Violation::new(at + 16, Rule::CmdBlockUnknown, 0));
                 };
                 self.request(b, start, len, at)
             }
@@ -587,7 +588,8 @@ impl Source {
             }
             RpMessage::RecvBitmap { name, bitmap } => {
                 let Some(b) = self.block_index(name) else {
-                    return Err(Violation::new(at + 5, Rule::CmdBlockUnknown, 0));
+                    // The name's length byte: after type and len.
+                    return Err(Violation::new(at + 4, Rule::CmdBlockUnknown, 0));
                 };
                 if self.status != MigrationStatus::PostcopyRecover
                     || self.phase != Phase::WaitBitmaps
