@@ -72,7 +72,24 @@ fn unknown_block_size_fails() {
     // The stream announces a 16 MiB `ram`; this destination has 32 MiB.
     let s = read("qemu-7.2/precopy-file-zero/stream.bin");
     let (_d, info) = run(&["--ram", "32M", "--profile", "7.2"], &s, "failed");
-    assert!(desc(&info).contains(": RAM-BLOCK-UNKNOWN:"), "{info}");
+    // SECTION_START `ram` at 17 (17 bytes), MEM_SIZE's header word at 34, its entry at 42:
+    // name length byte, `ram`, then used_length at 46.
+    assert!(
+        desc(&info).starts_with("offset 46: RAM-BLOCK-UNKNOWN:"),
+        "{info}"
+    );
+}
+
+#[test]
+fn unknown_block_name_fails_at_its_entry() {
+    let mut s = read("qemu-7.2/precopy-file-zero/stream.bin");
+    assert_eq!(&s[42..46], b"\x03ram");
+    s[45] = b'x';
+    let (_d, info) = run(&["--ram", "16M", "--profile", "7.2"], &s, "failed");
+    assert!(
+        desc(&info).starts_with("offset 42: RAM-BLOCK-UNKNOWN:"),
+        "{info}"
+    );
 }
 
 /// Garbage before postcopy RUN fails the migration; the guest RAM is left as received.

@@ -904,11 +904,16 @@ impl Destination {
                 let entry_at = at + 8 + entries.offset();
                 let Some(b) = entries.next() else { break };
                 count += 1;
+                // RAM-BLOCK-UNKNOWN for an entry: a name the receiver lacks at the entry (its
+                // name's length byte), a length it cannot take at the used_length field.
                 let Some(i) = self.block_index(b.name) else {
-                    return Err(Violation::new(at, Rule::RamBlockUnknown, b.used_length).into());
+                    return Err(
+                        Violation::new(entry_at, Rule::RamBlockUnknown, b.used_length).into(),
+                    );
                 };
                 if self.cfg.blocks[i].len != b.used_length {
-                    return Err(Violation::new(at, Rule::RamBlockUnknown, b.used_length).into());
+                    let len_at = entry_at + 1 + b.name.len() as u64;
+                    return Err(Violation::new(len_at, Rule::RamBlockUnknown, b.used_length).into());
                 }
                 if let Some(ps) = b.page_size {
                     if ps != self.cfg.blocks[i].page_size {
