@@ -209,6 +209,10 @@ fn fault_cases_against_qemu() {
                     ),
                     "{case}: {m}"
                 ),
+                // QEMU 7.2's intermittent bare request during postcopy-recover (skip list).
+                Status::Skip(m) if case.contains("rerequest") && profile == "72" => {
+                    assert!(m.contains("D-23"), "{case}: {m}")
+                }
                 s => panic!("QEMU {}: {case}: {s:?}", version.as_str()),
             }
         }

@@ -216,9 +216,10 @@ pub fn invalid_cases(ram_bytes: u64) -> Vec<Case> {
         pages_placed: 0,
         also: None,
     });
-    // MEM_SIZE naming a block the destination does not have (named at the MEM_SIZE record).
+    // MEM_SIZE naming a block the destination does not have (named at that entry's first
+    // byte: after the record's header word and the 12-byte entry of `ram`).
     let b = Builder::start().raw(b"\x01\x00\x00\x00\x02\x03ram\x00\x00\x00\x00\x00\x00\x00\x04");
-    let at = b.at();
+    let at = b.at() + 8 + 1 + 3 + 8;
     let mut bytes = b.bytes;
     bytes.put_be64((2 * ram_bytes) | RamFlags::MEM_SIZE.0);
     bytes.put_str8(b"ram");

@@ -1083,8 +1083,10 @@ fn drive(
                 }
             }
             if s != "completed" {
+                // A QMP that stopped answering: whether the process exited or crashed.
+                let process = t.exit_note(Duration::from_secs(2));
                 return Ok(Verdict::Fail(format!(
-                    "{}: the target ended in {s}, not completed; log: {}",
+                    "{}: the target ended in {s}, not completed (process {process}); log: {}",
                     ch["label"].as_str().unwrap_or("?"),
                     t.log_tail()
                 )));

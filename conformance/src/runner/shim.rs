@@ -233,6 +233,22 @@ impl Target {
         }
     }
 
+    /// How the process stands, for a failure message: `exited with code N`, `killed by signal
+    /// S` (waiting at most `guard` for it to end, e.g. after its QMP socket closed) or `still
+    /// running`.
+    pub fn exit_note(&mut self, guard: Duration) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        self.wait_exit(guard);
+        match self.child.try_wait().ok().flatten() {
+            Some(st) => match (st.code(), st.signal()) {
+                (Some(c), _) => format!("exited with code {c}"),
+                (None, Some(s)) => format!("killed by signal {s}"),
+                (None, None) => "ended".into(),
+            },
+            None => "still running".into(),
+        }
+    }
+
     /// The target's console output so far (last 2000 bytes).
     pub fn log_tail(&self) -> String {
         let s = std::fs::read_to_string(self.dir.join("target.log")).unwrap_or_default();
