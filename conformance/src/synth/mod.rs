@@ -212,30 +212,27 @@ pub fn render() -> BTreeMap<String, Vec<u8>> {
                 "source_ram": source_ram,
                 "expect": if c.class == Class::Valid { "completed" } else { "failed" },
             });
-            if c.base == Base::SrcRecovery && c.rule == "SM-CANCEL" {
+            if c.base == Base::SrcRecovery {
+                // The runner's requests and cut, then a recovery (or, SM-CANCEL, a cancel).
+                let cancel = c.rule == "SM-CANCEL";
                 r = json!({
-                    "mode": "postcopy-cancel",
+                    "mode": if cancel { "postcopy-cancel" } else { "postcopy-recover" },
                     "source_ram": source_ram,
-                    "expect": "cancelled",
+                    "expect": if cancel { "cancelled" } else { "completed" },
                     "requests": "after POSTCOPY_RUN: up to three pages of `ram` not received yet, non-zero ones from the block's end first",
                     "cut": "16 KiB of stream after the requested pages arrived and at least two even pages were received",
-                    "checks": ["both sides postcopy-paused after the cut",
-                               "migrate_cancel on the source is accepted; its MIGRATION events reach `cancelled` and query-migrate says so (SM-CANCEL)",
-                               "the source still answers QMP"],
                 });
-            } else if c.base == Base::SrcRecovery {
-                r = json!({
-                    "mode": "postcopy-recover",
-                    "source_ram": source_ram,
-                    "expect": "completed",
-                    "requests": "after POSTCOPY_RUN: up to three pages of `ram` not received yet, non-zero ones from the block's end first",
-                    "cut": "16 KiB of stream after the requested pages arrived and at least two even pages were received",
-                    "recovery": "migrate resume=true to a new port; each RECV_BITMAP answered with the pages received on the first connection, odd page indices cleared",
-                    "checks": ["a RECV_BITMAP for every block of MEM_SIZE before POSTCOPY_RESUME (SM-RECOVER-BITMAP-ALL)",
-                               "no page record before the runner's RESUME_ACK (SM-RECOVER-BITMAP-ALL)",
-                               "after it, a record for exactly the pages the chosen bitmap leaves clear, each once (SM-REBUILD)",
-                               "completed on both sides; the played destination's RAM and the source's pmemsave equal source_ram"],
-                });
+                if cancel {
+                    r["checks"] = json!(["both sides postcopy-paused after the cut",
+                        "migrate_cancel on the source is accepted; its MIGRATION events reach `cancelled` and query-migrate says so (SM-CANCEL)",
+                        "the source still answers QMP"]);
+                } else {
+                    r["recovery"] = json!("migrate resume=true to a new port; each RECV_BITMAP answered with the pages received on the first connection, odd page indices cleared");
+                    r["checks"] = json!(["a RECV_BITMAP for every block of MEM_SIZE before POSTCOPY_RESUME (SM-RECOVER-BITMAP-ALL)",
+                        "no page record before the runner's RESUME_ACK (SM-RECOVER-BITMAP-ALL)",
+                        "after it, a record for exactly the pages the chosen bitmap leaves clear, each once (SM-REBUILD)",
+                        "completed on both sides; the played destination's RAM and the source's pmemsave equal source_ram"]);
+                }
             } else if c.class == Class::Valid {
                 // The pages the injected requests name (block, target page index).
                 r["requested_pages"] = json!([["ram", 254], ["ram", 255]]);
