@@ -143,9 +143,14 @@ fn slow_loris_and_half_open_connections_do_not_block_qmp() {
         assert_ne!(q["status"], "failed", "{q}");
     }
     dst.proc.alive().unwrap();
-    // Half-open: the peer goes away without closing (kept open, silent); QMP still answers.
+    // Half-open: the peer goes away without closing (kept open, silent); QMP still answers,
+    // and the migration is still open (`none` while the migration thread has not yet taken the
+    // bytes: QMP answers independently of it, which is the point).
     let q = dst.proc.query_migrate().unwrap();
-    assert!(q["status"] == "active" || q["status"] == "setup", "{q}");
+    assert!(
+        matches!(q["status"].as_str(), Some("none" | "setup" | "active")),
+        "{q}"
+    );
     drop(s);
     let q = dst.proc.wait_status("failed").unwrap();
     assert!(

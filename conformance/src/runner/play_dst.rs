@@ -193,6 +193,16 @@ pub struct Player {
     fed: u64,
 }
 
+/// Whether bytes from the peer wait unread in `sock`'s receive queue (a non-blocking peek).
+fn input_pending(sock: &TcpStream) -> bool {
+    if sock.set_nonblocking(true).is_err() {
+        return false;
+    }
+    let pending = sock.peek(&mut [0u8; 1]).is_ok_and(|n| n > 0);
+    let _ = sock.set_nonblocking(false);
+    pending
+}
+
 fn violation(what: &str, v: &qmig_protocol::Violation) -> Fail {
     format!(
         "{what}: {} at offset {} (value {:#x})",
@@ -480,6 +490,13 @@ impl Player {
             _ => false,
         };
         if !due {
+            return Ok(());
+        }
+        // After RUN (page requests, SM-URGENT-FIRST): written only once everything the source
+        // had sent is read, so that the records counted after the request are ones the source
+        // sent after it was written, however long the runner was descheduled (else the next
+        // turn of the loop reads what is pending, and tries again).
+        if self.inject.as_ref().is_some_and(|i| i.after_run) && input_pending(sock) {
             return Ok(());
         }
         let at = self.rp_bytes;

@@ -788,6 +788,6 @@ pub fn all() -> Vec<Case> {
 
 /// Rules not covered by a synthetic decode case, and where they are checked instead.
 pub const ELSEWHERE: &[(&str, &str)] = &[
-    ("SM-CANCEL", "a control, no wire input, so no invalid case: valid-sm-cancel-source-recover-72 cancels a paused source (QEMU 7.2 stays in `cancelling`: skip list, D-10; qmig-src reaches `cancelled`); protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),
+    ("SM-CANCEL", "a control, no wire input, so no invalid case: valid-sm-cancel-source-recover-72 cancels a paused source (QEMU 7.2 usually stays in `cancelling`: skip list, D-10; qmig-src reaches `cancelled`); protocol/tests/machine_cuts.rs cancel_from_paused_releases_waits, cancel_from_recover_releases_waits"),
     ("SM-TIMEOUT", "a MAY with no wire input, so no invalid case: valid-sm-timeout-recovery-{72,10} cut the main channel by silence and require a destination with a silence bound (qmig-dst: x-qmig-silence-timeout) to pause (QEMU has none, D-12: unsupported); reference-dst/tests/silence.rs (bytes that keep coming never trip the bound); protocol/tests/machine_harness.rs silence_counts_as_channel_loss"),
 ];
