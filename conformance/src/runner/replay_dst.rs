@@ -387,6 +387,13 @@ impl Conn {
     /// (at most `guard`; then the connection is torn down).
     fn close(self, guard: Duration) -> Vec<u8> {
         let _ = self.sock.shutdown(Shutdown::Write);
+        self.collect(guard)
+    }
+
+    /// Collects the return path until the target closes its side (at most `guard`; then the
+    /// connection is torn down). Alone, with the sending side left open and silent: the cut by
+    /// silence of SM-TIMEOUT, which the target must give up by itself.
+    fn collect(self, guard: Duration) -> Vec<u8> {
         match self.done.recv_timeout(guard) {
             Ok(v) => v,
             Err(_) => {
@@ -400,19 +407,6 @@ impl Conn {
     /// the channel end inside a record), then collects the return path until the target closes.
     fn cut(self) -> Vec<u8> {
         self.close(PHASE)
-    }
-
-    /// A cut by silence (SM-TIMEOUT): the sending side stays open and says nothing more; the
-    /// return path is collected until the target gives the channel up and closes it (at most
-    /// `guard`, then the connection is torn down).
-    fn silence(self, guard: Duration) -> Vec<u8> {
-        match self.done.recv_timeout(guard) {
-            Ok(v) => v,
-            Err(_) => {
-                let _ = self.sock.shutdown(Shutdown::Both);
-                self.done.recv().unwrap_or_default()
-            }
-        }
     }
 
     /// After the migration ended on the target: the return path until it closes (a target that
@@ -954,7 +948,7 @@ fn drive(
             if ch["cut_by"] == "silence" {
                 // The target must give the silent channel up by itself (SM-TIMEOUT) and
                 // pause; qmig-dst names the rule in `error-desc`.
-                let rp = conn.silence(PHASE);
+                let rp = conn.collect(PHASE);
                 wait_status(t, "postcopy-paused").context("after the silence")?;
                 if names_rules {
                     let info = t.qmp.execute("query-migrate", json!({}))?;
