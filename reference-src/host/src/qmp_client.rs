@@ -156,7 +156,15 @@ impl QmpClient {
             next_id: 1,
             command_timeout: Some(DEFAULT_COMMAND_TIMEOUT),
         };
-        let greeting = c.read_message(Some(Duration::from_secs(30)))?;
+        let mut greeting = c.read_message(Some(Duration::from_secs(30)))?;
+        // An event can come before the greeting: QEMU (7.2) sends events to a QMP monitor that
+        // has not yet handled its client's connection (its command table is still unset, not
+        // the negotiation one), e.g. RESUME at start-up racing a client that just connected.
+        // It is kept like any event.
+        while greeting.get("event").is_some() {
+            c.push_event(greeting)?;
+            greeting = c.read_message(Some(Duration::from_secs(30)))?;
+        }
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!(
                 "expected a greeting, got {greeting}"
@@ -499,6 +507,36 @@ mod tests {
         }
         drop(c);
         h.join().unwrap();
+    }
+
+    /// An event before the greeting (QEMU's start-up race) is kept as an event, and the
+    /// handshake goes on; anything else before it is still a protocol error.
+    #[test]
+    fn an_event_before_the_greeting_is_kept() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut w = b.try_clone().unwrap();
+            let mut r = io::BufReader::new(b);
+            writeln!(w, r#"{{"event": "RESUME", "timestamp": {}}}"#, ts()).unwrap();
+            writeln!(w, r#"{{"QMP": {{"version": {{}}, "capabilities": []}}}}"#).unwrap();
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            let req: Value = serde_json::from_str(&line).unwrap();
+            writeln!(w, "{}", json!({"return": {}, "id": req["id"]})).unwrap();
+        });
+        let c = QmpClient::handshake(a).unwrap();
+        let names: Vec<&str> = c.pending_events().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["RESUME"]);
+        drop(c);
+        h.join().unwrap();
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut w = b.try_clone().unwrap();
+        writeln!(w, r#"{{"return": {{}}}}"#).unwrap();
+        match QmpClient::handshake(a) {
+            Err(QmpError::Protocol(m)) => assert!(m.starts_with("expected a greeting"), "{m}"),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 
     /// A server that can no longer come up ends the wait at the first check, not at the
